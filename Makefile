@@ -1,0 +1,43 @@
+# Two entry points for a fresh machine: `make run` and `make test` (each creates .venv first if needed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+STAMP := $(VENV)/.qtraj-installed
+
+.PHONY: setup run test test-slow lint dry-run report clean
+
+setup: $(STAMP)
+
+# torch goes in first, alone: asked for by another package with no torch present, pip may pick a
+# multi-GB CUDA build; the pinned 2.13.0 takes the CPU build where one is provided.
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES)
+	@echo "Results: results/dataset/*.parquet, figures: results/figures/. Try:"
+	@echo "  $(BIN)/qtraj query \"SELECT run, phase, quantization, avg(delta_q_loss) FROM results GROUP BY ALL ORDER BY ALL\""
+
+dry-run: setup
+	$(BIN)/snakemake --cores $(CORES) --dry-run
+
+report: setup
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html
+
+lint: setup
+	$(BIN)/ruff check src scripts tests bench
+	$(BIN)/snakemake --lint
+
+test: setup
+	$(BIN)/pytest
+
+test-slow: setup
+	$(BIN)/pytest -m slow
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,29 @@
+rule evaluate_fp:
+    input:
+        checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
+        validation=f"{RESULTS}/data/tokens/validation.npy",
+    output:
+        f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
+    log:
+        f"{LOGS}/evaluate_fp/{{run}}/{{checkpoint}}.log",
+    params:
+        evaluation=config["evaluation"],
+    threads: config["threads"]["evaluate"]
+    script:
+        "../scripts/evaluate_fp.py"
+
+
+rule evaluate_quantized:
+    input:
+        model=f"{RESULTS}/quantized/{{run}}/{{checkpoint}}/{{quantization}}",
+        fp_eval=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
+        validation=f"{RESULTS}/data/tokens/validation.npy",
+    output:
+        f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
+    log:
+        f"{LOGS}/evaluate_quantized/{{run}}/{{checkpoint}}/{{quantization}}.log",
+    params:
+        evaluation=config["evaluation"],
+    threads: config["threads"]["evaluate"]
+    script:
+        "../scripts/evaluate_quantized.py"

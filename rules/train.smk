@@ -1,0 +1,22 @@
+# One training rule per run: a run saves all its checkpoints in one job, and each checkpoint is its own
+# folder, so every downstream rule sees the same `checkpoints/{run}/{checkpoint}` path whatever the source.
+for _run in RUNS:
+
+    rule:
+        name:
+            f"train_{_run}"
+        input:
+            tokens=f"{RESULTS}/data/tokens/train.npy",
+            tokenizer=f"{RESULTS}/data/tokenizer",
+        output:
+            checkpoints=[directory(path) for path in checkpoint_dirs(_run).values()],
+            training_log=f"{RESULTS}/training/{_run}.parquet",
+        log:
+            f"{LOGS}/train/{_run}.log",
+        params:
+            run=_run,
+            settings=training_settings(_run),
+            checkpoint_dirs=checkpoint_dirs(_run),
+        threads: config["threads"]["train"]
+        script:
+            "../scripts/train.py"

@@ -1,0 +1,12 @@
+from qtraj import steps
+from qtraj.joblog import job_logging
+
+with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
+    steps.aggregate(
+        {
+            "results": list(snakemake.input.results),  # noqa: F821
+            "fp_evals": list(snakemake.input.fp_evals),  # noqa: F821
+            "training_log": list(snakemake.input.training_log),  # noqa: F821
+        },
+        snakemake.params.dataset_dir,  # noqa: F821
+    )

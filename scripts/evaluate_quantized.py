@@ -1,0 +1,12 @@
+from qtraj import steps
+from qtraj.joblog import job_logging
+
+with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
+    steps.set_threads(snakemake.threads)  # noqa: F821
+    steps.evaluate_quantized(
+        snakemake.input.model,  # noqa: F821
+        snakemake.input.fp_eval,  # noqa: F821
+        snakemake.input.validation,  # noqa: F821
+        snakemake.params.evaluation,  # noqa: F821
+        snakemake.output[0],  # noqa: F821
+    )

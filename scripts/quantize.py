@@ -1,0 +1,12 @@
+from qtraj import steps
+from qtraj.joblog import job_logging
+
+with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
+    steps.set_threads(snakemake.threads)  # noqa: F821
+    steps.quantize(
+        snakemake.input.checkpoint,  # noqa: F821
+        snakemake.output[0],  # noqa: F821
+        snakemake.params.spec,  # noqa: F821
+        snakemake.input.calibration,  # noqa: F821
+        snakemake.params.calibration,  # noqa: F821
+    )

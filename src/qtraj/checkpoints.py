@@ -1,0 +1,51 @@
+"""What a checkpoint is to qtraj: a Hugging Face model folder plus one small metadata file.
+
+Whatever made the folder (the trainer here, a hub download, a local path), it writes
+`qtraj_checkpoint.json` beside the weights, so every downstream step reads step, tokens, LR and
+phase the same way and never cares where the checkpoint came from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+METADATA_FILE = "qtraj_checkpoint.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    run: str
+    checkpoint: str
+    step: int
+    tokens: int
+    lr: float
+    phase: str
+    source: str  # "trained", "hub" or "local"
+
+
+def checkpoint_name(step: int) -> str:
+    """The slug of a trained checkpoint: zero-padded so names sort in training order."""
+    return f"step{step:06d}"
+
+
+def write_checkpoint_info(folder: str | Path, info: CheckpointInfo) -> None:
+    Path(folder, METADATA_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
+
+
+def read_checkpoint_info(folder: str | Path) -> CheckpointInfo:
+    path = Path(folder, METADATA_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a qtraj checkpoint: {METADATA_FILE} is missing. Checkpoints must come from the "
+            "pipeline (training or download rule); delete the folder and rerun so it is rebuilt"
+        )
+    return CheckpointInfo(**json.loads(path.read_text()))
+
+
+def evenly_spaced_steps(total_steps: int, count: int) -> list[int]:
+    """`count` checkpoint steps spread evenly over training, ending with the final step."""
+    if not 1 <= count <= total_steps:
+        raise ValueError(f"cannot save {count} checkpoints in {total_steps} steps")
+    return sorted({round(total_steps * index / count) for index in range(1, count + 1)})

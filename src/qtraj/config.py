@@ -1,0 +1,144 @@
+"""Loading and validating the workflow configuration, and deriving what the DAG is made of.
+
+Validation happens before any job runs, with messages that name the key, the bad value and what is
+allowed — jsonschema's own messages do not say where in the file the problem is.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from qtraj.checkpoints import checkpoint_name, evenly_spaced_steps
+from qtraj.schedules import Schedule
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "config" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the fix."""
+
+
+def _with_defaults(validator_class):
+    """A validator that also fills in `default:` values (the recipe from jsonschema's FAQ)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+DefaultFillingValidator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _key_path(parts) -> str:
+    return ".".join(str(part) for part in parts) or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = _key_path(error.absolute_path)
+    if error.validator == "enum":
+        allowed = ", ".join(repr(value) for value in error.validator_value)
+        return f"config key '{where}': {error.instance!r} is not allowed; allowed values: {allowed}"
+    if error.validator == "additionalProperties":
+        known = ", ".join(sorted(error.schema.get("properties", {})))
+        return f"config key '{where}': {error.message}; known keys: {known}"
+    if error.validator == "propertyNames" or error.validator == "pattern":
+        return f"config key '{where}': {error.message} (names are lower-case slugs: letters, digits, . _ -)"
+    return f"config key '{where}': {error.message}"
+
+
+def _validate(instance: dict, schema: dict, prefix: tuple = ()) -> None:
+    validator = DefaultFillingValidator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda error: list(error.absolute_path))
+    if errors:
+        for error in errors:
+            error.path.extendleft(reversed(prefix))
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(error) for error in errors))
+
+
+def validate_config(config: dict, schema: dict | None = None) -> dict:
+    """Validate a config dict in place (filling defaults) and check what the schema alone cannot."""
+    from qtraj.methods import discover
+
+    schema = schema or load_schema()
+    if not isinstance(config, dict):
+        raise ConfigError("the configuration must be a mapping of keys to values")
+    _validate(config, schema)
+    for run in config["runs"]:
+        _validate(run_settings(config, run), schema["$defs"]["training"], ("runs", run))
+    methods = discover()
+    for name, entry in config["quantizations"].items():
+        where = f"quantizations.{name}"
+        if entry["method"] not in methods:
+            raise ConfigError(f"config key '{where}.method': unknown method {entry['method']!r}; "
+                              f"known methods: {', '.join(sorted(methods))}")
+        method = methods[entry["method"]]
+        if entry["bits"] not in method.supported_bits:
+            raise ConfigError(f"config key '{where}.bits': method {entry['method']!r} supports "
+                              f"{list(method.supported_bits)}, not {entry['bits']}")
+        _validate(entry["options"], method.options_schema, ("quantizations", name, "options"))
+    return config
+
+
+def load_config(path: str | Path) -> dict:
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    return validate_config(config or {})
+
+
+def run_settings(config: dict, run: str) -> dict:
+    """The training settings of one run: the `training` defaults with the run's overrides on top."""
+    return {**config["training"], **config["runs"][run]}
+
+
+def checkpoint_steps(settings: dict) -> list[int]:
+    return evenly_spaced_steps(settings["steps"], settings["checkpoints"])
+
+
+def checkpoints_of(config: dict, run: str) -> list[str]:
+    return [checkpoint_name(step) for step in checkpoint_steps(run_settings(config, run))]
+
+
+def make_schedule(settings: dict) -> Schedule:
+    return Schedule(
+        kind=settings["schedule"],
+        peak_lr=settings["peak_lr"],
+        total_steps=settings["steps"],
+        warmup_steps=round(settings["warmup_fraction"] * settings["steps"]),
+        decay_fraction=settings["decay_fraction"],
+        final_lr_fraction=settings["final_lr_fraction"],
+    )
+
+
+def training_spec(run: str, settings: dict):
+    """Everything `qtraj.training.train` needs for one run; `settings` holds the model under 'model'."""
+    from qtraj.training import TrainingSpec
+
+    return TrainingSpec(
+        run=run, model=settings["model"], schedule=make_schedule(settings), seq_len=settings["seq_len"],
+        batch_size=settings["batch_size"], weight_decay=settings["weight_decay"],
+        grad_clip=settings["grad_clip"], seed=settings["seed"],
+    )
+
+
+def quant_spec(config: dict, name: str) -> dict:
+    """A quantization entry as the plain dict `qtraj.methods.QuantSpec` takes."""
+    entry = config["quantizations"][name]
+    return {"name": name, "method": entry["method"], "bits": entry["bits"], "group_size": entry["group_size"],
+            "symmetric": entry["symmetric"], "options": dict(entry["options"])}

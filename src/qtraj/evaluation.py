@@ -1,0 +1,66 @@
+"""Validation cross-entropy of a model on a fixed token set."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    """A model's loss is NaN or infinite: a broken checkpoint or a quantization that destroyed it."""
+
+
+@dataclass(frozen=True)
+class LossResult:
+    loss: float  # mean next-token cross-entropy in nats
+    tokens: int  # number of scored predictions
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_causal_lm(folder: str | Path, device: torch.device | None = None):
+    """Load a Hugging Face model folder for evaluation (fp32 on CPU, bf16 on GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise RuntimeError(
+            f"could not load the model folder {folder}: {error}. The checkpoint is missing files or corrupt; "
+            "delete it and rerun so the pipeline rebuilds it"
+        ) from error
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def cross_entropy(model: torch.nn.Module, blocks: np.ndarray, batch_size: int) -> LossResult:
+    """Mean next-token cross-entropy over every position of every block (each block is inputs + 1 target).
+
+    Summed in float64 over all tokens, then divided once, so the result does not depend on batch size.
+    """
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = torch.from_numpy(blocks[start : start + batch_size].astype(np.int64)).to(device)
+        logits = model(input_ids=batch[:, :-1]).logits.float()
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += losses.double().item()
+        count += batch[:, 1:].numel()
+    loss = total / count
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"validation loss is {loss}")
+    return LossResult(loss=loss, tokens=count)

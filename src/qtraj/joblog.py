@@ -1,0 +1,33 @@
+"""Per-job logging for the workflow's scripts: everything a job says goes to its own log file."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def job_logging(log_file: str) -> Iterator[logging.Logger]:
+    """Send logging (ours and the libraries') to `log_file`; a failure is logged there, then re-raised.
+
+    The error is also printed to stderr on one line, so Snakemake's own output names the problem
+    without anyone having to open the log.
+    """
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield logging.getLogger("qtraj")
+    except Exception as error:
+        logging.getLogger("qtraj").exception("job failed")
+        print(f"qtraj: {type(error).__name__}: {error} (log: {log_file})", file=sys.stderr)
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()

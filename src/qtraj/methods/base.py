@@ -1,0 +1,59 @@
+"""The interface every quantization method implements, and the registry that finds them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+METHODS: dict[str, type[QuantizationMethod]] = {}
+
+QUANTIZATION_FILE = "qtraj_quantization.json"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One quantization config entry, e.g. `gptq-w3g32`: a method with its bits, group size and options."""
+
+    name: str
+    method: str
+    bits: int
+    group_size: int | None  # None: one scale per output channel
+    symmetric: bool = True
+    options: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "method": self.method, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric, "options": dict(self.options)}
+
+
+class QuantizationMethod(ABC):
+    """A post-training quantization method.
+
+    `quantize` reads a Hugging Face checkpoint folder and writes a quantized model folder that
+    `qtraj.evaluation.load_causal_lm` can load. Weight-only methods store dequantized ("fake-quant")
+    weights, so evaluation needs no engine and every method is scored by the same code.
+    """
+
+    name: ClassVar[str]
+    engine: ClassVar[str]  # the library that does the work, recorded with its version on every row
+    needs_calibration: ClassVar[bool]
+    supported_bits: ClassVar[tuple[int, ...]]
+    options_schema: ClassVar[dict] = {"type": "object", "additionalProperties": False, "properties": {}}
+
+    @abstractmethod
+    def engine_version(self) -> str: ...
+
+    @abstractmethod
+    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
+                 calibration_blocks: np.ndarray | None) -> None: ...
+
+
+def register(cls: type[QuantizationMethod]) -> type[QuantizationMethod]:
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"two quantization methods are both named {cls.name!r}")
+    METHODS[cls.name] = cls
+    return cls

@@ -1,0 +1,49 @@
+"""GPTQ (Frantar et al., 2022) through llm-compressor's GPTQModifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qtraj.methods import _llmcompressor as engine
+from qtraj.methods.base import QuantizationMethod, QuantSpec, register
+
+
+@register
+class GPTQ(QuantizationMethod):
+    name = "gptq"
+    engine = "llmcompressor"
+    needs_calibration = True
+    supported_bits = (2, 3, 4, 8)
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "dampening": {"type": "number", "exclusiveMinimum": 0, "default": 0.01,
+                          "description": "fraction of the mean Hessian diagonal added to it"},
+            "block_size": {"type": "integer", "minimum": 1, "default": 128,
+                           "description": "columns quantized per lazy-update block"},
+            "actorder": {"enum": ["static", "group", "weight", None], "default": "static",
+                         "description": "activation ordering (act-order / desc_act); null disables it"},
+        },
+    }
+
+    def engine_version(self) -> str:
+        return engine.engine_version()
+
+    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
+                 calibration_blocks: np.ndarray | None) -> None:
+        from llmcompressor.modifiers.gptq import GPTQModifier
+
+        if calibration_blocks is None:
+            raise ValueError(f"quantization {spec.name!r}: GPTQ needs calibration data")
+        options = spec.options
+        modifier = GPTQModifier(
+            config_groups=engine.weight_scheme(spec),
+            ignore=["lm_head"],
+            dampening_frac=options.get("dampening", 0.01),
+            block_size=options.get("block_size", 128),
+            actorder=options.get("actorder", "static"),
+        )
+        engine.run_oneshot(checkpoint_dir, out_dir, spec, modifier, calibration_blocks)

@@ -1,0 +1,67 @@
+"""Figures, drawn from the results dataset's Parquet files only (never from a job's memory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on compute nodes
+import matplotlib.pyplot as plt  # noqa: E402
+
+from qtraj.query import connect  # noqa: E402
+
+BITS_COLORS = {2: "tab:purple", 3: "tab:red", 4: "tab:blue", 8: "tab:green"}
+METHOD_STYLES = ["-", "--", ":", "-."]
+
+
+def _shade_decay(axis, checkpoints: list[dict]) -> None:
+    """Shade the span of checkpoints saved while the LR was decaying."""
+    decay_tokens = [row["tokens"] for row in checkpoints if row["phase"] == "decay"]
+    if decay_tokens:
+        earlier = [row["tokens"] for row in checkpoints if row["tokens"] < min(decay_tokens)]
+        start = max(earlier) if earlier else 0
+        axis.axvspan(start, max(decay_tokens), color="0.9", zorder=0, label="LR decay")
+
+
+def plot_trajectory(results_dir: str | Path, run: str, out_file: str | Path) -> None:
+    """The paper's Figure 1 for one run: ΔQ L vs tokens (top) over validation loss and LR (bottom)."""
+    connection = connect(results_dir)
+    rows = connection.execute(
+        "SELECT method, bits, quantization, tokens, delta_q_loss FROM results WHERE run = ? "
+        "ORDER BY method, bits, tokens", [run]).fetchall()
+    checkpoints = [dict(zip(("tokens", "loss_fp", "phase"), row, strict=True)) for row in connection.execute(
+        "SELECT tokens, loss_fp, phase FROM fp_evals WHERE run = ? ORDER BY tokens", [run]).fetchall()]
+    schedule = connection.execute(
+        "SELECT tokens, lr FROM training_log WHERE run = ? ORDER BY tokens", [run]).fetchall() \
+        if "training_log" in {row[0] for row in connection.execute("SHOW TABLES").fetchall()} else []
+    if not rows:
+        raise ValueError(f"the results dataset has no rows for run {run!r}")
+
+    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6.5), height_ratios=[3, 2])
+    methods = sorted({row[0] for row in rows})
+    for quantization in sorted({row[2] for row in rows}):
+        series = [row for row in rows if row[2] == quantization]
+        method, bits = series[0][0], series[0][1]
+        top.plot([row[3] for row in series], [100 * row[4] for row in series], marker="o", markersize=3,
+                 color=BITS_COLORS.get(bits, "black"), linestyle=METHOD_STYLES[methods.index(method) % 4],
+                 label=quantization)
+    top.set_ylabel("ΔQ L  (L_q / L_fp − 1, %)")
+    top.set_title(f"{run}: quantization error along training")
+    _shade_decay(top, checkpoints)
+    top.legend(fontsize=8, ncol=2)
+    top.grid(alpha=0.3)
+
+    bottom.plot([c["tokens"] for c in checkpoints], [c["loss_fp"] for c in checkpoints], marker="o",
+                markersize=3, color="black", label="validation loss (fp)")
+    bottom.set_ylabel("validation loss (nats)")
+    bottom.set_xlabel("tokens seen")
+    _shade_decay(bottom, checkpoints)
+    bottom.grid(alpha=0.3)
+    if schedule:
+        lr_axis = bottom.twinx()
+        lr_axis.plot([row[0] for row in schedule], [row[1] for row in schedule], color="tab:orange", alpha=0.7)
+        lr_axis.set_ylabel("learning rate", color="tab:orange")
+    figure.tight_layout()
+    figure.savefig(out_file, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,149 @@
+"""The central schemas of qtraj's result tables, atomic Parquet writes, and the aggregate dataset.
+
+Columns are only ever added, never retyped: readers use DuckDB's `union_by_name`, so old files stay valid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CHECKPOINT_FIELDS = [
+    pa.field("run", pa.string(), nullable=False),
+    pa.field("checkpoint", pa.string(), nullable=False),
+    pa.field("step", pa.int64()),
+    pa.field("tokens", pa.int64()),
+    pa.field("lr", pa.float64()),
+    pa.field("phase", pa.string()),
+    pa.field("source", pa.string()),
+]
+
+PROVENANCE_FIELDS = [
+    pa.field("qtraj_version", pa.string()),
+    pa.field("config_hash", pa.string()),
+    pa.field("device", pa.string()),
+    pa.field("created_at", pa.timestamp("us")),
+    pa.field("torch_version", pa.string()),
+    pa.field("transformers_version", pa.string()),
+    pa.field("llmcompressor_version", pa.string()),
+    pa.field("compressed_tensors_version", pa.string()),
+]
+
+FP_EVAL_SCHEMA = pa.schema([
+    *CHECKPOINT_FIELDS,
+    pa.field("loss_fp", pa.float64()),
+    pa.field("ppl_fp", pa.float64()),
+    pa.field("eval_tokens", pa.int64()),
+    pa.field("eval_seconds", pa.float64()),
+    *PROVENANCE_FIELDS,
+])
+
+QUANTIZED_EVAL_SCHEMA = pa.schema([
+    *CHECKPOINT_FIELDS,
+    pa.field("quantization", pa.string(), nullable=False),  # the config entry, e.g. gptq-w3g32
+    pa.field("method", pa.string()),
+    pa.field("bits", pa.int32()),
+    pa.field("group_size", pa.int32()),  # null: per-channel
+    pa.field("symmetric", pa.bool_()),
+    pa.field("options", pa.string()),  # the method's other options, as JSON
+    pa.field("engine", pa.string()),
+    pa.field("engine_version", pa.string()),
+    pa.field("loss_fp", pa.float64()),
+    pa.field("loss_q", pa.float64()),
+    pa.field("delta_q_loss", pa.float64()),  # L_q / L_fp - 1, the paper's ΔQ L
+    pa.field("loss_diff", pa.float64()),  # L_q - L_fp
+    pa.field("ppl_fp", pa.float64()),
+    pa.field("ppl_q", pa.float64()),
+    pa.field("eval_tokens", pa.int64()),
+    pa.field("calibration_samples", pa.int32()),
+    pa.field("calibration_seq_len", pa.int32()),
+    pa.field("quantize_seconds", pa.float64()),
+    pa.field("eval_seconds", pa.float64()),
+    *PROVENANCE_FIELDS,
+])
+
+TRAINING_LOG_SCHEMA = pa.schema([
+    pa.field("run", pa.string(), nullable=False),
+    pa.field("step", pa.int64()),
+    pa.field("tokens", pa.int64()),
+    pa.field("lr", pa.float64()),
+    pa.field("train_loss", pa.float64()),
+    pa.field("elapsed_s", pa.float64()),
+])
+
+TABLES = {"results": QUANTIZED_EVAL_SCHEMA, "fp_evals": FP_EVAL_SCHEMA, "training_log": TRAINING_LOG_SCHEMA}
+
+
+def delta_q_loss(loss_q: float, loss_fp: float) -> float:
+    """The paper's ΔQ L: relative increase of validation loss caused by quantization."""
+    return loss_q / loss_fp - 1.0
+
+
+def write_parquet_atomically(table: pa.Table, path: str | Path) -> None:
+    """Write to a temporary file beside the target, then rename: a killed job never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        pq.write_table(table, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def rows_to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
+    """Rows to a table of exactly `schema`: missing columns become typed nulls, unknown keys are an error."""
+    rows = list(rows)
+    unknown = {key for row in rows for key in row} - set(schema.names)
+    if unknown:
+        raise KeyError(f"columns {sorted(unknown)} are not in the schema; add them to qtraj.results first")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write_rows(rows: Iterable[dict], schema: pa.Schema, path: str | Path) -> None:
+    write_parquet_atomically(rows_to_table(rows, schema), path)
+
+
+def read_tables(paths: Iterable[str | Path], schema: pa.Schema) -> pa.Table:
+    """Concatenate per-job files into one table of `schema` (older files may lack newer columns)."""
+    tables = []
+    for path in paths:
+        table = pq.read_table(path)
+        for field in schema:
+            if field.name not in table.column_names:
+                table = table.append_column(field, pa.nulls(len(table), field.type))
+        tables.append(table.select(schema.names).cast(schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def check_finite(table: pa.Table, columns: Iterable[str]) -> None:
+    for column in columns:
+        for index, value in enumerate(table.column(column).to_pylist()):
+            if value is None or not math.isfinite(value):
+                row = {name: table.column(name)[index].as_py() for name in ("run", "checkpoint")}
+                raise ValueError(f"{column} is {value} for {row}; the job that wrote it is broken: "
+                                 "delete its Parquet file and rerun")
+
+
+def aggregate(inputs: dict[str, list[str]], output_dir: str | Path) -> dict[str, int]:
+    """Build the results dataset: one sorted Parquet file per table under `output_dir`."""
+    counts = {}
+    sort_keys = {"results": ["run", "step", "quantization"], "fp_evals": ["run", "step"],
+                 "training_log": ["run", "step"]}
+    for name, paths in inputs.items():
+        schema = TABLES[name]
+        table = read_tables(sorted(paths), schema)
+        if name == "results":
+            check_finite(table, ["loss_fp", "loss_q", "delta_q_loss"])
+        table = table.sort_by([(key, "ascending") for key in sort_keys[name]])
+        write_parquet_atomically(table, Path(output_dir) / f"{name}.parquet")
+        counts[name] = table.num_rows
+    return counts

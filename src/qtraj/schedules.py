@@ -1,0 +1,72 @@
+"""Learning-rate schedules and the training phase they put a step in.
+
+Pure functions of (schedule, step): the trainer uses them to set the LR, and every result row uses
+them to say which phase its checkpoint came from, so both always agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SCHEDULE_KINDS = ("cosine", "wsd", "linear", "constant")
+PHASES = ("warmup", "stable", "decay", "anneal", "post-training")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An LR schedule over `total_steps` optimizer steps.
+
+    kind: cosine (decay right after warmup), wsd (warmup-stable-decay: constant, then linear decay over
+    the last `decay_fraction` of training), linear (linear decay right after warmup), constant.
+    The LR ends at `peak_lr * final_lr_fraction`.
+    """
+
+    kind: str
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    decay_fraction: float = 0.2
+    final_lr_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule kind {self.kind!r} is unknown; known kinds: {', '.join(SCHEDULE_KINDS)}")
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be >= 0 and below total_steps={self.total_steps}"
+            )
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction={self.decay_fraction} must be in (0, 1]")
+
+    @property
+    def decay_start(self) -> int:
+        """The last step before the LR starts to fall (the end of warmup or of the stable phase)."""
+        if self.kind in ("cosine", "linear"):
+            return self.warmup_steps
+        if self.kind == "wsd":
+            return max(self.warmup_steps, self.total_steps - round(self.decay_fraction * self.total_steps))
+        return self.total_steps  # constant: never decays
+
+
+def lr_at(schedule: Schedule, step: int) -> float:
+    """The LR used for optimizer step `step` (1-based: step 1 is the first update)."""
+    peak, final = schedule.peak_lr, schedule.peak_lr * schedule.final_lr_fraction
+    if schedule.warmup_steps and step <= schedule.warmup_steps:
+        return peak * step / schedule.warmup_steps
+    start = schedule.decay_start
+    if step <= start:
+        return peak
+    progress = min(1.0, (step - start) / max(1, schedule.total_steps - start))
+    if schedule.kind == "cosine":
+        return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak + (final - peak) * progress  # wsd and linear decay linearly
+
+
+def phase_at(schedule: Schedule, step: int) -> str:
+    """warmup / stable / decay for a checkpoint saved after `step` updates."""
+    if step <= schedule.warmup_steps:
+        return "warmup"
+    if step <= schedule.decay_start:
+        return "stable"
+    return "decay"
