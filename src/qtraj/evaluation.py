@@ -36,10 +36,10 @@ def load_causal_lm(folder: str | Path, device: torch.device | None = None):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # safetensors, OSError, config errors: all mean this folder is unusable
         raise RuntimeError(
-            f"could not load the model folder {folder}: {error}. The checkpoint is missing files or corrupt; "
-            "delete it and rerun so the pipeline rebuilds it"
+            f"could not load the model folder {folder}: {type(error).__name__}: {error}. If the folder is "
+            "incomplete or corrupt, delete it and rerun so the pipeline rebuilds it"
         ) from error
     return model.to(device).eval()
 

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny models, tokenizers and corpora built offline from the carried corpus."""
+
+from __future__ import annotations
+
+import lzma
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CORPUS = REPO_ROOT / "data" / "corpus" / "sotu.jsonl.xz"
+
+
+@pytest.fixture(scope="session")
+def corpus_lines() -> list[str]:
+    with lzma.open(CORPUS, "rt", encoding="utf-8") as handle:
+        return handle.read().splitlines()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, corpus_lines) -> Path:
+    """The first 40 addresses: enough text for every split, a few seconds to tokenize."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("\n".join(corpus_lines[:40]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, small_corpus) -> Path:
+    from qtraj.corpus import iter_texts
+    from qtraj.tokenization import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_bpe_tokenizer(iter_texts(small_corpus), 512, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_stream(tokenizer_dir, small_corpus):
+    from transformers import AutoTokenizer
+
+    from qtraj.corpus import iter_texts
+    from qtraj.tokenization import encode_documents
+
+    return encode_documents(AutoTokenizer.from_pretrained(str(tokenizer_dir)), iter_texts(small_corpus))
+
+
+TINY_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "intermediate_size": 128, "max_position_embeddings": 64, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, tokenizer_dir, token_stream) -> Path:
+    """A checkpoint folder of a tiny Llama trained for 60 steps: structured enough for GPTQ to matter."""
+    from qtraj.schedules import Schedule
+    from qtraj.training import TrainingSpec, train
+
+    out = tmp_path_factory.mktemp("run") / "step000060"
+    spec = TrainingSpec(run="unit", model=TINY_MODEL, schedule=Schedule("wsd", 3e-3, 60, 3), seq_len=64,
+                        batch_size=8, weight_decay=0.1, grad_clip=1.0, seed=0)
+    train(spec, token_stream, tokenizer_dir, {60: out})
+    return out

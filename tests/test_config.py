@@ -1,0 +1,75 @@
+import copy
+
+import pytest
+import yaml
+
+from qtraj.config import ConfigError, checkpoints_of, load_config, quant_spec, run_settings, validate_config
+from tests.conftest import REPO_ROOT
+
+DEFAULT = REPO_ROOT / "config" / "config.yaml"
+
+
+@pytest.fixture
+def default_config():
+    return yaml.safe_load(DEFAULT.read_text())
+
+
+def test_default_config_is_valid_and_has_the_issue_grid():
+    config = load_config(DEFAULT)
+    assert {run_settings(config, run)["schedule"] for run in config["runs"]} >= {"cosine", "wsd"}
+    assert len({run_settings(config, run)["peak_lr"] for run in config["runs"]}) == 1
+    assert all(len(checkpoints_of(config, run)) >= 10 for run in config["runs"])
+    grid = {(entry["method"], entry["bits"]) for entry in config["quantizations"].values()}
+    assert grid >= {("rtn", 3), ("rtn", 4), ("gptq", 3), ("gptq", 4)}
+
+
+def test_tiny_test_config_is_valid():
+    load_config(REPO_ROOT / "tests" / "configs" / "tiny.yaml")
+
+
+def test_defaults_are_filled_in(default_config):
+    del default_config["evaluation"]["batch_size"]
+    config = validate_config(default_config)
+    assert config["evaluation"]["batch_size"] == 32
+    assert quant_spec(config, "gptq-w3g32")["options"]["actorder"] == "static"
+
+
+def test_bad_schedule_names_the_key_and_the_allowed_values(default_config):
+    default_config["runs"]["wsd"]["schedule"] = "wsdd"
+    with pytest.raises(ConfigError) as error:
+        validate_config(default_config)
+    assert "runs.wsd.schedule" in str(error.value)
+    assert "'cosine', 'wsd', 'linear', 'constant'" in str(error.value)
+
+
+def test_unknown_method_lists_the_known_ones(default_config):
+    default_config["quantizations"]["awq-w4"] = {"method": "awq-typo", "bits": 4}
+    with pytest.raises(ConfigError, match=r"quantizations.awq-w4.method.*known methods: gptq, rtn"):
+        validate_config(default_config)
+
+
+def test_unsupported_bits_and_unknown_option_are_refused(default_config):
+    bad_bits = copy.deepcopy(default_config)
+    bad_bits["quantizations"]["gptq-w3g32"]["bits"] = 5
+    with pytest.raises(ConfigError, match="gptq-w3g32.bits"):
+        validate_config(bad_bits)
+    default_config["quantizations"]["gptq-w3g32"]["options"] = {"damp": 0.1}
+    with pytest.raises(ConfigError, match=r"quantizations.gptq-w3g32.options.*known keys: actorder"):
+        validate_config(default_config)
+
+
+def test_unknown_top_level_key_and_bad_run_override(default_config):
+    broken = copy.deepcopy(default_config)
+    broken["trainig"] = {}
+    with pytest.raises(ConfigError, match="known keys"):
+        validate_config(broken)
+    default_config["runs"]["cosine"]["peak_lr"] = -1
+    with pytest.raises(ConfigError, match="runs.cosine.peak_lr"):
+        validate_config(default_config)
+
+
+def test_malformed_yaml_is_reported(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("runs: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

@@ -1,0 +1,96 @@
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from qtraj import results
+from qtraj.query import QueryError, connect, query, run_query
+
+
+def quantized_row(run="wsd", step=10, quantization="gptq-w3g32", loss_q=2.2, loss_fp=2.0, **extra):
+    return {"run": run, "checkpoint": f"step{step:06d}", "step": step, "tokens": step * 100, "lr": 1e-3,
+            "phase": "stable", "quantization": quantization, "method": quantization.split("-")[0], "bits": 3,
+            "group_size": 32, "loss_fp": loss_fp, "loss_q": loss_q,
+            "delta_q_loss": results.delta_q_loss(loss_q, loss_fp), **extra}
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    files = []
+    for step, loss_q in ((10, 2.2), (20, 2.1)):
+        path = tmp_path / "evals" / f"{step}.parquet"
+        results.write_rows([quantized_row(step=step, loss_q=loss_q)], results.QUANTIZED_EVAL_SCHEMA, path)
+        files.append(str(path))
+    fp = tmp_path / "evals" / "fp.parquet"
+    results.write_rows([{"run": "wsd", "checkpoint": "step000010", "step": 10, "loss_fp": 2.0}],
+                       results.FP_EVAL_SCHEMA, fp)
+    results.aggregate({"results": files, "fp_evals": [str(fp)], "training_log": []}, tmp_path / "dataset")
+    return tmp_path
+
+
+def test_delta_q_loss_is_the_relative_increase():
+    assert results.delta_q_loss(2.2, 2.0) == pytest.approx(0.1)
+
+
+def test_rows_get_the_central_schema_with_typed_nulls(tmp_path):
+    path = tmp_path / "row.parquet"
+    results.write_rows([quantized_row()], results.QUANTIZED_EVAL_SCHEMA, path)
+    table = pq.read_table(path)
+    assert table.schema.equals(results.QUANTIZED_EVAL_SCHEMA)
+    assert table.column("engine").type == "string" and table.column("engine")[0].as_py() is None
+    assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed away
+
+
+def test_unknown_column_is_refused(tmp_path):
+    with pytest.raises(KeyError, match="not in the schema"):
+        results.write_rows([quantized_row(loss_quantized=1.0)], results.QUANTIZED_EVAL_SCHEMA, tmp_path / "x.pq")
+
+
+def test_aggregate_reads_files_written_before_a_column_was_added(tmp_path):
+    import pyarrow as pa
+
+    old = tmp_path / "old.parquet"
+    pq.write_table(pa.table({"run": ["a"], "checkpoint": ["c"], "step": [1], "loss_fp": [1.0]}), old)
+    counts = results.aggregate({"fp_evals": [str(old)]}, tmp_path / "dataset")
+    table = pq.read_table(tmp_path / "dataset" / "fp_evals.parquet")
+    assert counts == {"fp_evals": 1} and table.schema.equals(results.FP_EVAL_SCHEMA)
+
+
+def test_aggregate_refuses_non_finite_results(tmp_path):
+    path = tmp_path / "nan.parquet"
+    results.write_rows([quantized_row(loss_q=math.nan)], results.QUANTIZED_EVAL_SCHEMA, path)
+    with pytest.raises(ValueError, match=r"loss_q is nan.*'run': 'wsd'"):
+        results.aggregate({"results": [str(path)]}, tmp_path / "dataset")
+
+
+def test_query_answers_sql_over_the_views(results_dir):
+    rows = query("SELECT step, round(delta_q_loss, 6) AS d FROM results ORDER BY step", results_dir)
+    assert rows == [{"step": 10, "d": 0.1}, {"step": 20, "d": 0.05}]
+    joined = query("SELECT r.step FROM results r JOIN fp_evals f USING (run, checkpoint)", results_dir)
+    assert joined == [{"step": 10}]
+
+
+@pytest.mark.parametrize("sql", ["COPY results TO 'out.csv'", "CREATE TABLE x AS SELECT 1",
+                                 "SET enable_external_access = true", "SELECT 1; DROP VIEW results"])
+def test_query_is_read_only(results_dir, sql):
+    with pytest.raises(QueryError, match="read-only"):
+        run_query(connect(results_dir), sql)
+
+
+def test_query_cannot_read_other_files(results_dir):
+    with pytest.raises(Exception, match="disabled"):
+        run_query(connect(results_dir), "SELECT * FROM read_csv('/etc/hostname')").fetchall()
+
+
+def test_missing_dataset_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the workflow first"):
+        connect(tmp_path)
+
+
+def test_cli_prints_csv(results_dir, capsys):
+    from qtraj.cli import main
+
+    assert main(["query", "SELECT step FROM results ORDER BY step", "--results-dir", str(results_dir),
+                 "--format", "csv"]) == 0
+    assert capsys.readouterr().out.split() == ["step", "10", "20"]
+    assert main(["query", "DELETE FROM results", "--results-dir", str(results_dir)]) == 2

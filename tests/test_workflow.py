@@ -1,0 +1,123 @@
+"""The workflow itself: lint, the default DAG, and a real end-to-end run of the tiny config."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO_ROOT / "Snakefile")]
+
+
+def snakemake(*args: str, workdir: Path = REPO_ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def planned_jobs(dry_run_output: str) -> list[tuple[str, str]]:
+    """(rule, output) of every job a dry run lists."""
+    jobs = []
+    for block in dry_run_output.split("\n\n"):
+        rule = re.search(r"^(?:local)?rule (\S+):", block, re.M)
+        output = re.search(r"^\s+output: (.*)$", block, re.M)
+        if rule:
+            jobs.append((rule.group(1), output.group(1) if output else ""))
+    return jobs
+
+
+def write_config(path: Path, corpus: Path, results_dir: Path, extra_runs: dict | None = None) -> Path:
+    config = yaml.safe_load((REPO_ROOT / "tests" / "configs" / "tiny.yaml").read_text())
+    config["corpus"]["path"] = str(corpus)
+    config["results_dir"] = str(results_dir)
+    config["runs"].update(extra_runs or {})
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint")
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+def test_default_config_dry_run_plans_the_whole_grid():
+    jobs = planned_jobs(snakemake("--dry-run", "--cores", "2").stdout)
+    rules = [rule for rule, _ in jobs]
+    assert rules.count("train_cosine") == rules.count("train_wsd") == 1
+    assert rules.count("evaluate_fp") == 20
+    assert rules.count("quantize") == rules.count("evaluate_quantized") == 80
+
+
+def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, small_corpus):
+    config = write_config(tmp_path / "bad.yaml", small_corpus, tmp_path / "results")
+    data = yaml.safe_load(config.read_text())
+    data["quantizations"]["rtn-w3g16"]["method"] = "rnt"
+    config.write_text(yaml.safe_dump(data))
+    result = snakemake("--cores", "1", "--configfile", str(config), workdir=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "quantizations.rtn-w3g16.method" in result.stderr and "known methods: gptq, rtn" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, small_corpus):
+    workdir = tmp_path_factory.mktemp("workflow")
+    results_dir = workdir / "results"
+    config = write_config(workdir / "config.yaml", small_corpus, results_dir)
+    snakemake("--cores", "2", "--configfile", str(config), workdir=workdir)
+    return workdir, config, results_dir
+
+
+def test_every_checkpoint_has_finite_rows_for_each_method_and_bits(tiny_run):
+    _, _, results_dir = tiny_run
+    table = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
+    assert len(table) == 2 * 2 * 4  # runs x checkpoints x quantizations
+    cells = {(row["run"], row["checkpoint"], row["method"], row["bits"]) for row in table}
+    assert len(cells) == 16
+    for row in table:
+        assert row["loss_q"] > 0 and abs(row["delta_q_loss"] - (row["loss_q"] / row["loss_fp"] - 1)) < 1e-12
+        assert row["phase"] in {"warmup", "stable", "decay"} and row["tokens"] == row["step"] * 8 * 64
+        assert row["engine"] == "llmcompressor" and row["config_hash"] and row["torch_version"]
+    assert len(pq.read_table(results_dir / "dataset" / "fp_evals.parquet")) == 4
+    assert {path.name for path in (results_dir / "figures").iterdir()} == {"cosine.png", "wsd.png"}
+    assert not (results_dir / "quantized").exists() or not any((results_dir / "quantized").rglob("*.safetensors"))
+
+
+def test_qtraj_query_answers_over_the_run(tiny_run):
+    _, _, results_dir = tiny_run
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "qtraj"), "query",
+         "SELECT run, count(*) AS n FROM results GROUP BY run ORDER BY run", "--results-dir", str(results_dir),
+         "--format", "csv"], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["run,n", "cosine,8", "wsd,8"]
+
+
+def test_second_run_does_nothing(tiny_run):
+    workdir, config, _ = tiny_run
+    result = snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_adding_a_schedule_runs_only_its_jobs(tiny_run, small_corpus):
+    workdir, _, results_dir = tiny_run
+    config = write_config(workdir / "config3.yaml", small_corpus, results_dir, {"linear": {"schedule": "linear"}})
+    before = {path: path.stat().st_mtime_ns for path in (results_dir / "evals").rglob("*.parquet")}
+    jobs = planned_jobs(snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir).stdout)
+    per_checkpoint = [(rule, output) for rule, output in jobs if rule not in ("aggregate", "plot_trajectory", "all")]
+    assert len(per_checkpoint) == 1 + 2 + 2 * 4 * 2  # training, fp evals, quantize + evaluate
+    assert all("/linear/" in output or rule == "train_linear" for rule, output in per_checkpoint)
+
+    snakemake("--cores", "2", "--configfile", str(config), workdir=workdir)
+    after = {path: path.stat().st_mtime_ns for path in (results_dir / "evals").rglob("*.parquet")}
+    assert all(after[path] == mtime for path, mtime in before.items())
+    assert len(after) - len(before) == 2 + 2 * 4
+    rows = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
+    assert {row["run"] for row in rows} == {"cosine", "wsd", "linear"} and len(rows) == 24
