@@ -1,4 +1,6 @@
 # Config validation, look-ups and target builders. Every rule file after this one holds only rules.
+import os
+
 from qtraj.config import (
     checkpoint_steps,
     checkpoints_of,
@@ -59,7 +61,10 @@ def training_logs():
 
 
 def dataset_tables():
-    return [f"{RESULTS}/dataset/{table}.parquet" for table in ("results", "fp_evals", "training_log")]
+    return [
+        f"{RESULTS}/dataset/{table}.parquet"
+        for table in ("results", "fp_evals", "training_log")
+    ]
 
 
 def all_targets():

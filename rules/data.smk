@@ -7,6 +7,10 @@ rule split_corpus:
         calibration=f"{RESULTS}/data/splits/calibration.jsonl",
     log:
         f"{LOGS}/split_corpus.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/split_corpus.tsv"
+    conda:
+        "../envs/qtraj.yaml"
     params:
         validation_fraction=config["corpus"]["validation_fraction"],
         calibration_fraction=config["corpus"]["calibration_fraction"],
@@ -21,6 +25,10 @@ rule train_tokenizer:
         directory(f"{RESULTS}/data/tokenizer"),
     log:
         f"{LOGS}/train_tokenizer.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_tokenizer.tsv"
+    conda:
+        "../envs/qtraj.yaml"
     params:
         vocab_size=config["tokenizer"]["vocab_size"],
     script:
@@ -35,5 +43,9 @@ rule tokenize_split:
         f"{RESULTS}/data/tokens/{{split}}.npy",
     log:
         f"{LOGS}/tokenize_split/{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tokenize_split/{{split}}.tsv"
+    conda:
+        "../envs/qtraj.yaml"
     script:
         "../scripts/tokenize_split.py"

@@ -6,9 +6,13 @@ rule evaluate_fp:
         f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
     log:
         f"{LOGS}/evaluate_fp/{{run}}/{{checkpoint}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_fp/{{run}}/{{checkpoint}}.tsv"
+    conda:
+        "../envs/qtraj.yaml"
+    threads: config["threads"]["evaluate"]
     params:
         evaluation=config["evaluation"],
-    threads: config["threads"]["evaluate"]
     script:
         "../scripts/evaluate_fp.py"
 
@@ -22,8 +26,12 @@ rule evaluate_quantized:
         f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
     log:
         f"{LOGS}/evaluate_quantized/{{run}}/{{checkpoint}}/{{quantization}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_quantized/{{run}}/{{checkpoint}}/{{quantization}}.tsv"
+    conda:
+        "../envs/qtraj.yaml"
+    threads: config["threads"]["evaluate"]
     params:
         evaluation=config["evaluation"],
-    threads: config["threads"]["evaluate"]
     script:
         "../scripts/evaluate_quantized.py"

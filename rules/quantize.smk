@@ -6,9 +6,13 @@ rule quantize:
         temp(directory(f"{RESULTS}/quantized/{{run}}/{{checkpoint}}/{{quantization}}")),
     log:
         f"{LOGS}/quantize/{{run}}/{{checkpoint}}/{{quantization}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/quantize/{{run}}/{{checkpoint}}/{{quantization}}.tsv"
+    conda:
+        "../envs/qtraj.yaml"
+    threads: config["threads"]["quantize"]
     params:
         spec=lambda wildcards: quant_spec(config, wildcards.quantization),
         calibration=config["calibration"],
-    threads: config["threads"]["quantize"]
     script:
         "../scripts/quantize.py"

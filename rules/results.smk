@@ -7,9 +7,11 @@ rule aggregate:
         dataset_tables(),
     log:
         f"{LOGS}/aggregate.log",
-    params:
-        dataset_dir=f"{RESULTS}/dataset",
     localrule: True
+    conda:
+        "../envs/qtraj.yaml"
+    params:
+        dataset_dir=lambda wildcards, output: os.path.dirname(output[0]),
     script:
         "../scripts/aggregate.py"
 
@@ -26,8 +28,10 @@ rule plot_trajectory:
         ),
     log:
         f"{LOGS}/plot_trajectory/{{run}}.log",
-    params:
-        results_dir=RESULTS,
     localrule: True
+    conda:
+        "../envs/qtraj.yaml"
+    params:
+        results_dir=lambda wildcards, input: os.path.dirname(os.path.dirname(input[0])),
     script:
         "../scripts/plot_trajectory.py"

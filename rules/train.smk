@@ -13,10 +13,14 @@ for _run in RUNS:
             training_log=f"{RESULTS}/training/{_run}.parquet",
         log:
             f"{LOGS}/train/{_run}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/train/{_run}.tsv"
+        conda:
+            "../envs/qtraj.yaml"
+        threads: config["threads"]["train"]
         params:
             run=_run,
             settings=training_settings(_run),
             checkpoint_dirs=checkpoint_dirs(_run),
-        threads: config["threads"]["train"]
         script:
             "../scripts/train.py"

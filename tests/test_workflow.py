@@ -26,11 +26,11 @@ def snakemake(*args: str, workdir: Path = REPO_ROOT, check: bool = True) -> subp
 def planned_jobs(dry_run_output: str) -> list[tuple[str, str]]:
     """(rule, output) of every job a dry run lists."""
     jobs = []
-    for block in dry_run_output.split("\n\n"):
-        rule = re.search(r"^(?:local)?rule (\S+):", block, re.M)
-        output = re.search(r"^\s+output: (.*)$", block, re.M)
-        if rule:
-            jobs.append((rule.group(1), output.group(1) if output else ""))
+    for line in dry_run_output.splitlines():
+        if match := re.match(r"^(?:local)?rule (\S+):$", line):
+            jobs.append((match.group(1), ""))
+        elif (match := re.match(r"^\s+output: (.*)$", line)) and jobs:
+            jobs[-1] = (jobs[-1][0], match.group(1))
     return jobs
 
 
@@ -48,8 +48,13 @@ def test_lint_is_clean():
     assert "Lints for" not in result.stdout + result.stderr
 
 
-def test_default_config_dry_run_plans_the_whole_grid():
-    jobs = planned_jobs(snakemake("--dry-run", "--cores", "2").stdout)
+def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
+    config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    config["corpus"]["path"] = str(REPO_ROOT / config["corpus"]["path"])
+    config["results_dir"] = str(tmp_path / "results")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
+                                  workdir=tmp_path).stdout)
     rules = [rule for rule, _ in jobs]
     assert rules.count("train_cosine") == rules.count("train_wsd") == 1
     assert rules.count("evaluate_fp") == 20

@@ -44,7 +44,7 @@ def load_causal_lm(folder: str | Path, device: torch.device | None = None):
     return model.to(device).eval()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def cross_entropy(model: torch.nn.Module, blocks: np.ndarray, batch_size: int) -> LossResult:
     """Mean next-token cross-entropy over every position of every block (each block is inputs + 1 target).
 

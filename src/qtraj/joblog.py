@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,14 @@ def job_logging(log_file: str) -> Iterator[logging.Logger]:
     without anyone having to open the log.
     """
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    # Set before the libraries are imported (the steps import them lazily): progress bars off, and
+    # llm-compressor's own (loguru) log into this job's file rather than onto Snakemake's console.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["LLM_COMPRESSOR_LOG_FILE"] = str(log_file)
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_FILE_LEVEL", "INFO")
     handler = logging.FileHandler(log_file, mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

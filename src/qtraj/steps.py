@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from qtraj import results
 from qtraj.checkpoints import read_checkpoint_info
 from qtraj.evaluation import NonFiniteLossError, cross_entropy, load_causal_lm, pick_device
-from qtraj.provenance import provenance
+from qtraj.provenance import config_hash, provenance
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,7 @@ def evaluate_quantized(model_dir: str, fp_eval: str, validation_tokens: str, eva
     info = read_checkpoint_info(model_dir)
     quant = read_quantization_info(model_dir)
     fp_row = pq.read_table(fp_eval).to_pylist()[0]
-    if fp_row["eval_tokens"] is None or fp_row["config_hash"] != provenance({"evaluation": evaluation}, "")[
-            "config_hash"]:
+    if fp_row["config_hash"] != config_hash({"evaluation": evaluation}):
         raise ValueError(f"{fp_eval} was evaluated with other settings than {out_file}; delete it and rerun")
     loss, seconds, device = _validation_loss(model_dir, validation_tokens, evaluation,
                                              f"{info.run}/{info.checkpoint} quantized with {quant['name']}")
