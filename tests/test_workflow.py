@@ -126,3 +126,9 @@ def test_adding_a_schedule_runs_only_its_jobs(tiny_run, small_corpus):
     assert len(after) - len(before) == 2 + 2 * 4
     rows = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
     assert {row["run"] for row in rows} == {"cosine", "wsd", "linear"} and len(rows) == 24
+
+
+def test_python_code_is_ruff_clean():
+    result = subprocess.run([str(Path(sys.executable).parent / "ruff"), "check", "src", "scripts", "tests", "bench"],
+                            cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

@@ -23,7 +23,9 @@ def read_documents(path: str | Path) -> list[dict]:
             try:
                 document = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error}); the corpus must be JSON Lines") from error
+                raise ValueError(
+                    f"{path}:{line_number}: not valid JSON ({error}); the corpus must be JSON Lines"
+                ) from error
             if not isinstance(document.get("text"), str):
                 raise ValueError(f"{path}:{line_number}: document has no string field 'text'")
             documents.append(document)
