@@ -47,13 +47,26 @@ def fp_evals():
     ]
 
 
-def quantized_evals():
+def per_quantized_model(template):
+    """`template` filled in for every (run, checkpoint, quantization) of the config."""
     return [
-        f"{RESULTS}/evals/quantized/{run}/{checkpoint}/{quantization}.parquet"
+        template.format(run=run, checkpoint=checkpoint, quantization=quantization)
         for run in RUNS
         for checkpoint in checkpoints_of(config, run)
         for quantization in QUANTIZATIONS
     ]
+
+
+def quantized_evals():
+    return per_quantized_model(
+        f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet"
+    )
+
+
+def layer_error_tables():
+    return per_quantized_model(
+        f"{RESULTS}/evals/layers/{{run}}/{{checkpoint}}/{{quantization}}.parquet"
+    )
 
 
 def training_logs():

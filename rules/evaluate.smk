@@ -20,10 +20,13 @@ rule evaluate_fp:
 rule evaluate_quantized:
     input:
         model=f"{RESULTS}/quantized/{{run}}/{{checkpoint}}/{{quantization}}",
+        checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
         fp_eval=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
         validation=f"{RESULTS}/data/tokens/validation.npy",
+        calibration=f"{RESULTS}/data/tokens/calibration.npy",
     output:
-        f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
+        result=f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
+        layer_errors=f"{RESULTS}/evals/layers/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
     log:
         f"{LOGS}/evaluate_quantized/{{run}}/{{checkpoint}}/{{quantization}}.log",
     benchmark:
@@ -33,5 +36,6 @@ rule evaluate_quantized:
     threads: config["threads"]["evaluate"]
     params:
         evaluation=config["evaluation"],
+        calibration=config["calibration"],
     script:
         "../scripts/evaluate_quantized.py"

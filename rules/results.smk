@@ -3,6 +3,7 @@ rule aggregate:
         results=quantized_evals(),
         fp_evals=fp_evals(),
         training_log=training_logs(),
+        layer_errors=layer_error_tables(),
     output:
         dataset_tables(),
     log:

@@ -44,14 +44,14 @@ def test_bad_schedule_names_the_key_and_the_allowed_values(default_config):
 
 def test_unknown_method_lists_the_known_ones(default_config):
     default_config["quantizations"]["awq-w4"] = {"method": "awq-typo", "bits": 4}
-    with pytest.raises(ConfigError, match=r"quantizations.awq-w4.method.*known methods: gptq, rtn"):
+    with pytest.raises(ConfigError, match=r"quantizations.awq-w4.method.*known methods: awq, bnb, gptq, rtn"):
         validate_config(default_config)
 
 
 def test_unsupported_bits_and_unknown_option_are_refused(default_config):
     bad_bits = copy.deepcopy(default_config)
     bad_bits["quantizations"]["gptq-w3g32"]["bits"] = 5
-    with pytest.raises(ConfigError, match="gptq-w3g32.bits"):
+    with pytest.raises(ConfigError, match=r"quantizations.gptq-w3g32'.*supports bits \[2, 3, 4, 8\], not 5"):
         validate_config(bad_bits)
     default_config["quantizations"]["gptq-w3g32"]["options"] = {"damp": 0.1}
     with pytest.raises(ConfigError, match=r"quantizations.gptq-w3g32.options.*known keys: actorder"):
@@ -73,3 +73,11 @@ def test_malformed_yaml_is_reported(tmp_path):
     path.write_text("runs: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_bitsandbytes_group_size_is_fixed_by_the_library(default_config):
+    default_config["quantizations"]["bnb-nf4"] = {"method": "bnb", "bits": 4, "group_size": 32}
+    with pytest.raises(ConfigError, match="group_size 64 .fixed by the library"):
+        validate_config(default_config)
+    default_config["quantizations"]["bnb-nf4"]["group_size"] = 64
+    validate_config(default_config)

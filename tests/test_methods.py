@@ -40,7 +40,7 @@ def linear_weights(folder):
 
 def test_registry_discovers_the_method_files():
     assert {"rtn", "gptq"} <= set(discover())
-    with pytest.raises(KeyError, match="known methods: gptq, rtn"):
+    with pytest.raises(KeyError, match="known methods: awq, bnb, gptq, rtn"):
         get_method("nope")
 
 
@@ -81,3 +81,102 @@ def test_group_size_that_does_not_divide_the_layer_is_named(tmp_path, trained_ch
     spec = QuantSpec(name="rtn-w4g48", method="rtn", bits=4, group_size=48)
     with pytest.raises(ValueError, match=r"group_size 48 does not divide the 64 input features"):
         quantize_checkpoint(trained_checkpoint, tmp_path / "out", spec, None, CALIBRATION)
+
+
+def test_layer_errors_match_a_hand_computed_layer():
+    from qtraj.layer_errors import layer_errors
+
+    torch.manual_seed(0)
+    fp = torch.nn.Sequential()
+    fp.add_module("proj", torch.nn.Linear(4, 2, bias=False))
+    quantized = torch.nn.Sequential()
+    quantized.add_module("proj", torch.nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        fp.proj.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]))
+        quantized.proj.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]]))
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 2.0]])
+    [error] = layer_errors(fp, quantized, {"proj": x})
+    assert error.weight_error_abs == pytest.approx(1.0)  # one entry differs by 1
+    assert error.weight_error == pytest.approx(1.0 / np.sqrt(5.0))
+    # X Wᵀ = [[1, 2], [0, 0]];  X Ŵᵀ = [[1, 3], [0, 2]]  -> difference [[0, 1], [0, 2]]
+    assert error.recon_error == pytest.approx(np.sqrt(5.0))
+    assert error.recon_error_rel == pytest.approx(np.sqrt(5.0) / np.sqrt(5.0))
+    assert (error.module_type, error.layer_index, error.input_rows) == ("proj", None, 2)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_reconstruction_error_is_at_most_rtn_on_every_layer(quantized, trained_checkpoint, calibration_file,
+                                                                 bits):
+    from qtraj.layer_errors import capture_inputs, layer_errors, quantizable_linears
+
+    fp = load_causal_lm(trained_checkpoint)
+    blocks = token_blocks(np.load(calibration_file), CALIBRATION["seq_len"], CALIBRATION["num_samples"])
+    inputs = capture_inputs(fp, list(quantizable_linears(fp)), blocks, 8, max_rows=blocks.size)
+    assert all(x.shape == (blocks.size, x.shape[1]) for x in inputs.values())
+    gptq = {e.layer: e for e in layer_errors(fp, load_causal_lm(quantized[("gptq", bits)]), inputs)}
+    rtn = {e.layer: e for e in layer_errors(fp, load_causal_lm(quantized[("rtn", bits)]), inputs)}
+    assert gptq.keys() == rtn.keys() and len(gptq) == 14
+    for layer in gptq:
+        assert gptq[layer].recon_error <= rtn[layer].recon_error * (1 + 1e-6), layer
+        assert 0 < rtn[layer].weight_error < 0.5
+
+
+@pytest.mark.parametrize(("bits", "options", "layer_class"), [
+    (4, {"quant_type": "nf4"}, "Linear4bit"),
+    (4, {"quant_type": "fp4", "double_quant": True}, "Linear4bit"),
+    (8, {}, "Linear8bitLt"),
+])
+def test_bitsandbytes_models_are_evaluated_through_bitsandbytes(tmp_path, trained_checkpoint, token_stream, bits,
+                                                                options, layer_class):
+    spec = QuantSpec(name="bnb", method="bnb", bits=bits, group_size=64 if bits == 4 else None, options=options)
+    quantize_checkpoint(trained_checkpoint, tmp_path / "bnb", spec, None, CALIBRATION)
+    model = load_causal_lm(tmp_path / "bnb")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == layer_class
+    blocks = token_blocks(token_stream, 65, 16)
+    fp = cross_entropy(load_causal_lm(trained_checkpoint), blocks, 8).loss
+    loss = cross_entropy(model, blocks, 8).loss
+    assert loss != fp and abs(loss / fp - 1) < 0.05  # changed, but not broken (it may even be lower)
+    assert read_quantization_info(tmp_path / "bnb")["engine"] == "bitsandbytes"
+
+
+def test_awq_weights_sit_on_the_grid_and_beat_nothing_worse_than_rtn(tmp_path, trained_checkpoint, calibration_file,
+                                                                     token_stream):
+    blocks = token_blocks(token_stream, 65, 24)
+    losses = {}
+    for method in ("awq", "rtn"):
+        spec = QuantSpec(name=f"{method}-w4g16", method=method, bits=4, group_size=16, symmetric=False,
+                         options={"n_grid": 10} if method == "awq" else {})
+        quantize_checkpoint(trained_checkpoint, tmp_path / method, spec, calibration_file, CALIBRATION)
+        losses[method] = cross_entropy(load_causal_lm(tmp_path / method), blocks, 8).loss
+    for name, weight in linear_weights(tmp_path / "awq").items():
+        groups = weight.reshape(weight.shape[0], -1, 16)
+        assert max(len(torch.unique(groups[r, g])) for r in range(groups.shape[0])
+                   for g in range(groups.shape[1])) <= 16, name
+    assert np.isfinite(losses["awq"]) and losses["awq"] < losses["rtn"] * 1.01
+
+
+def test_fake_quant_folder_scores_like_the_engines_own_compressed_model(tmp_path, trained_checkpoint,
+                                                                        calibration_file, token_stream):
+    """The stored dequantized weights give the loss of llm-compressor's own saved (packed) model.
+
+    Tolerance 1e-5 relative: both hold the same grid values, so only float summation order may differ.
+    """
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    from qtraj.methods import _llmcompressor as engine
+
+    spec = QuantSpec(name="gptq-w4g16", method="gptq", bits=4, group_size=16)
+    calibration = token_blocks(np.load(calibration_file), 64, 16)
+    model = load_causal_lm(trained_checkpoint)
+    oneshot(model=model, recipe=GPTQModifier(config_groups=engine.weight_scheme(spec), ignore=["lm_head"]),
+            **engine.calibration_kwargs(trained_checkpoint, calibration))
+    engine.save_fake_quant(model, trained_checkpoint, tmp_path / "fake")
+    model.save_pretrained(str(tmp_path / "native"), save_compressed=True)  # packs the weights in place
+    native = AutoModelForCausalLM.from_pretrained(str(tmp_path / "native"), dtype=torch.float32).eval()
+    assert "quantization_config" in native.config.to_dict()
+    blocks = token_blocks(token_stream, 65, 16)
+    fake_loss = cross_entropy(load_causal_lm(tmp_path / "fake"), blocks, 8).loss
+    native_loss = cross_entropy(native, blocks, 8).loss
+    assert fake_loss == pytest.approx(native_loss, rel=1e-5)

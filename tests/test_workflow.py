@@ -68,7 +68,7 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, small_corpus):
     config.write_text(yaml.safe_dump(data))
     result = snakemake("--cores", "1", "--configfile", str(config), workdir=tmp_path, check=False)
     assert result.returncode != 0
-    assert "quantizations.rtn-w3g16.method" in result.stderr and "known methods: gptq, rtn" in result.stderr
+    assert "quantizations.rtn-w3g16.method" in result.stderr and "known methods: awq, bnb, gptq, rtn" in result.stderr
     assert not (tmp_path / "results").exists()
 
 
@@ -92,6 +92,9 @@ def test_every_checkpoint_has_finite_rows_for_each_method_and_bits(tiny_run):
         assert row["phase"] in {"warmup", "stable", "decay"} and row["tokens"] == row["step"] * 8 * 64
         assert row["engine"] == "llmcompressor" and row["config_hash"] and row["torch_version"]
     assert len(pq.read_table(results_dir / "dataset" / "fp_evals.parquet")) == 4
+    layers = pq.read_table(results_dir / "dataset" / "layer_errors.parquet").to_pylist()
+    assert len(layers) == 16 * 2 * 7  # quantized models x blocks x linear layers per block
+    assert all(row["recon_error"] > 0 and 0 < row["weight_error"] < 1 for row in layers)
     assert {path.name for path in (results_dir / "figures").iterdir()} == {"cosine.png", "wsd.png"}
     assert not (results_dir / "quantized").exists() or not any((results_dir / "quantized").rglob("*.safetensors"))
 
@@ -103,6 +106,11 @@ def test_qtraj_query_answers_over_the_run(tiny_run):
          "SELECT run, count(*) AS n FROM results GROUP BY run ORDER BY run", "--results-dir", str(results_dir),
          "--format", "csv"], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["run,n", "cosine,8", "wsd,8"]
+    from qtraj.query import query
+
+    joined = query("SELECT r.bits, avg(l.recon_error_rel) AS recon FROM layer_errors l JOIN results r "
+                   "USING (run, checkpoint, quantization) GROUP BY r.bits ORDER BY r.bits", results_dir)
+    assert [row["bits"] for row in joined] == [3, 4] and joined[0]["recon"] > joined[1]["recon"]
 
 
 def test_second_run_does_nothing(tiny_run):
@@ -123,7 +131,7 @@ def test_adding_a_schedule_runs_only_its_jobs(tiny_run, small_corpus):
     snakemake("--cores", "2", "--configfile", str(config), workdir=workdir)
     after = {path: path.stat().st_mtime_ns for path in (results_dir / "evals").rglob("*.parquet")}
     assert all(after[path] == mtime for path, mtime in before.items())
-    assert len(after) - len(before) == 2 + 2 * 4
+    assert len(after) - len(before) == 2 + 2 * 4 * 2  # fp evals, quantized evals and their layer errors
     rows = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
     assert {row["run"] for row in rows} == {"cosine", "wsd", "linear"} and len(rows) == 24
 

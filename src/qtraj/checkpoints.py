@@ -8,10 +8,16 @@ phase the same way and never cares where the checkpoint came from.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 METADATA_FILE = "qtraj_checkpoint.json"
+
+# Files that hold weights; everything else in a checkpoint folder (config, tokenizer, qtraj metadata)
+# is copied unchanged into a quantized model's folder.
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -49,3 +55,13 @@ def evenly_spaced_steps(total_steps: int, count: int) -> list[int]:
     if not 1 <= count <= total_steps:
         raise ValueError(f"cannot save {count} checkpoints in {total_steps} steps")
     return sorted({round(total_steps * index / count) for index in range(1, count + 1)})
+
+
+def copy_non_weight_files(checkpoint_dir: str | Path, out_dir: str | Path) -> None:
+    """Config, tokenizer and qtraj metadata of a checkpoint folder, without its weights."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in Path(checkpoint_dir).iterdir():
+        is_weights = item.suffix in WEIGHT_FILE_SUFFIXES or item.name in WEIGHT_INDEX_FILES
+        if item.is_file() and not is_weights:
+            shutil.copy2(item, out_dir / item.name)

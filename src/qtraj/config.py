@@ -72,7 +72,7 @@ def _validate(instance: dict, schema: dict, prefix: tuple = ()) -> None:
 
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate a config dict in place (filling defaults) and check what the schema alone cannot."""
-    from qtraj.methods import discover
+    from qtraj.methods import QuantSpec, discover
 
     schema = schema or load_schema()
     if not isinstance(config, dict):
@@ -87,10 +87,11 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
             raise ConfigError(f"config key '{where}.method': unknown method {entry['method']!r}; "
                               f"known methods: {', '.join(sorted(methods))}")
         method = methods[entry["method"]]
-        if entry["bits"] not in method.supported_bits:
-            raise ConfigError(f"config key '{where}.bits': method {entry['method']!r} supports "
-                              f"{list(method.supported_bits)}, not {entry['bits']}")
         _validate(entry["options"], method.options_schema, ("quantizations", name, "options"))
+        try:
+            method().check(QuantSpec(**quant_spec(config, name)))
+        except ValueError as error:
+            raise ConfigError(f"config key '{where}': {error}") from error
     return config
 
 

@@ -20,9 +20,10 @@ def quantize_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, spec: Q
     the calibration split, in order, so every checkpoint and method sees exactly the same text.
     """
     method = get_method(spec.method)
-    if spec.bits not in method.supported_bits:
-        raise ValueError(f"quantization {spec.name!r}: method {spec.method!r} supports bits "
-                         f"{list(method.supported_bits)}, not {spec.bits}")
+    try:
+        method.check(spec)
+    except ValueError as error:
+        raise ValueError(f"quantization {spec.name!r}: {error}") from error
     blocks = None
     if method.needs_calibration:
         from qtraj.tokenization import token_blocks

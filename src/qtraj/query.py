@@ -11,6 +11,7 @@ DATASET_FILES = {
     "results": "results.parquet",  # one row per (run, checkpoint, quantization)
     "fp_evals": "fp_evals.parquet",  # one row per checkpoint: full-precision validation loss
     "training_log": "training_log.parquet",  # trained runs: LR and training loss over steps
+    "layer_errors": "layer_errors.parquet",  # one row per (run, checkpoint, quantization, linear layer)
 }
 
 # Statement types a query may run: reading only. Everything that writes (COPY, CREATE, INSERT, SET, ATTACH)

@@ -77,7 +77,27 @@ TRAINING_LOG_SCHEMA = pa.schema([
     pa.field("elapsed_s", pa.float64()),
 ])
 
-TABLES = {"results": QUANTIZED_EVAL_SCHEMA, "fp_evals": FP_EVAL_SCHEMA, "training_log": TRAINING_LOG_SCHEMA}
+LAYER_ERROR_SCHEMA = pa.schema([
+    *CHECKPOINT_FIELDS,
+    pa.field("quantization", pa.string(), nullable=False),
+    pa.field("method", pa.string()),
+    pa.field("bits", pa.int32()),
+    pa.field("group_size", pa.int32()),
+    pa.field("engine", pa.string()),
+    pa.field("layer", pa.string(), nullable=False),  # module path, e.g. model.layers.0.mlp.down_proj
+    pa.field("layer_index", pa.int32()),  # transformer block
+    pa.field("module_type", pa.string()),  # q_proj, k_proj, ..., down_proj
+    pa.field("weight_error", pa.float64()),  # ||W - Ŵ||_F / ||W||_F
+    pa.field("weight_error_abs", pa.float64()),  # ||W - Ŵ||_F
+    pa.field("recon_error", pa.float64()),  # ||X Wᵀ - X Ŵᵀ||_F on calibration inputs X
+    pa.field("recon_error_rel", pa.float64()),  # recon_error / ||X Wᵀ||_F
+    pa.field("input_rows", pa.int64()),  # tokens in X
+    pa.field("qtraj_version", pa.string()),
+    pa.field("config_hash", pa.string()),
+])
+
+TABLES = {"results": QUANTIZED_EVAL_SCHEMA, "fp_evals": FP_EVAL_SCHEMA, "training_log": TRAINING_LOG_SCHEMA,
+          "layer_errors": LAYER_ERROR_SCHEMA}
 
 
 def delta_q_loss(loss_q: float, loss_fp: float) -> float:
@@ -137,12 +157,14 @@ def aggregate(inputs: dict[str, list[str]], output_dir: str | Path) -> dict[str,
     """Build the results dataset: one sorted Parquet file per table under `output_dir`."""
     counts = {}
     sort_keys = {"results": ["run", "step", "quantization"], "fp_evals": ["run", "step"],
-                 "training_log": ["run", "step"]}
+                 "training_log": ["run", "step"], "layer_errors": ["run", "step", "quantization", "layer"]}
     for name, paths in inputs.items():
         schema = TABLES[name]
         table = read_tables(sorted(paths), schema)
         if name == "results":
             check_finite(table, ["loss_fp", "loss_q", "delta_q_loss"])
+        if name == "layer_errors":
+            check_finite(table, ["weight_error", "recon_error"])
         table = table.sort_by([(key, "ascending") for key in sort_keys[name]])
         write_parquet_atomically(table, Path(output_dir) / f"{name}.parquet")
         counts[name] = table.num_rows

@@ -72,58 +72,73 @@ def quantize(checkpoint_dir: str, out_dir: str, spec: dict, calibration_tokens: 
     log.info("quantized %s with %s in %.1f s", checkpoint_dir, spec["name"], info["quantize_seconds"])
 
 
-def _validation_loss(model_dir: str, validation_tokens: str, evaluation: dict, what: str):
+def _validation_loss(model, validation_tokens: str, evaluation: dict, what: str):
     from qtraj.tokenization import token_blocks
 
     blocks = token_blocks(np.load(validation_tokens), evaluation["seq_len"] + 1, evaluation["max_blocks"])
-    device = pick_device()
-    started = time.perf_counter()
-    model = load_causal_lm(model_dir, device)
     try:
-        loss = cross_entropy(model, blocks, evaluation["batch_size"])
+        return cross_entropy(model, blocks, evaluation["batch_size"])
     except NonFiniteLossError as error:
-        raise NonFiniteLossError(f"{what}: {error}. {model_dir} is broken: delete it and rerun "
+        raise NonFiniteLossError(f"{what}: {error}. The model is broken: delete its folder and rerun "
                                  "(for a quantized model, also check the method's settings)") from error
-    return loss, time.perf_counter() - started, device.type
 
 
 def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, out_file: str) -> None:
     info = read_checkpoint_info(checkpoint_dir)
-    loss, seconds, device = _validation_loss(checkpoint_dir, validation_tokens, evaluation,
-                                             f"checkpoint {info.run}/{info.checkpoint}")
+    started, device = time.perf_counter(), pick_device()
+    model = load_causal_lm(checkpoint_dir, device)
+    loss = _validation_loss(model, validation_tokens, evaluation, f"checkpoint {info.run}/{info.checkpoint}")
     row = {**asdict(info), "loss_fp": loss.loss, "ppl_fp": loss.perplexity, "eval_tokens": loss.tokens,
-           "eval_seconds": seconds, **provenance({"evaluation": evaluation}, device)}
+           "eval_seconds": time.perf_counter() - started, **provenance({"evaluation": evaluation}, device.type)}
     results.write_rows([row], results.FP_EVAL_SCHEMA, out_file)
     log.info("%s/%s: loss_fp %.5f over %d tokens", info.run, info.checkpoint, loss.loss, loss.tokens)
 
 
-def evaluate_quantized(model_dir: str, fp_eval: str, validation_tokens: str, evaluation: dict,
-                       out_file: str) -> None:
+def evaluate_quantized(model_dir: str, checkpoint_dir: str, fp_eval: str, validation_tokens: str,
+                       calibration_tokens: str, evaluation: dict, calibration: dict, out_file: str,
+                       layer_errors_file: str) -> None:
+    """Validation loss of a quantized model (one `results` row) and its per-layer errors (`layer_errors`)."""
+    from qtraj.layer_errors import capture_inputs, layer_errors, quantizable_linears
     from qtraj.quantization import read_quantization_info
+    from qtraj.tokenization import token_blocks
 
     info = read_checkpoint_info(model_dir)
     quant = read_quantization_info(model_dir)
     fp_row = pq.read_table(fp_eval).to_pylist()[0]
     if fp_row["config_hash"] != config_hash({"evaluation": evaluation}):
         raise ValueError(f"{fp_eval} was evaluated with other settings than {out_file}; delete it and rerun")
-    loss, seconds, device = _validation_loss(model_dir, validation_tokens, evaluation,
-                                             f"{info.run}/{info.checkpoint} quantized with {quant['name']}")
-    settings = {"evaluation": evaluation, "quantization": {k: quant[k] for k in
-                                                           ("name", "method", "bits", "group_size",
-                                                            "symmetric", "options")}}
+    started, device = time.perf_counter(), pick_device()
+    model = load_causal_lm(model_dir, device)
+    loss = _validation_loss(model, validation_tokens, evaluation,
+                            f"{info.run}/{info.checkpoint} quantized with {quant['name']}")
+    seconds = time.perf_counter() - started
+    quant_columns = {"quantization": quant["name"], "method": quant["method"], "bits": quant["bits"],
+                     "group_size": quant["group_size"], "engine": quant["engine"]}
+    settings = {"evaluation": evaluation, "calibration": calibration,
+                "quantization": {k: quant[k] for k in ("name", "method", "bits", "group_size", "symmetric",
+                                                       "options", "engine")}}
+    source = provenance(settings, device.type)
     row = {
-        **asdict(info),
-        "quantization": quant["name"], "method": quant["method"], "bits": quant["bits"],
-        "group_size": quant["group_size"], "symmetric": quant["symmetric"],
-        "options": json.dumps(quant["options"], sort_keys=True),
-        "engine": quant["engine"], "engine_version": quant["engine_version"],
+        **asdict(info), **quant_columns, "symmetric": quant["symmetric"],
+        "options": json.dumps(quant["options"], sort_keys=True), "engine_version": quant["engine_version"],
         "loss_fp": fp_row["loss_fp"], "loss_q": loss.loss,
         "delta_q_loss": results.delta_q_loss(loss.loss, fp_row["loss_fp"]),
         "loss_diff": loss.loss - fp_row["loss_fp"], "ppl_fp": fp_row["ppl_fp"], "ppl_q": loss.perplexity,
         "eval_tokens": loss.tokens, "calibration_samples": quant["calibration_samples"],
         "calibration_seq_len": quant["calibration_seq_len"], "quantize_seconds": quant["quantize_seconds"],
-        "eval_seconds": seconds, **provenance(settings, device),
+        "eval_seconds": seconds, **source,
     }
+
+    # Per-layer errors on the calibration text: inputs captured from the full-precision model, so every
+    # method's layers are compared on exactly the same activations.
+    fp_model = load_causal_lm(checkpoint_dir, device)
+    blocks = token_blocks(np.load(calibration_tokens), calibration["seq_len"], calibration["num_samples"])
+    names = list(quantizable_linears(fp_model))
+    inputs = capture_inputs(fp_model, names, blocks, evaluation["batch_size"], max_rows=blocks.size)
+    layer_rows = [{**asdict(info), **quant_columns, **asdict(error), "qtraj_version": source["qtraj_version"],
+                   "config_hash": source["config_hash"]} for error in layer_errors(fp_model, model, inputs)]
+
+    results.write_rows(layer_rows, results.LAYER_ERROR_SCHEMA, layer_errors_file)
     results.write_rows([row], results.QUANTIZED_EVAL_SCHEMA, out_file)
     log.info("%s/%s %s: loss_q %.5f, delta_q_loss %.4f%%", info.run, info.checkpoint, quant["name"],
              loss.loss, 100 * row["delta_q_loss"])

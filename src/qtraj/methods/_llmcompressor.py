@@ -7,19 +7,14 @@ through it differ only in the algorithm, never in how scales and zero points are
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from qtraj.checkpoints import copy_non_weight_files
 from qtraj.evaluation import load_causal_lm, pick_device
 from qtraj.methods.base import QuantSpec
-
-# Files that hold weights; everything else in a checkpoint folder (config, tokenizer, qtraj metadata)
-# is copied to the quantized folder unchanged.
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def engine_version() -> str:
@@ -61,22 +56,26 @@ def run_oneshot(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, modifier,
                 calibration_blocks: np.ndarray | None) -> None:
     """Quantize with one llm-compressor modifier and save the dequantized weights as a model folder."""
     from llmcompressor import oneshot
-    from transformers import AutoTokenizer
 
     model = load_causal_lm(checkpoint_dir, pick_device())
     check_group_size(model, spec)
-    kwargs = {}
-    if calibration_blocks is not None:
-        kwargs = dict(
-            dataset=calibration_dataset(calibration_blocks),
-            processor=AutoTokenizer.from_pretrained(str(checkpoint_dir)),
-            num_calibration_samples=len(calibration_blocks),
-            max_seq_length=calibration_blocks.shape[1],
-            # llm-compressor shuffles calibration samples by default; fixed order keeps runs reproducible.
-            shuffle_calibration_samples=False,
-        )
+    kwargs = {} if calibration_blocks is None else calibration_kwargs(checkpoint_dir, calibration_blocks)
     oneshot(model=model, recipe=modifier, **kwargs)
     save_fake_quant(model, checkpoint_dir, out_dir)
+
+
+def calibration_kwargs(checkpoint_dir: Path, calibration_blocks: np.ndarray) -> dict:
+    """`oneshot` arguments that feed it exactly these token blocks, in order."""
+    from transformers import AutoTokenizer
+
+    return dict(
+        dataset=calibration_dataset(calibration_blocks),
+        processor=AutoTokenizer.from_pretrained(str(checkpoint_dir)),
+        num_calibration_samples=len(calibration_blocks),
+        max_seq_length=calibration_blocks.shape[1],
+        # llm-compressor shuffles calibration samples by default; fixed order keeps runs reproducible.
+        shuffle_calibration_samples=False,
+    )
 
 
 @torch.no_grad()
@@ -113,11 +112,7 @@ def fake_quant_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_fake_quant(model: torch.nn.Module, checkpoint_dir: Path, out_dir: Path) -> None:
     from huggingface_hub import save_torch_state_dict
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for item in Path(checkpoint_dir).iterdir():
-        is_weights = item.suffix in WEIGHT_FILE_SUFFIXES or item.name in WEIGHT_INDEX_FILES
-        if item.is_file() and not is_weights:
-            shutil.copy2(item, out_dir / item.name)
+    copy_non_weight_files(checkpoint_dir, out_dir)
     # huggingface_hub's saver shards large models and drops tied duplicates (embeddings / lm_head),
     # writing the same layout `save_pretrained` would.
     save_torch_state_dict(fake_quant_state_dict(model), str(out_dir))

@@ -42,10 +42,18 @@ class QuantizationMethod(ABC):
     engine: ClassVar[str]  # the library that does the work, recorded with its version on every row
     needs_calibration: ClassVar[bool]
     supported_bits: ClassVar[tuple[int, ...]]
+    # "fake-quant": dequantized weights in a plain model folder, evaluated without the engine;
+    # "load-time": the engine's own serialized format, loaded back through the engine for evaluation.
+    storage: ClassVar[str] = "fake-quant"
     options_schema: ClassVar[dict] = {"type": "object", "additionalProperties": False, "properties": {}}
 
     @abstractmethod
     def engine_version(self) -> str: ...
+
+    def check(self, spec: QuantSpec) -> None:
+        """Refuse settings the method cannot honour (raise ValueError naming the fix); called at config time."""
+        if spec.bits not in self.supported_bits:
+            raise ValueError(f"method {spec.method!r} supports bits {list(self.supported_bits)}, not {spec.bits}")
 
     @abstractmethod
     def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,

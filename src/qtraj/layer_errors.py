@@ -1,0 +1,106 @@
+"""Per-layer weight and reconstruction error of a quantized model against its full-precision checkpoint.
+
+Library-agnostic: the weight error compares the fp weight with the quantized layer's dequantized weight,
+and the reconstruction error runs the *quantized layer itself* (whatever kernel its engine uses, e.g.
+bitsandbytes' LLM.int8 with outlier decomposition) on the full-precision model's captured inputs.
+No quantization library reports these uniformly, hence this module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class LayerError:
+    layer: str  # module path, e.g. model.layers.0.self_attn.q_proj
+    layer_index: int | None  # transformer block index
+    module_type: str  # last path component: q_proj, down_proj, ...
+    weight_error: float  # ||W - Ŵ||_F / ||W||_F
+    weight_error_abs: float  # ||W - Ŵ||_F
+    recon_error: float  # ||X Wᵀ - X Ŵᵀ||_F over the captured inputs X
+    recon_error_rel: float  # recon_error / ||X Wᵀ||_F
+    input_rows: int  # rows of X (tokens)
+
+
+def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every linear layer of the transformer blocks (the output head is never quantized)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith(".lm_head")}
+
+
+@torch.inference_mode()
+def capture_inputs(model: torch.nn.Module, names: list[str], blocks: np.ndarray, batch_size: int,
+                   max_rows: int) -> dict[str, torch.Tensor]:
+    """The inputs each named linear layer sees when the model reads `blocks`, at most `max_rows` tokens each."""
+    modules = dict(model.named_modules())
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    counts = dict.fromkeys(names, 0)
+
+    def hook_for(name):
+        def hook(_module, args):
+            if counts[name] < max_rows:
+                rows = args[0].reshape(-1, args[0].shape[-1])[: max_rows - counts[name]]
+                captured[name].append(rows.detach().float().cpu())
+                counts[name] += rows.shape[0]
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in names]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(blocks), batch_size):
+            if min(counts.values()) >= max_rows:
+                break
+            batch = torch.from_numpy(blocks[start : start + batch_size].astype(np.int64)).to(device)
+            model(input_ids=batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(parts) for name, parts in captured.items()}
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight a quantized linear layer effectively multiplies by, as a float tensor."""
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit (NF4 / FP4)
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, quant_state).float()
+    if weight.dtype == torch.int8 and getattr(module, "state", None) is not None:  # bitsandbytes LLM.int8
+        scale = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
+        return weight.data.float() * scale.float().unsqueeze(1) / 127.0
+    return weight.detach().float()
+
+
+@torch.inference_mode()
+def layer_errors(fp_model: torch.nn.Module, quantized_model: torch.nn.Module,
+                 inputs: dict[str, torch.Tensor]) -> list[LayerError]:
+    fp_layers, quantized_layers = quantizable_linears(fp_model), dict(quantized_model.named_modules())
+    errors = []
+    for name, x in inputs.items():
+        fp_layer, quantized_layer = fp_layers[name], quantized_layers[name]
+        weight = fp_layer.weight.detach().float().cpu()
+        weight_hat = dequantized_weight(quantized_layer).cpu()
+        reference = x @ weight.T
+        device = next(quantized_layer.parameters()).device
+        dtype = getattr(quantized_layer, "compute_dtype", None) or next(
+            (p.dtype for p in quantized_layer.parameters() if p.is_floating_point()), torch.float32)
+        output = quantized_layer(x.to(device=device, dtype=dtype)).float().cpu()
+        if getattr(quantized_layer, "bias", None) is not None:
+            output = output - quantized_layer.bias.detach().float().cpu()
+        weight_diff = torch.linalg.norm(weight - weight_hat).item()
+        recon = torch.linalg.norm(reference - output).item()
+        match = LAYER_INDEX.search(f".{name}.")
+        errors.append(LayerError(
+            layer=name, layer_index=int(match.group(1)) if match else None, module_type=name.rsplit(".", 1)[-1],
+            weight_error=weight_diff / max(torch.linalg.norm(weight).item(), 1e-30), weight_error_abs=weight_diff,
+            recon_error=recon, recon_error_rel=recon / max(torch.linalg.norm(reference).item(), 1e-30),
+            input_rows=x.shape[0]))
+    return errors

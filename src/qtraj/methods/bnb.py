@@ -1,0 +1,70 @@
+"""bitsandbytes: LLM.int8 (8-bit with outlier decomposition), NF4 and FP4 (with or without double quantization).
+
+These quantize when the model is loaded: the quantized folder is what transformers saves from a model loaded
+with a `BitsAndBytesConfig`, and evaluation loads it back through bitsandbytes (its `quantization_config` is
+in config.json), so the scores come from bitsandbytes' own kernels, never from dequantized copies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qtraj.methods.base import QuantizationMethod, QuantSpec, register
+
+
+@register
+class BitsAndBytes(QuantizationMethod):
+    name = "bnb"
+    engine = "bitsandbytes"
+    needs_calibration = False
+    supported_bits = (4, 8)
+    storage = "load-time"
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "quant_type": {"enum": ["nf4", "fp4"], "default": "nf4", "description": "4-bit data type"},
+            "double_quant": {"type": "boolean", "default": False,
+                             "description": "4-bit: also quantize the per-block scales"},
+            "int8_threshold": {"type": "number", "minimum": 0, "default": 6.0,
+                               "description": "8-bit: activation magnitude above which LLM.int8 keeps fp16"},
+        },
+    }
+
+    def check(self, spec: QuantSpec) -> None:
+        super().check(spec)
+        # bitsandbytes fixes its granularity: 4-bit uses blocks of 64 weights, LLM.int8 one scale per row.
+        expected = 64 if spec.bits == 4 else None
+        if spec.group_size != expected:
+            raise ValueError(f"bitsandbytes {spec.bits}-bit quantizes with group_size {expected} "
+                             f"(fixed by the library); set group_size: {'null' if expected is None else 64}")
+
+    def engine_version(self) -> str:
+        from importlib.metadata import version
+
+        return version("bitsandbytes")
+
+    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
+                 calibration_blocks: np.ndarray | None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from qtraj.checkpoints import copy_non_weight_files
+        from qtraj.evaluation import pick_device
+
+        options = spec.options
+        if spec.bits == 8:
+            config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=options.get("int8_threshold", 6.0))
+        else:
+            config = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=options.get("quant_type", "nf4"),
+                bnb_4bit_use_double_quant=options.get("double_quant", False),
+                bnb_4bit_compute_dtype=torch.float32 if pick_device().type == "cpu" else torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(checkpoint_dir), quantization_config=config, device_map=pick_device().type)
+        copy_non_weight_files(checkpoint_dir, out_dir)
+        # Saved before any forward pass: on the CPU, bitsandbytes 0.50 repacks 4-bit scales in place at the
+        # first forward, and a model saved after that reloads corrupted.
+        model.save_pretrained(str(out_dir))
