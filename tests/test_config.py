@@ -81,3 +81,14 @@ def test_bitsandbytes_group_size_is_fixed_by_the_library(default_config):
         validate_config(default_config)
     default_config["quantizations"]["bnb-nf4"]["group_size"] = 64
     validate_config(default_config)
+
+
+def test_engine_is_a_dimension_with_a_default(default_config):
+    default_config["quantizations"]["gptq-w3g32-llmc"] = {"method": "gptq", "bits": 3, "group_size": 32,
+                                                          "engine": "llmcompressor"}
+    config = validate_config(default_config)
+    assert quant_spec(config, "gptq-w3g32")["engine"] == "llmcompressor"
+    assert quant_spec(config, "gptq-w3g32-llmc")["engine"] == "llmcompressor"
+    config["quantizations"]["rtn-w3g32"]["engine"] = "auto-gptq"
+    with pytest.raises(ConfigError, match="rtn-w3g32'.*runs on engines llmcompressor, not 'auto-gptq'"):
+        validate_config(config)

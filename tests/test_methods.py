@@ -180,3 +180,4 @@ def test_fake_quant_folder_scores_like_the_engines_own_compressed_model(tmp_path
     fake_loss = cross_entropy(load_causal_lm(tmp_path / "fake"), blocks, 8).loss
     native_loss = cross_entropy(native, blocks, 8).loss
     assert fake_loss == pytest.approx(native_loss, rel=1e-5)
+

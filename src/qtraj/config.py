@@ -140,6 +140,9 @@ def training_spec(run: str, settings: dict):
 
 def quant_spec(config: dict, name: str) -> dict:
     """A quantization entry as the plain dict `qtraj.methods.QuantSpec` takes."""
+    from qtraj.methods import get_method
+
     entry = config["quantizations"][name]
+    engine = entry["engine"] or get_method(entry["method"]).engines[0]
     return {"name": name, "method": entry["method"], "bits": entry["bits"], "group_size": entry["group_size"],
-            "symmetric": entry["symmetric"], "options": dict(entry["options"])}
+            "symmetric": entry["symmetric"], "options": dict(entry["options"]), "engine": engine}

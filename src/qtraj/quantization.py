@@ -34,8 +34,8 @@ def quantize_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, spec: Q
     method.quantize(Path(checkpoint_dir), out_dir, spec, blocks)
     info = {
         **spec.as_dict(),
-        "engine": method.engine,
-        "engine_version": method.engine_version(),
+        "engine": method.engine_of(spec),
+        "engine_version": method.engine_version(method.engine_of(spec)),
         "calibration_samples": 0 if blocks is None else int(blocks.shape[0]),
         "calibration_seq_len": 0 if blocks is None else int(blocks.shape[1]),
         "quantize_seconds": time.perf_counter() - started,

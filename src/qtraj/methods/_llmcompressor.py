@@ -17,12 +17,6 @@ from qtraj.evaluation import load_causal_lm, pick_device
 from qtraj.methods.base import QuantSpec
 
 
-def engine_version() -> str:
-    from importlib.metadata import version
-
-    return version("llmcompressor")
-
-
 def weight_scheme(spec: QuantSpec) -> dict:
     """compressed-tensors `config_groups` for integer weight-only quantization of every Linear layer."""
     weights = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric}

@@ -38,7 +38,7 @@ def _no_pinned_memory_without_cuda():
 @register
 class AWQ(QuantizationMethod):
     name = "awq"
-    engine = "llmcompressor"
+    engines = ("llmcompressor",)
     needs_calibration = True
     supported_bits = (3, 4)
     options_schema = {
@@ -52,8 +52,6 @@ class AWQ(QuantizationMethod):
         },
     }
 
-    def engine_version(self) -> str:
-        return engine.engine_version()
 
     def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
                  calibration_blocks: np.ndarray | None) -> None:

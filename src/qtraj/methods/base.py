@@ -24,10 +24,11 @@ class QuantSpec:
     group_size: int | None  # None: one scale per output channel
     symmetric: bool = True
     options: dict = field(default_factory=dict)
+    engine: str | None = None  # None: the method's default engine
 
     def as_dict(self) -> dict:
         return {"name": self.name, "method": self.method, "bits": self.bits, "group_size": self.group_size,
-                "symmetric": self.symmetric, "options": dict(self.options)}
+                "symmetric": self.symmetric, "options": dict(self.options), "engine": self.engine}
 
 
 class QuantizationMethod(ABC):
@@ -39,7 +40,9 @@ class QuantizationMethod(ABC):
     """
 
     name: ClassVar[str]
-    engine: ClassVar[str]  # the library that does the work, recorded with its version on every row
+    # The libraries that can run it, the default first; the one used is recorded with its version on every
+    # row, so the same method through two engines gives separate, comparable rows.
+    engines: ClassVar[tuple[str, ...]]
     needs_calibration: ClassVar[bool]
     supported_bits: ClassVar[tuple[int, ...]]
     # "fake-quant": dequantized weights in a plain model folder, evaluated without the engine;
@@ -47,13 +50,21 @@ class QuantizationMethod(ABC):
     storage: ClassVar[str] = "fake-quant"
     options_schema: ClassVar[dict] = {"type": "object", "additionalProperties": False, "properties": {}}
 
-    @abstractmethod
-    def engine_version(self) -> str: ...
+    def engine_version(self, engine: str) -> str:
+        from importlib.metadata import version
+
+        return version(engine)
+
+    def engine_of(self, spec: QuantSpec) -> str:
+        return spec.engine or self.engines[0]
 
     def check(self, spec: QuantSpec) -> None:
         """Refuse settings the method cannot honour (raise ValueError naming the fix); called at config time."""
         if spec.bits not in self.supported_bits:
             raise ValueError(f"method {spec.method!r} supports bits {list(self.supported_bits)}, not {spec.bits}")
+        if self.engine_of(spec) not in self.engines:
+            raise ValueError(f"method {spec.method!r} runs on engines {', '.join(self.engines)}, "
+                             f"not {spec.engine!r}")
 
     @abstractmethod
     def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,

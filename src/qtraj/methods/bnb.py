@@ -17,7 +17,7 @@ from qtraj.methods.base import QuantizationMethod, QuantSpec, register
 @register
 class BitsAndBytes(QuantizationMethod):
     name = "bnb"
-    engine = "bitsandbytes"
+    engines = ("bitsandbytes",)
     needs_calibration = False
     supported_bits = (4, 8)
     storage = "load-time"
@@ -41,10 +41,6 @@ class BitsAndBytes(QuantizationMethod):
             raise ValueError(f"bitsandbytes {spec.bits}-bit quantizes with group_size {expected} "
                              f"(fixed by the library); set group_size: {'null' if expected is None else 64}")
 
-    def engine_version(self) -> str:
-        from importlib.metadata import version
-
-        return version("bitsandbytes")
 
     def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
                  calibration_blocks: np.ndarray | None) -> None:

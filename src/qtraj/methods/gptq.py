@@ -13,7 +13,7 @@ from qtraj.methods.base import QuantizationMethod, QuantSpec, register
 @register
 class GPTQ(QuantizationMethod):
     name = "gptq"
-    engine = "llmcompressor"
+    engines = ("llmcompressor",)
     needs_calibration = True
     supported_bits = (2, 3, 4, 8)
     options_schema = {
@@ -29,15 +29,12 @@ class GPTQ(QuantizationMethod):
         },
     }
 
-    def engine_version(self) -> str:
-        return engine.engine_version()
-
     def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
                  calibration_blocks: np.ndarray | None) -> None:
-        from llmcompressor.modifiers.gptq import GPTQModifier
-
         if calibration_blocks is None:
             raise ValueError(f"quantization {spec.name!r}: GPTQ needs calibration data")
+        from llmcompressor.modifiers.gptq import GPTQModifier
+
         options = spec.options
         modifier = GPTQModifier(
             config_groups=engine.weight_scheme(spec),

@@ -13,12 +13,10 @@ from qtraj.methods.base import QuantizationMethod, QuantSpec, register
 @register
 class RoundToNearest(QuantizationMethod):
     name = "rtn"
-    engine = "llmcompressor"
+    engines = ("llmcompressor",)
     needs_calibration = False
     supported_bits = (2, 3, 4, 8)
 
-    def engine_version(self) -> str:
-        return engine.engine_version()
 
     def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
                  calibration_blocks: np.ndarray | None) -> None:
