@@ -30,8 +30,10 @@ def weight_scheme(spec: QuantSpec) -> dict:
 def check_group_size(model: torch.nn.Module, spec: QuantSpec) -> None:
     if spec.group_size is None:
         return
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head" and module.in_features % spec.group_size:
+    from qtraj.layer_errors import quantizable_linears
+
+    for name, module in quantizable_linears(model).items():
+        if module.in_features % spec.group_size:
             raise ValueError(
                 f"quantization {spec.name!r}: group_size {spec.group_size} does not divide the "
                 f"{module.in_features} input features of layer {name!r}; choose a group size that divides "
@@ -46,15 +48,15 @@ def calibration_dataset(blocks: np.ndarray):
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]})
 
 
-def run_oneshot(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, modifier,
+def run_oneshot(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, recipe,
                 calibration_blocks: np.ndarray | None) -> None:
-    """Quantize with one llm-compressor modifier and save the dequantized weights as a model folder."""
+    """Quantize with an llm-compressor recipe (modifiers) and save the dequantized weights as a model folder."""
     from llmcompressor import oneshot
 
     model = load_causal_lm(checkpoint_dir, pick_device())
     check_group_size(model, spec)
     kwargs = {} if calibration_blocks is None else calibration_kwargs(checkpoint_dir, calibration_blocks)
-    oneshot(model=model, recipe=modifier, **kwargs)
+    oneshot(model=model, recipe=recipe, **kwargs)
     save_fake_quant(model, checkpoint_dir, out_dir)
 
 
