@@ -94,3 +94,12 @@ def test_cli_prints_csv(results_dir, capsys):
                  "--format", "csv"]) == 0
     assert capsys.readouterr().out.split() == ["step", "10", "20"]
     assert main(["query", "DELETE FROM results", "--results-dir", str(results_dir)]) == 2
+
+
+def test_cli_reports_bad_sql_and_missing_results(results_dir, tmp_path, capsys):
+    from qtraj.cli import main
+
+    assert main(["query", "SELECT no_such_column FROM results", "--results-dir", str(results_dir)]) == 1
+    assert "no_such_column" in capsys.readouterr().err
+    assert main(["query", "SELECT 1", "--results-dir", str(tmp_path / "nowhere")]) == 2
+    assert "run the workflow first" in capsys.readouterr().err
