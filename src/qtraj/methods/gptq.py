@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al., 2022) through llm-compressor's GPTQModifier."""
+"""GPTQ (Frantar et al., 2022) through llm-compressor's GPTQModifier (default) or GPTQModel (the paper's)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from qtraj.methods.base import QuantizationMethod, QuantSpec, register
 @register
 class GPTQ(QuantizationMethod):
     name = "gptq"
-    engines = ("llmcompressor",)
+    engines = ("llmcompressor", "gptqmodel")
     needs_calibration = True
     supported_bits = (2, 3, 4, 8)
     options_schema = {
@@ -33,6 +33,11 @@ class GPTQ(QuantizationMethod):
                  calibration_blocks: np.ndarray | None) -> None:
         if calibration_blocks is None:
             raise ValueError(f"quantization {spec.name!r}: GPTQ needs calibration data")
+        if self.engine_of(spec) == "gptqmodel":
+            from qtraj.methods._gptqmodel import quantize_gptq
+
+            quantize_gptq(checkpoint_dir, out_dir, spec, calibration_blocks)
+            return
         from llmcompressor.modifiers.gptq import GPTQModifier
 
         options = spec.options

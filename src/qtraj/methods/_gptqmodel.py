@@ -1,0 +1,80 @@
+"""Running GPTQ through GPTQModel (ModelCloud's maintained successor of AutoGPTQ; the paper's engine).
+
+GPTQModel packs weights into its own kernels' format; qtraj stores what those kernels compute with —
+each layer's `dequantize_weight()` (fp16 scales times integer codes, as the torch kernel does) — as
+fake-quant weights, so its models are evaluated by the same engine-free code as every other method.
+
+The weights are read back through `GPTQModel.load` of the saved checkpoint, not from the model `quantize()`
+leaves in memory: with 7.6 the in-memory layers still hold GPTQ-v1 zero points (offset by one step), which
+only the load path converts — dequantizing them directly put every weight one quantization step off.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qtraj.checkpoints import copy_non_weight_files
+from qtraj.methods.base import QuantSpec
+
+# GPTQModel sizes a CPU worker pool from the machine and fails on 2-core machines unless told (seen with 7.6).
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+
+# llm-compressor's act-order names -> GPTQModel's switches. GPTQModel's group-aware reordering (its default)
+# keeps groups contiguous like llm-compressor's "static" order; "weight"/"group" are classic desc_act.
+ACTORDER = {
+    "static": {"desc_act": False, "act_group_aware": True},
+    "weight": {"desc_act": True, "act_group_aware": False},
+    "group": {"desc_act": True, "act_group_aware": False},
+    None: {"desc_act": False, "act_group_aware": False},
+}
+
+
+def quantize_gptq(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibration_blocks: np.ndarray) -> None:
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    from qtraj.evaluation import pick_device
+
+    options = spec.options
+    config = QuantizeConfig(
+        bits=spec.bits, group_size=-1 if spec.group_size is None else spec.group_size, sym=spec.symmetric,
+        damp_percent=options.get("dampening", 0.01), offload_to_disk=False,
+        **ACTORDER[options.get("actorder", "static")],
+    )
+    device = pick_device()
+    model = GPTQModel.load(str(checkpoint_dir), config, dtype=torch.float32 if device.type == "cpu" else None,
+                           device=device.type)
+    calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calibration_blocks]
+    model.quantize(calibration, batch_size=8, calibration_sort=None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.gptq-") as packed_dir:
+        model.save(packed_dir)
+        del model
+        packed = GPTQModel.load(packed_dir, backend="torch", device=device.type)
+        save_dequantized(packed.model, checkpoint_dir, out_dir)
+
+
+@torch.no_grad()
+def save_dequantized(model: torch.nn.Module, checkpoint_dir: Path, out_dir: Path) -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    state, packed = {}, set()
+    for name, module in model.named_modules():
+        if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):
+            # GPTQModel returns [in_features, out_features]; nn.Linear stores [out, in].
+            state[f"{name}.weight"] = module.dequantize_weight().T.float().contiguous().cpu()
+            if getattr(module, "bias", None) is not None:
+                state[f"{name}.bias"] = module.bias.detach().float().cpu()
+            packed.update(f"{name}.{key}" for key, _ in module.named_buffers(recurse=False))
+            packed.update(f"{name}.{key}" for key, _ in module.named_parameters(recurse=False))
+    if not state:
+        raise RuntimeError("GPTQModel quantized no layer")
+    for key, value in model.state_dict().items():
+        if key not in packed and key not in state:
+            state[key] = value.detach().float().cpu().contiguous()
+    copy_non_weight_files(checkpoint_dir, out_dir)
+    save_torch_state_dict(state, str(out_dir))
