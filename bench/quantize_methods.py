@@ -24,6 +24,8 @@ from qtraj.tokenization import token_blocks
 SPECS = [
     QuantSpec("rtn-w4g32", "rtn", 4, 32), QuantSpec("rtn-w3g32", "rtn", 3, 32),
     QuantSpec("gptq-w4g32", "gptq", 4, 32), QuantSpec("gptq-w3g32", "gptq", 3, 32),
+    QuantSpec("gptq-w4g32-gq", "gptq", 4, 32, engine="gptqmodel"),
+    QuantSpec("gptq-w3g32-gq", "gptq", 3, 32, engine="gptqmodel"),
     QuantSpec("awq-w4g32", "awq", 4, 32, symmetric=False), QuantSpec("awq-w3g32", "awq", 3, 32, symmetric=False),
     QuantSpec("bnb-int8", "bnb", 8, None), QuantSpec("bnb-nf4", "bnb", 4, 64, options={"quant_type": "nf4"}),
 ]
