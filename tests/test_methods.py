@@ -131,7 +131,13 @@ def test_bitsandbytes_models_are_evaluated_through_bitsandbytes(tmp_path, traine
     spec = QuantSpec(name="bnb", method="bnb", bits=bits, group_size=64 if bits == 4 else None, options=options)
     quantize_checkpoint(trained_checkpoint, tmp_path / "bnb", spec, None, CALIBRATION)
     model = load_causal_lm(tmp_path / "bnb")
-    assert type(model.model.layers[0].mlp.down_proj).__name__ == layer_class
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == layer_class
+    if bits == 4:  # NF4 / FP4: at most 16 code values, scaled per block of 64 weights
+        from qtraj.layer_errors import dequantized_weight
+
+        blocks_of_64 = dequantized_weight(layer).reshape(-1, 64)
+        assert max(len(torch.unique(block)) for block in blocks_of_64) <= 16
     blocks = token_blocks(token_stream, 65, 16)
     fp = cross_entropy(load_causal_lm(trained_checkpoint), blocks, 8).loss
     loss = cross_entropy(model, blocks, 8).loss
