@@ -30,12 +30,13 @@ def quantize_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, spec: Q
 
         blocks = token_blocks(np.load(calibration_tokens), calibration["seq_len"], calibration["num_samples"])
     out_dir = Path(out_dir)
+    engine = method.engine_of(spec)
     started = time.perf_counter()
     method.quantize(Path(checkpoint_dir), out_dir, spec, blocks)
     info = {
         **spec.as_dict(),
-        "engine": method.engine_of(spec),
-        "engine_version": method.engine_version(method.engine_of(spec)),
+        "engine": engine,
+        "engine_version": method.engine_version(engine),
         "calibration_samples": 0 if blocks is None else int(blocks.shape[0]),
         "calibration_seq_len": 0 if blocks is None else int(blocks.shape[1]),
         "quantize_seconds": time.perf_counter() - started,
