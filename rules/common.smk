@@ -6,6 +6,7 @@ from qtraj.config import (
     checkpoints_of,
     quant_spec,
     run_settings,
+    stores_quantized_model,
     validate_config,
 )
 from qtraj.checkpoints import checkpoint_name
@@ -55,6 +56,14 @@ def per_quantized_model(template):
         for checkpoint in checkpoints_of(config, run)
         for quantization in QUANTIZATIONS
     ]
+
+
+def quantized_model(wildcards):
+    """What evaluate_quantized loads: the stored quantized folder, or for a method that quantizes at load
+    time (bitsandbytes) the checkpoint itself, so no quantize job and no quantized copy exist for it."""
+    if stores_quantized_model(config, wildcards.quantization):
+        return f"{RESULTS}/quantized/{wildcards.run}/{wildcards.checkpoint}/{wildcards.quantization}"
+    return f"{RESULTS}/checkpoints/{wildcards.run}/{wildcards.checkpoint}"
 
 
 def quantized_evals():

@@ -19,7 +19,7 @@ rule evaluate_fp:
 
 rule evaluate_quantized:
     input:
-        model=f"{RESULTS}/quantized/{{run}}/{{checkpoint}}/{{quantization}}",
+        model=quantized_model,
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
         fp_eval=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
         validation=f"{RESULTS}/data/tokens/validation.npy",
@@ -35,6 +35,7 @@ rule evaluate_quantized:
         "../envs/qtraj.yaml"
     threads: config["threads"]["evaluate"]
     params:
+        spec=lambda wildcards: quant_spec(config, wildcards.quantization),
         evaluation=config["evaluation"],
         calibration=config["calibration"],
     script:

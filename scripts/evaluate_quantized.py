@@ -6,6 +6,7 @@ with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by t
     steps.evaluate_quantized(
         snakemake.input.model,  # noqa: F821
         snakemake.input.checkpoint,  # noqa: F821
+        snakemake.params.spec,  # noqa: F821
         snakemake.input.fp_eval,  # noqa: F821
         snakemake.input.validation,  # noqa: F821
         snakemake.input.calibration,  # noqa: F821

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from qtraj.evaluation import cross_entropy, load_causal_lm
 from qtraj.methods import QuantSpec, discover, get_method
-from qtraj.quantization import quantize_checkpoint, read_quantization_info
+from qtraj.quantization import load_quantized_model, quantize_checkpoint, read_quantization_info
 from qtraj.tokenization import token_blocks
 
 CALIBRATION = {"num_samples": 16, "seq_len": 64}
@@ -104,6 +104,32 @@ def test_layer_errors_match_a_hand_computed_layer():
     assert (error.module_type, error.layer_index, error.input_rows) == ("proj", None, 2)
 
 
+def test_layer_errors_refuse_a_dequantized_weight_the_layer_does_not_compute_with():
+    from qtraj.layer_errors import layer_errors
+
+    class RepackedLinear(torch.nn.Linear):
+        """Computes with other weights than its `weight` says, like a kernel whose format was misread."""
+
+        def forward(self, x):
+            return x @ (-self.weight).T
+
+    fp, quantized = torch.nn.Sequential(), torch.nn.Sequential()
+    fp.add_module("proj", torch.nn.Linear(4, 2, bias=False))
+    quantized.add_module("proj", RepackedLinear(4, 2, bias=False))
+    with pytest.raises(RuntimeError, match="layer proj: its output differs by 200.0%"):
+        layer_errors(fp, quantized, {"proj": torch.ones(3, 4)})
+
+
+def test_method_files_must_implement_the_step_their_storage_needs():
+    from qtraj.methods.base import QuantizationMethod, register
+
+    class NoLoader(QuantizationMethod):
+        name, engines, needs_calibration, supported_bits, storage = "noloader", ("x",), False, (4,), "load-time"
+
+    with pytest.raises(TypeError, match="load-time storage, so it must implement `load`"):
+        register(NoLoader)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_gptq_reconstruction_error_is_at_most_rtn_on_every_layer(quantized, trained_checkpoint, calibration_file,
                                                                  bits):
@@ -129,20 +155,24 @@ def test_gptq_reconstruction_error_is_at_most_rtn_on_every_layer(quantized, trai
 def test_bitsandbytes_models_are_evaluated_through_bitsandbytes(tmp_path, trained_checkpoint, token_stream, bits,
                                                                 options, layer_class):
     spec = QuantSpec(name="bnb", method="bnb", bits=bits, group_size=64 if bits == 4 else None, options=options)
-    quantize_checkpoint(trained_checkpoint, tmp_path / "bnb", spec, None, CALIBRATION)
-    model = load_causal_lm(tmp_path / "bnb")
+    with pytest.raises(ValueError, match="quantizes at load time"):
+        quantize_checkpoint(trained_checkpoint, tmp_path / "bnb", spec, None, CALIBRATION)
+    model, info = load_quantized_model(trained_checkpoint, trained_checkpoint, spec, torch.device("cpu"))
     layer = model.model.layers[0].mlp.down_proj
     assert type(layer).__name__ == layer_class
     if bits == 4:  # NF4 / FP4: at most 16 code values, scaled per block of 64 weights
         from qtraj.layer_errors import dequantized_weight
 
-        blocks_of_64 = dequantized_weight(layer).reshape(-1, 64)
+        before_forward = dequantized_weight(layer)
+        blocks_of_64 = before_forward.reshape(-1, 64)
         assert max(len(torch.unique(block)) for block in blocks_of_64) <= 16
     blocks = token_blocks(token_stream, 65, 16)
     fp = cross_entropy(load_causal_lm(trained_checkpoint), blocks, 8).loss
     loss = cross_entropy(model, blocks, 8).loss
+    if bits == 4:  # the CPU kernel may repack the weights at the first forward; they must still read the same
+        assert torch.allclose(dequantized_weight(layer), before_forward, rtol=0, atol=1e-2 * before_forward.abs().max())
     assert loss != fp and abs(loss / fp - 1) < 0.05  # changed, but not broken (it may even be lower)
-    assert read_quantization_info(tmp_path / "bnb")["engine"] == "bitsandbytes"
+    assert info["engine"] == "bitsandbytes" and info["engine_version"] and info["quantize_seconds"] > 0
 
 
 def test_awq_weights_sit_on_the_grid_and_beat_nothing_worse_than_rtn(tmp_path, trained_checkpoint, calibration_file,

@@ -57,8 +57,9 @@ def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
                                   workdir=tmp_path).stdout)
     rules = [rule for rule, _ in jobs]
     assert rules.count("train_cosine") == rules.count("train_wsd") == 1
-    assert rules.count("evaluate_fp") == 20
-    assert rules.count("quantize") == rules.count("evaluate_quantized") == 80
+    assert rules.count("evaluate_fp") == 12  # 2 runs x 6 checkpoints
+    # 6 stored methods (RTN, GPTQ, AWQ at 3 and 4 bits) are quantized, then evaluated; bitsandbytes' 2 at load time
+    assert rules.count("quantize") == 12 * 6 and rules.count("evaluate_quantized") == 12 * 8
 
 
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, small_corpus):
@@ -84,16 +85,17 @@ def tiny_run(tmp_path_factory, small_corpus):
 def test_every_checkpoint_has_finite_rows_for_each_method_and_bits(tiny_run):
     _, _, results_dir = tiny_run
     table = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
-    assert len(table) == 2 * 2 * 4  # runs x checkpoints x quantizations
+    assert len(table) == 2 * 2 * 5  # runs x checkpoints x quantizations
     cells = {(row["run"], row["checkpoint"], row["method"], row["bits"]) for row in table}
-    assert len(cells) == 16
+    assert len(cells) == 20
     for row in table:
         assert row["loss_q"] > 0 and abs(row["delta_q_loss"] - (row["loss_q"] / row["loss_fp"] - 1)) < 1e-12
         assert row["phase"] in {"warmup", "stable", "decay"} and row["tokens"] == row["step"] * 8 * 64
-        assert row["engine"] == "llmcompressor" and row["config_hash"] and row["torch_version"]
+        assert row["engine"] == ("bitsandbytes" if row["method"] == "bnb" else "llmcompressor")
+        assert row["engine_version"] and row["config_hash"] and row["torch_version"]
     assert len(pq.read_table(results_dir / "dataset" / "fp_evals.parquet")) == 4
     layers = pq.read_table(results_dir / "dataset" / "layer_errors.parquet").to_pylist()
-    assert len(layers) == 16 * 2 * 7  # quantized models x blocks x linear layers per block
+    assert len(layers) == 20 * 2 * 7  # quantized models x blocks x linear layers per block
     assert all(row["recon_error"] > 0 and 0 < row["weight_error"] < 1 for row in layers)
     assert {path.name for path in (results_dir / "figures").iterdir()} == {"cosine.png", "wsd.png"}
     assert not (results_dir / "quantized").exists() or not any((results_dir / "quantized").rglob("*.safetensors"))
@@ -105,12 +107,16 @@ def test_qtraj_query_answers_over_the_run(tiny_run):
         [str(Path(sys.executable).parent / "qtraj"), "query",
          "SELECT run, count(*) AS n FROM results GROUP BY run ORDER BY run", "--results-dir", str(results_dir),
          "--format", "csv"], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["run,n", "cosine,8", "wsd,8"]
+    assert result.stdout.split() == ["run,n", "cosine,10", "wsd,10"]
     from qtraj.query import query
 
     joined = query("SELECT r.bits, avg(l.recon_error_rel) AS recon FROM layer_errors l JOIN results r "
                    "USING (run, checkpoint, quantization) GROUP BY r.bits ORDER BY r.bits", results_dir)
-    assert [row["bits"] for row in joined] == [3, 4] and joined[0]["recon"] > joined[1]["recon"]
+    assert [row["bits"] for row in joined] == [3, 4, 8]
+    assert joined[0]["recon"] > joined[1]["recon"] > joined[2]["recon"]
+    by_method = query("SELECT method, bits, count(*) AS n FROM layer_errors GROUP BY ALL ORDER BY ALL", results_dir)
+    assert [(row["method"], row["bits"], row["n"]) for row in by_method] == [
+        ("bnb", 8, 56), ("gptq", 3, 56), ("gptq", 4, 56), ("rtn", 3, 56), ("rtn", 4, 56)]
 
 
 def test_second_run_does_nothing(tiny_run):
@@ -125,15 +131,15 @@ def test_adding_a_schedule_runs_only_its_jobs(tiny_run, small_corpus):
     before = {path: path.stat().st_mtime_ns for path in (results_dir / "evals").rglob("*.parquet")}
     jobs = planned_jobs(snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir).stdout)
     per_checkpoint = [(rule, output) for rule, output in jobs if rule not in ("aggregate", "plot_trajectory", "all")]
-    assert len(per_checkpoint) == 1 + 2 + 2 * 4 * 2  # training, fp evals, quantize + evaluate
+    assert len(per_checkpoint) == 1 + 2 + 2 * (4 * 2 + 1)  # training, fp evals, quantize + evaluate, bnb evaluate
     assert all("/linear/" in output or rule == "train_linear" for rule, output in per_checkpoint)
 
     snakemake("--cores", "2", "--configfile", str(config), workdir=workdir)
     after = {path: path.stat().st_mtime_ns for path in (results_dir / "evals").rglob("*.parquet")}
     assert all(after[path] == mtime for path, mtime in before.items())
-    assert len(after) - len(before) == 2 + 2 * 4 * 2  # fp evals, quantized evals and their layer errors
+    assert len(after) - len(before) == 2 + 2 * 5 * 2  # fp evals, quantized evals and their layer errors
     rows = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
-    assert {row["run"] for row in rows} == {"cosine", "wsd", "linear"} and len(rows) == 24
+    assert {row["run"] for row in rows} == {"cosine", "wsd", "linear"} and len(rows) == 30
 
 
 def test_python_code_is_ruff_clean():

@@ -8,6 +8,7 @@ No quantization library reports these uniformly, hence this module.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -72,11 +73,36 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     if quant_state is not None:  # bitsandbytes 4-bit (NF4 / FP4)
         import bitsandbytes.functional as bnb_functional
 
-        return bnb_functional.dequantize_4bit(weight.data, quant_state).float()
+        data = weight.data
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a layer's 4-bit weights for its CPU kernel at
+            # the first forward pass. Its inverse restores the codes (on copies: it mutates what it is given) but
+            # not the block scales, which the kernel keeps transposed in bf16: those are what it computes with.
+            packed_absmax = quant_state.absmax
+            data, quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
+                data.clone(), copy.deepcopy(quant_state))
+            quant_state.absmax = packed_absmax.T.reshape(-1).float()
+            quant_state.nested = False
+        return bnb_functional.dequantize_4bit(data, quant_state).float()
     if weight.dtype == torch.int8 and getattr(module, "state", None) is not None:  # bitsandbytes LLM.int8
         scale = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
         return weight.data.float() * scale.float().unsqueeze(1) / 127.0
     return weight.detach().float()
+
+
+# How far a layer's output may stray from its dequantized weight times its input: kernels that quantize
+# activations too (LLM.int8: ~1% on these models) stay well inside; a misread weight format lands near 100%.
+MAX_KERNEL_MISMATCH = 0.1
+
+
+def _check_dequantized_weight(name: str, x: torch.Tensor, weight_hat: torch.Tensor, output: torch.Tensor) -> None:
+    """Refuse a weight error computed from a dequantized weight that is not what the layer computes with."""
+    mismatch = (torch.linalg.norm(output - x @ weight_hat.T) / torch.linalg.norm(output).clamp_min(1e-30)).item()
+    if not mismatch <= MAX_KERNEL_MISMATCH:
+        raise RuntimeError(
+            f"layer {name}: its output differs by {mismatch:.1%} from its dequantized weight times its input, so "
+            "qtraj misreads this engine's weight format (or the layer already ran and repacked its weights); "
+            "teach qtraj.layer_errors.dequantized_weight the format before trusting weight errors")
 
 
 @torch.inference_mode()
@@ -95,6 +121,7 @@ def layer_errors(fp_model: torch.nn.Module, quantized_model: torch.nn.Module,
         output = quantized_layer(x.to(device=device, dtype=dtype)).float().cpu()
         if getattr(quantized_layer, "bias", None) is not None:
             output = output - quantized_layer.bias.detach().float().cpu()
+        _check_dequantized_weight(name, x, weight_hat, output)
         weight_diff = torch.linalg.norm(weight - weight_hat).item()
         recon = torch.linalg.norm(reference - output).item()
         match = LAYER_INDEX.search(f".{name}.")

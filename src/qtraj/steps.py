@@ -94,24 +94,41 @@ def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, o
     log.info("%s/%s: loss_fp %.5f over %d tokens", info.run, info.checkpoint, loss.loss, loss.tokens)
 
 
-def evaluate_quantized(model_dir: str, checkpoint_dir: str, fp_eval: str, validation_tokens: str,
+def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval: str, validation_tokens: str,
                        calibration_tokens: str, evaluation: dict, calibration: dict, out_file: str,
                        layer_errors_file: str) -> None:
-    """Validation loss of a quantized model (one `results` row) and its per-layer errors (`layer_errors`)."""
+    """Validation loss of a quantized model (one `results` row) and its per-layer errors (`layer_errors`).
+
+    `model_dir` is the stored quantized folder, or the checkpoint itself for a method that quantizes at load time.
+    """
     from qtraj.layer_errors import capture_inputs, layer_errors, quantizable_linears
-    from qtraj.quantization import read_quantization_info
+    from qtraj.methods import QuantSpec
+    from qtraj.quantization import load_quantized_model
     from qtraj.tokenization import token_blocks
 
-    info = read_checkpoint_info(model_dir)
-    quant = read_quantization_info(model_dir)
+    info = read_checkpoint_info(checkpoint_dir)
     fp_row = pq.read_table(fp_eval).to_pylist()[0]
     if fp_row["config_hash"] != config_hash({"evaluation": evaluation}):
         raise ValueError(f"{fp_eval} was evaluated with other settings than {out_file}; delete it and rerun")
-    started, device = time.perf_counter(), pick_device()
-    model = load_causal_lm(model_dir, device)
+    device = pick_device()
+
+    # Per-layer errors first, on the calibration text: inputs captured from the full-precision model, so every
+    # method's layers are compared on exactly the same activations. First also because bitsandbytes repacks
+    # 4-bit CPU weights in place at a layer's first forward pass, after which they no longer dequantize.
+    fp_model = load_causal_lm(checkpoint_dir, device)
+    blocks = token_blocks(np.load(calibration_tokens), calibration["seq_len"], calibration["num_samples"])
+    inputs = capture_inputs(fp_model, list(quantizable_linears(fp_model)), blocks, evaluation["batch_size"],
+                            max_rows=blocks.size)
+    started = time.perf_counter()
+    model, quant = load_quantized_model(model_dir, checkpoint_dir, QuantSpec(**spec), device)
+    load_seconds = time.perf_counter() - started
+    errors = layer_errors(fp_model, model, inputs)
+    del fp_model, inputs
+
+    started = time.perf_counter()
     loss = _validation_loss(model, validation_tokens, evaluation,
                             f"{info.run}/{info.checkpoint} quantized with {quant['name']}")
-    seconds = time.perf_counter() - started
+    seconds = load_seconds + time.perf_counter() - started
     quant_columns = {"quantization": quant["name"], "method": quant["method"], "bits": quant["bits"],
                      "group_size": quant["group_size"], "engine": quant["engine"]}
     settings = {"evaluation": evaluation, "calibration": calibration,
@@ -128,15 +145,8 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, fp_eval: str, valida
         "calibration_seq_len": quant["calibration_seq_len"], "quantize_seconds": quant["quantize_seconds"],
         "eval_seconds": seconds, **source,
     }
-
-    # Per-layer errors on the calibration text: inputs captured from the full-precision model, so every
-    # method's layers are compared on exactly the same activations.
-    fp_model = load_causal_lm(checkpoint_dir, device)
-    blocks = token_blocks(np.load(calibration_tokens), calibration["seq_len"], calibration["num_samples"])
-    names = list(quantizable_linears(fp_model))
-    inputs = capture_inputs(fp_model, names, blocks, evaluation["batch_size"], max_rows=blocks.size)
     layer_rows = [{**asdict(info), **quant_columns, **asdict(error), "qtraj_version": source["qtraj_version"],
-                   "config_hash": source["config_hash"]} for error in layer_errors(fp_model, model, inputs)]
+                   "config_hash": source["config_hash"]} for error in errors]
 
     results.write_rows(layer_rows, results.LAYER_ERROR_SCHEMA, layer_errors_file)
     results.write_rows([row], results.QUANTIZED_EVAL_SCHEMA, out_file)

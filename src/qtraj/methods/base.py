@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -31,12 +30,15 @@ class QuantSpec:
                 "symmetric": self.symmetric, "options": dict(self.options), "engine": self.engine}
 
 
-class QuantizationMethod(ABC):
-    """A post-training quantization method.
+class QuantizationMethod:
+    """A post-training quantization method, of one of two kinds (`storage`):
 
-    `quantize` reads a Hugging Face checkpoint folder and writes a quantized model folder that
-    `qtraj.evaluation.load_causal_lm` can load. Weight-only methods store dequantized ("fake-quant")
-    weights, so evaluation needs no engine and every method is scored by the same code.
+    - "fake-quant": `quantize` reads a Hugging Face checkpoint folder and writes a model folder of dequantized
+      weights that `qtraj.evaluation.load_causal_lm` loads, so evaluation needs no engine and every weight-only
+      method is scored by the same code (a `quantize` job per model, its folder `temp()`).
+    - "load-time": the engine quantizes while loading (bitsandbytes); `load` returns the quantized model from
+      the full-precision checkpoint inside the evaluation job, so its own kernels are scored and no quantized
+      copy is ever written.
     """
 
     name: ClassVar[str]
@@ -45,9 +47,7 @@ class QuantizationMethod(ABC):
     engines: ClassVar[tuple[str, ...]]
     needs_calibration: ClassVar[bool]
     supported_bits: ClassVar[tuple[int, ...]]
-    # "fake-quant": dequantized weights in a plain model folder, evaluated without the engine;
-    # "load-time": the engine's own serialized format, loaded back through the engine for evaluation.
-    storage: ClassVar[str] = "fake-quant"
+    storage: ClassVar[str] = "fake-quant"  # or "load-time" (see the class docstring)
     options_schema: ClassVar[dict] = {"type": "object", "additionalProperties": False, "properties": {}}
 
     def engine_version(self, engine: str) -> str:
@@ -66,12 +66,25 @@ class QuantizationMethod(ABC):
             raise ValueError(f"method {spec.method!r} runs on engines {', '.join(self.engines)}, "
                              f"not {spec.engine!r}")
 
-    @abstractmethod
     def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
-                 calibration_blocks: np.ndarray | None) -> None: ...
+                 calibration_blocks: np.ndarray | None) -> None:
+        """Fake-quant methods: write the quantized model folder `out_dir`."""
+        raise NotImplementedError(f"method {self.name!r} quantizes at load time; it has no quantize step")
+
+    def load(self, checkpoint_dir: Path, spec: QuantSpec, device):
+        """Load-time methods: the quantized model, loaded from the full-precision `checkpoint_dir`."""
+        raise NotImplementedError(f"method {self.name!r} stores its quantized models; load them from its folder")
+
+
+STORAGE_STEP = {"fake-quant": "quantize", "load-time": "load"}
 
 
 def register(cls: type[QuantizationMethod]) -> type[QuantizationMethod]:
+    if cls.storage not in STORAGE_STEP:
+        raise TypeError(f"method {cls.name!r}: storage must be one of {sorted(STORAGE_STEP)}, not {cls.storage!r}")
+    step = STORAGE_STEP[cls.storage]
+    if getattr(cls, step) is getattr(QuantizationMethod, step):
+        raise TypeError(f"method {cls.name!r} has {cls.storage} storage, so it must implement `{step}`")
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"two quantization methods are both named {cls.name!r}")
     METHODS[cls.name] = cls

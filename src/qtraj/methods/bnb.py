@@ -1,15 +1,14 @@
 """bitsandbytes: LLM.int8 (8-bit with outlier decomposition), NF4 and FP4 (with or without double quantization).
 
-These quantize when the model is loaded: the quantized folder is what transformers saves from a model loaded
-with a `BitsAndBytesConfig`, and evaluation loads it back through bitsandbytes (its `quantization_config` is
-in config.json), so the scores come from bitsandbytes' own kernels, never from dequantized copies.
+These quantize when the model is loaded: the evaluation job loads the full-precision checkpoint with a
+`BitsAndBytesConfig`, so the scores come from bitsandbytes' own kernels, never from dequantized copies, and no
+quantized copy is written (a saved-and-reloaded 4-bit CPU model was also corrupted by bitsandbytes 0.50, which
+repacks 4-bit weights in place at the first CPU forward pass).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
 
 from qtraj.methods.base import QuantizationMethod, QuantSpec, register
 
@@ -41,14 +40,9 @@ class BitsAndBytes(QuantizationMethod):
             raise ValueError(f"bitsandbytes {spec.bits}-bit quantizes with group_size {expected} "
                              f"(fixed by the library); set group_size: {'null' if expected is None else 64}")
 
-
-    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
-                 calibration_blocks: np.ndarray | None) -> None:
+    def load(self, checkpoint_dir: Path, spec: QuantSpec, device):
         import torch
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        from qtraj.checkpoints import copy_non_weight_files
-        from qtraj.evaluation import pick_device
 
         options = spec.options
         if spec.bits == 8:
@@ -57,10 +51,7 @@ class BitsAndBytes(QuantizationMethod):
             config = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=options.get("quant_type", "nf4"),
                 bnb_4bit_use_double_quant=options.get("double_quant", False),
-                bnb_4bit_compute_dtype=torch.float32 if pick_device().type == "cpu" else torch.bfloat16)
+                bnb_4bit_compute_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(
-            str(checkpoint_dir), quantization_config=config, device_map=pick_device().type)
-        copy_non_weight_files(checkpoint_dir, out_dir)
-        # Saved before any forward pass: on the CPU, bitsandbytes 0.50 repacks 4-bit scales in place at the
-        # first forward, and a model saved after that reloads corrupted.
-        model.save_pretrained(str(out_dir))
+            str(checkpoint_dir), quantization_config=config, device_map=device.type)
+        return model.eval()
