@@ -1,30 +1,68 @@
 # Config validation, look-ups and target builders. Every rule file after this one holds only rules.
 import os
 
+import re
+
 from qtraj.config import (
     checkpoint_steps,
     checkpoints_of,
+    data_settings,
+    is_family,
     quant_spec,
     run_settings,
     stores_quantized_model,
+    trajectories,
     validate_config,
 )
 from qtraj.checkpoints import checkpoint_name
+from qtraj.families import configured_family, revision_of
 
 validate_config(config)
 
 RESULTS = config["results_dir"]
 LOGS = f"{RESULTS}/logs"
-RUNS = list(config["runs"])
+RUNS = list(config["runs"])  # trained here
+FAMILIES = list(config["families"])  # from the hub
+TRAJECTORIES = trajectories(config)
 QUANTIZATIONS = list(config["quantizations"])
 SPLITS = ["train", "validation", "calibration"]
 
 
+def alternatives(names):
+    """A regex matching exactly these names (slugs may hold dots); one that matches nothing if there are none."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+FAMILY_PATTERN = alternatives(FAMILIES)
+
+
 wildcard_constraints:
-    run="|".join(RUNS),
-    checkpoint=r"step\d{6}",
-    quantization="|".join(QUANTIZATIONS),
+    run=alternatives(TRAJECTORIES),
+    checkpoint=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    quantization=alternatives(QUANTIZATIONS),
     split="|".join(SPLITS),
+
+
+def tokens_file(split):
+    """Input function: the token file of `split` for a trajectory (the carried corpus's, or its family's)."""
+
+    def path(wildcards):
+        if is_family(config, wildcards.run):
+            return f"{RESULTS}/data/tokens/{wildcards.run}/{split}.npy"
+        return f"{RESULTS}/data/tokens/{split}.npy"
+
+    return path
+
+
+def data_setting(kind):
+    """Params function: the `calibration` or `evaluation` settings of a trajectory."""
+    return lambda wildcards: data_settings(config, wildcards.run)[kind]
+
+
+def tokenizer_source(family_slug):
+    family = configured_family(config, family_slug)
+    source = family["tokenizer"] or {"repo": family["repo"], "revision": "main"}
+    return {**source, "trust_remote_code": family["trust_remote_code"]}
 
 
 def training_settings(run):
@@ -43,7 +81,7 @@ def checkpoint_dirs(run):
 def fp_evals():
     return [
         f"{RESULTS}/evals/fp/{run}/{checkpoint}.parquet"
-        for run in RUNS
+        for run in TRAJECTORIES
         for checkpoint in checkpoints_of(config, run)
     ]
 
@@ -52,7 +90,7 @@ def per_quantized_model(template):
     """`template` filled in for every (run, checkpoint, quantization) of the config."""
     return [
         template.format(run=run, checkpoint=checkpoint, quantization=quantization)
-        for run in RUNS
+        for run in TRAJECTORIES
         for checkpoint in checkpoints_of(config, run)
         for quantization in QUANTIZATIONS
     ]
@@ -90,4 +128,4 @@ def dataset_tables():
 
 
 def all_targets():
-    return dataset_tables() + [f"{RESULTS}/figures/{run}.png" for run in RUNS]
+    return dataset_tables() + [f"{RESULTS}/figures/{run}.png" for run in TRAJECTORIES]

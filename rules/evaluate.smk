@@ -1,7 +1,7 @@
 rule evaluate_fp:
     input:
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
-        validation=f"{RESULTS}/data/tokens/validation.npy",
+        validation=tokens_file("validation"),
     output:
         f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
     log:
@@ -12,7 +12,7 @@ rule evaluate_fp:
         "../envs/qtraj.yaml"
     threads: config["threads"]["evaluate"]
     params:
-        evaluation=config["evaluation"],
+        evaluation=data_setting("evaluation"),
     script:
         "../scripts/evaluate_fp.py"
 
@@ -22,8 +22,8 @@ rule evaluate_quantized:
         model=quantized_model,
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
         fp_eval=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
-        validation=f"{RESULTS}/data/tokens/validation.npy",
-        calibration=f"{RESULTS}/data/tokens/calibration.npy",
+        validation=tokens_file("validation"),
+        calibration=tokens_file("calibration"),
     output:
         result=f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
         layer_errors=f"{RESULTS}/evals/layers/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
@@ -36,7 +36,7 @@ rule evaluate_quantized:
     threads: config["threads"]["evaluate"]
     params:
         spec=lambda wildcards: quant_spec(config, wildcards.quantization),
-        evaluation=config["evaluation"],
-        calibration=config["calibration"],
+        evaluation=data_setting("evaluation"),
+        calibration=data_setting("calibration"),
     script:
         "../scripts/evaluate_quantized.py"

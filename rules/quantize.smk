@@ -1,7 +1,7 @@
 rule quantize:
     input:
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
-        calibration=f"{RESULTS}/data/tokens/calibration.npy",
+        calibration=tokens_file("calibration"),
     output:
         temp(directory(f"{RESULTS}/quantized/{{run}}/{{checkpoint}}/{{quantization}}")),
     log:
@@ -13,6 +13,6 @@ rule quantize:
     threads: config["threads"]["quantize"]
     params:
         spec=lambda wildcards: quant_spec(config, wildcards.quantization),
-        calibration=config["calibration"],
+        calibration=data_setting("calibration"),
     script:
         "../scripts/quantize.py"

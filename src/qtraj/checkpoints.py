@@ -22,13 +22,16 @@ WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.j
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    run: str
-    checkpoint: str
-    step: int
-    tokens: int
-    lr: float
-    phase: str
+    run: str  # a trained run or a hub family
+    checkpoint: str  # step000800 for trained runs, the revision name for hub checkpoints
+    step: int | None  # None where a revision does not say (e.g. a final `main` soup)
+    tokens: int | None
+    lr: float | None
+    phase: str  # warmup / stable / decay / anneal / post-training
     source: str  # "trained", "hub" or "local"
+    repo: str | None = None  # hub checkpoints: repo id, revision and the commit it resolved to
+    revision: str | None = None
+    commit: str | None = None
 
 
 def checkpoint_name(step: int) -> str:

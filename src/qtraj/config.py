@@ -58,7 +58,18 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"config key '{where}': {error.message}; known keys: {known}"
     if error.validator == "propertyNames" or error.validator == "pattern":
         return f"config key '{where}': {error.message} (names are lower-case slugs: letters, digits, . _ -)"
+    if error.validator == "type" and isinstance(error.instance, str) and _looks_numeric(error.instance):
+        return (f"config key '{where}': {error.message} (YAML reads {error.instance} as text: write the exponent "
+                "with a sign and the mantissa with a dot, e.g. 6.0e+9, or the plain number)")
     return f"config key '{where}': {error.message}"
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _validate(instance: dict, schema: dict, prefix: tuple = ()) -> None:
@@ -78,6 +89,10 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     if not isinstance(config, dict):
         raise ConfigError("the configuration must be a mapping of keys to values")
     _validate(config, schema)
+    if not config["runs"] and not config["families"]:
+        raise ConfigError("the config has neither `runs` (models trained here) nor `families` (hub checkpoints); "
+                          "add at least one")
+    _check_families(config)
     for run in config["runs"]:
         _validate(run_settings(config, run), schema["$defs"]["training"], ("runs", run))
     methods = discover()
@@ -93,6 +108,16 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         except ValueError as error:
             raise ConfigError(f"config key '{where}': {error}") from error
     return config
+
+
+def _check_families(config: dict) -> None:
+    from qtraj.families import selected_revisions
+
+    for slug in config["families"]:
+        if slug in config["runs"]:
+            raise ConfigError(f"'{slug}' is both a trained run and a family; results are keyed by that name, so "
+                              "rename one of them")
+        selected_revisions(config, slug)  # loads and validates the family file, resolves the selector
 
 
 def load_config(path: str | Path) -> dict:
@@ -112,8 +137,29 @@ def checkpoint_steps(settings: dict) -> list[int]:
     return evenly_spaced_steps(settings["steps"], settings["checkpoints"])
 
 
+def trajectories(config: dict) -> list[str]:
+    """Every trajectory of the config: trained runs, then hub families (the `run` column of every table)."""
+    return list(config["runs"]) + list(config["families"])
+
+
+def is_family(config: dict, name: str) -> bool:
+    return name in config["families"]
+
+
 def checkpoints_of(config: dict, run: str) -> list[str]:
+    """Checkpoint names of a trained run (step000800) or of a family's selected revisions (the revision)."""
+    if is_family(config, run):
+        from qtraj.families import selected_revisions
+
+        return [revision.revision for revision in selected_revisions(config, run)]
     return [checkpoint_name(step) for step in checkpoint_steps(run_settings(config, run))]
+
+
+def data_settings(config: dict, run: str) -> dict:
+    """The calibration and evaluation settings of a trajectory: the carried corpus's for trained runs, the hub
+    text's for families."""
+    source = config["hub_data"] if is_family(config, run) else config
+    return {"calibration": source["calibration"], "evaluation": source["evaluation"]}
 
 
 def make_schedule(settings: dict) -> Schedule:

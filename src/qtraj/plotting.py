@@ -25,18 +25,30 @@ def _shade_decay(axis, checkpoints: list[dict]) -> None:
 
 
 def plot_trajectory(results_dir: str | Path, run: str, out_file: str | Path) -> None:
-    """The paper's Figure 1 for one run: ΔQ L vs tokens (top) over validation loss and LR (bottom)."""
+    """The paper's Figure 1 for one run: ΔQ L vs tokens (top) over validation loss and LR (bottom).
+
+    Checkpoints without a token count (a family's final `main` soup, say) have no place on the axis and are
+    left out, which the title says.
+    """
     connection = connect(results_dir)
     rows = connection.execute(
-        "SELECT method, bits, quantization, tokens, delta_q_loss FROM results WHERE run = ? "
+        "SELECT method, bits, quantization, tokens, delta_q_loss FROM results WHERE run = ? AND tokens IS NOT NULL "
         "ORDER BY method, bits, tokens", [run]).fetchall()
-    checkpoints = [dict(zip(("tokens", "loss_fp", "phase"), row, strict=True)) for row in connection.execute(
-        "SELECT tokens, loss_fp, phase FROM fp_evals WHERE run = ? ORDER BY tokens", [run]).fetchall()]
+    checkpoints = [dict(zip(("tokens", "loss_fp", "phase", "lr"), row, strict=True)) for row in connection.execute(
+        "SELECT tokens, loss_fp, phase, lr FROM fp_evals WHERE run = ? AND tokens IS NOT NULL ORDER BY tokens",
+        [run]).fetchall()]
+    untimed = connection.execute("SELECT count(*) FROM fp_evals WHERE run = ? AND tokens IS NULL", [run]).fetchone()[0]
     schedule = connection.execute(
         "SELECT tokens, lr FROM training_log WHERE run = ? ORDER BY tokens", [run]).fetchall() \
         if "training_log" in {row[0] for row in connection.execute("SHOW TABLES").fetchall()} else []
+    if not schedule:  # a hub family: the LR its schedule gives at each checkpoint
+        schedule = [(c["tokens"], c["lr"]) for c in checkpoints if c["lr"] is not None]
     if not rows:
-        raise ValueError(f"the results dataset has no rows for run {run!r}")
+        figure = plt.figure(figsize=(7, 2))
+        figure.text(0.5, 0.5, f"{run}: no quantized checkpoint with a token count to plot", ha="center")
+        figure.savefig(out_file, dpi=120)
+        plt.close(figure)
+        return
 
     figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6.5), height_ratios=[3, 2])
     methods = sorted({row[0] for row in rows})
@@ -47,7 +59,8 @@ def plot_trajectory(results_dir: str | Path, run: str, out_file: str | Path) -> 
                  color=BITS_COLORS.get(bits, "black"), linestyle=METHOD_STYLES[methods.index(method) % 4],
                  label=quantization)
     top.set_ylabel("ΔQ L  (L_q / L_fp − 1, %)")
-    top.set_title(f"{run}: quantization error along training")
+    left_out = f" ({untimed} checkpoint(s) without a token count not shown)" if untimed else ""
+    top.set_title(f"{run}: quantization error along training{left_out}", fontsize=10)
     _shade_decay(top, checkpoints)
     top.legend(fontsize=8, ncol=2)
     top.grid(alpha=0.3)

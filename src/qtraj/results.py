@@ -22,6 +22,9 @@ CHECKPOINT_FIELDS = [
     pa.field("lr", pa.float64()),
     pa.field("phase", pa.string()),
     pa.field("source", pa.string()),
+    pa.field("repo", pa.string()),  # hub checkpoints: where they came from, pinned to a commit
+    pa.field("revision", pa.string()),
+    pa.field("commit", pa.string()),
 ]
 
 PROVENANCE_FIELDS = [

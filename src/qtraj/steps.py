@@ -64,6 +64,27 @@ def train_run(run: str, settings: dict, train_tokens: str, tokenizer_dir: str,
     results.write_rows(rows, results.TRAINING_LOG_SCHEMA, training_log)
 
 
+def download_checkpoint(slug: str, family: dict, revision, tokenizer_dir: str, out_dir: str) -> None:
+    from qtraj.hub import download_checkpoint as download
+
+    info = download(slug, family, revision, out_dir, tokenizer_dir)
+    log.info("%s %s: step %s, tokens %s, phase %s, commit %s", slug, info.checkpoint, info.step, info.tokens,
+             info.phase, info.commit)
+
+
+def download_text(source: dict, out_file: str) -> None:
+    from qtraj.hub import download_text as download
+
+    count = download(source["repo"], source["filename"], source["documents"], source["text_field"], out_file)
+    log.info("%s/%s: %d documents", source["repo"], source["filename"], count)
+
+
+def download_tokenizer(source: dict, out_dir: str) -> None:
+    from qtraj.hub import download_tokenizer as download
+
+    download(source["repo"], source["revision"], out_dir, source["trust_remote_code"])
+
+
 def quantize(checkpoint_dir: str, out_dir: str, spec: dict, calibration_tokens: str, calibration: dict) -> None:
     from qtraj.methods import QuantSpec
     from qtraj.quantization import quantize_checkpoint

@@ -1,0 +1,73 @@
+# Hub families: checkpoints, tokenizers and evaluation text come from the Hugging Face hub. Downloads are
+# local rules (compute nodes often have no internet); checkpoint folders are temp(), so disk use is bounded by
+# the jobs in flight, not by the number of revisions.
+
+
+rule download_checkpoint:
+    input:
+        tokenizer=f"{RESULTS}/data/tokenizers/{{run}}",
+    output:
+        temp(directory(f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}")),
+    log:
+        f"{LOGS}/download_checkpoint/{{run}}/{{checkpoint}}.log",
+    wildcard_constraints:
+        run=FAMILY_PATTERN,
+    localrule: True
+    conda:
+        "../envs/qtraj.yaml"
+    params:
+        family=lambda wildcards: configured_family(config, wildcards.run),
+        revision=lambda wildcards: revision_of(config, wildcards.run, wildcards.checkpoint),
+    script:
+        "../scripts/download_checkpoint.py"
+
+
+rule download_text:
+    output:
+        f"{RESULTS}/data/hub/{{split}}.jsonl",
+    log:
+        f"{LOGS}/download_text/{{split}}.log",
+    wildcard_constraints:
+        split="calibration|validation",
+    localrule: True
+    conda:
+        "../envs/qtraj.yaml"
+    params:
+        source=lambda wildcards: config["hub_data"][f"{wildcards.split}_text"],
+    script:
+        "../scripts/download_text.py"
+
+
+rule download_tokenizer:
+    output:
+        directory(f"{RESULTS}/data/tokenizers/{{run}}"),
+    log:
+        f"{LOGS}/download_tokenizer/{{run}}.log",
+    wildcard_constraints:
+        run=FAMILY_PATTERN,
+    localrule: True
+    conda:
+        "../envs/qtraj.yaml"
+    params:
+        source=lambda wildcards: tokenizer_source(wildcards.run),
+    script:
+        "../scripts/download_tokenizer.py"
+
+
+rule tokenize_family_split:
+    input:
+        split=f"{RESULTS}/data/hub/{{split}}.jsonl",
+        tokenizer=f"{RESULTS}/data/tokenizers/{{run}}",
+    output:
+        f"{RESULTS}/data/tokens/{{run}}/{{split}}.npy",
+    log:
+        f"{LOGS}/tokenize_family_split/{{run}}/{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tokenize_family_split/{{run}}/{{split}}.tsv"
+    wildcard_constraints:
+        run=FAMILY_PATTERN,
+        split="calibration|validation",
+    conda:
+        "../envs/qtraj.yaml"
+    script:
+        "../scripts/tokenize_split.py"

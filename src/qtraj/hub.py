@@ -1,0 +1,227 @@
+"""Getting checkpoints, tokenizers and evaluation text from the Hugging Face hub, with errors that say what to do.
+
+All transfers go through huggingface_hub, so HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN mean what they
+always mean. A revision already in the local hub cache is used in place (linked, nothing copied); anything else
+is downloaded straight into the checkpoint folder (`local_dir`), which the workflow deletes after use, so disk
+use grows with the number of jobs running, not with the number of checkpoints.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from qtraj.checkpoints import CheckpointInfo, write_checkpoint_info
+from qtraj.families import Revision, revision_lr_and_phase
+
+log = logging.getLogger(__name__)
+
+# What a checkpoint folder needs: safetensors weights (and their index), configs, tokenizer files.
+CHECKPOINT_FILES = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]
+PICKLE_FILES = ["pytorch_model*.bin"]
+REMOTE_CODE_FILES = ["*.py"]
+
+
+class HubError(RuntimeError):
+    """A checkpoint or file cannot be had from the hub; the message names the cause and the fix."""
+
+
+def hub_token() -> str | None:
+    """HF_TOKEN from the environment, else the token `hf auth login` stored; never logged."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _explain(error: Exception, repo: str, revision: str, gated: bool) -> HubError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(error, GatedRepoError) or (gated and "401" in str(error)):
+        return HubError(
+            f"{repo} is gated: accept its terms at https://huggingface.co/{repo} with your account, then make a "
+            f"read token available (export HF_TOKEN=... or `hf auth login`) and rerun")
+    if isinstance(error, RevisionNotFoundError):
+        return HubError(f"{repo} has no revision {revision!r}: fix the revision name in its family file "
+                        f"(list the real ones with `hf download`'s API: HfApi().list_repo_refs({repo!r}))")
+    if isinstance(error, RepositoryNotFoundError):
+        return HubError(f"the hub has no repo {repo!r} (or it is private and the token cannot read it): check "
+                        "`repo:` in the family file and HF_TOKEN")
+    if isinstance(error, LocalEntryNotFoundError) or _offline():
+        return HubError(
+            f"revision {revision!r} of {repo} is not in the local hub cache ({_cache_dir()}) and the hub cannot "
+            "be reached (HF_HUB_OFFLINE is set or there is no network): download it on a machine with access "
+            "(the workflow's download jobs run on the submitting host) or point HF_HOME at a cache that has it")
+    return HubError(f"downloading revision {revision!r} of {repo} failed: {type(error).__name__}: {error}")
+
+
+def _cached_snapshot(repo: str, ref: str, patterns: list[str]) -> Path | None:
+    """The snapshot folder of `ref` in the local hub cache, if it is there with weights."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo, revision=ref, allow_patterns=patterns, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    return folder if has_weights and (folder / "config.json").is_file() else None
+
+
+def _weight_patterns(repo: str, ref: str, family: dict, token: str | None) -> list[str]:
+    """Which files to fetch; refuses pickle-only revisions unless the family allows them (pickle runs code)."""
+    from huggingface_hub import HfApi
+
+    files = HfApi().list_repo_files(repo, revision=ref, token=token)
+    patterns = list(CHECKPOINT_FILES) + (REMOTE_CODE_FILES if family["trust_remote_code"] else [])
+    if any(name.endswith(".safetensors") for name in files):
+        return patterns
+    if any(name.endswith(".bin") for name in files):
+        if family["allow_pickle"]:
+            return patterns + PICKLE_FILES
+        raise HubError(f"revision {ref!r} of {repo} has only pickle weights (.bin), which can run arbitrary code "
+                       "when loaded; qtraj refuses them unless the family file sets `allow_pickle: true`")
+    raise HubError(f"revision {ref!r} of {repo} holds no model weights (files: {', '.join(files[:10])})")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def download_checkpoint(slug: str, family: dict, revision: Revision, out_dir: str | Path,
+                        tokenizer_dir: str | Path | None = None) -> CheckpointInfo:
+    """Make `out_dir` a qtraj checkpoint folder holding `revision` of the family's repo.
+
+    Checkpoint repos that keep their tokenizer elsewhere (SmolLM3's) get the family's tokenizer copied in, so
+    every checkpoint folder is a complete model folder that calibration can tokenize with.
+    """
+    repo, ref = family["repo"], revision.commit or revision.revision
+    if family["trust_remote_code"] and revision.commit is None:
+        # Remote code runs with the job's rights: only code of a commit someone pinned (and could review) runs.
+        raise HubError(f"{repo} needs trust_remote_code, so revision {revision.revision!r} must be pinned: add "
+                       f"`commit: <40-hex sha>` to it in the family file (the sha of the branch: "
+                       f"HfApi().list_repo_refs({repo!r}))")
+    out_dir = Path(out_dir)
+    patterns = list(CHECKPOINT_FILES) + (REMOTE_CODE_FILES if family["trust_remote_code"] else [])
+    patterns += PICKLE_FILES if family["allow_pickle"] else []
+    snapshot = _cached_snapshot(repo, ref, patterns)
+    if snapshot is not None:
+        commit = snapshot.name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for item in snapshot.iterdir():  # links into the cache: nothing is copied, the cache stays intact
+            (out_dir / item.name).symlink_to(item.resolve())
+        log.info("%s@%s: linked from the local hub cache (commit %s)", repo, ref, commit)
+    else:
+        commit = _download(repo, ref, family, out_dir)
+    if not family["allow_pickle"] and not any(out_dir.glob("*.safetensors")):
+        raise HubError(f"revision {ref!r} of {repo} in the local hub cache has only pickle weights; set "
+                       "`allow_pickle: true` in the family file if you trust it")
+    if tokenizer_dir is not None and not any((out_dir / name).exists() for name in TOKENIZER_FILES[:2]):
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
+    lr, phase = revision_lr_and_phase(family, revision)
+    info = CheckpointInfo(run=slug, checkpoint=revision.revision, step=revision.step, tokens=revision.tokens,
+                          lr=lr, phase=phase, source="hub", repo=repo, revision=revision.revision, commit=commit)
+    write_checkpoint_info(out_dir, info)
+    return info
+
+
+def _download(repo: str, ref: str, family: dict, out_dir: Path) -> str:
+    from huggingface_hub import HfApi, snapshot_download
+
+    token = hub_token()
+    if family["gated"] and token is None and not _offline():
+        raise HubError(f"{repo} is gated and no Hugging Face token is set: accept its terms at "
+                       f"https://huggingface.co/{repo}, then export HF_TOKEN=<a read token> (or `hf auth login`) "
+                       "and rerun")
+    try:
+        if _offline():
+            raise _explain(RuntimeError("offline"), repo, ref, family["gated"])
+        commit = HfApi().repo_info(repo, revision=ref, token=token).sha
+        patterns = _weight_patterns(repo, commit, family, token)
+        snapshot_download(repo, revision=commit, allow_patterns=patterns, local_dir=out_dir, token=token)
+    except HubError:
+        raise
+    except Exception as error:  # every hub failure gets the message that says what to do about it
+        raise _explain(error, repo, ref, family["gated"]) from error
+    # local_dir downloads keep bookkeeping under .cache/; it is not part of the model
+    log.info("%s@%s: downloaded (commit %s)", repo, ref, commit)
+    return commit
+
+
+def download_tokenizer(repo: str, revision: str, out_dir: str | Path, trust_remote_code: bool = False) -> None:
+    """Save the tokenizer of `repo@revision` as a plain folder (through transformers, which uses the hub cache)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision, trust_remote_code=trust_remote_code,
+                                                  token=hub_token())
+    except Exception as error:
+        raise _explain(error, repo, revision, gated=False) from error
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def download_text(repo: str, filename: str, documents: int, text_field: str, out_file: str | Path) -> int:
+    """The first `documents` texts of one data file of a hub dataset (JSON lines, optionally gzipped, or
+    Parquet), written as JSON lines {"text": ...}; returns how many were written."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(repo, filename, repo_type="dataset", token=hub_token())
+    except Exception as error:
+        raise _explain(error, repo, filename, gated=False) from error
+    texts = []
+    for text in _iter_texts(Path(path), text_field):
+        texts.append(text)
+        if len(texts) == documents:
+            break
+    if len(texts) < documents:
+        log.warning("%s/%s has only %d documents, fewer than the %d asked for", repo, filename, len(texts), documents)
+    tmp = Path(f"{out_file}.tmp")
+    with tmp.open("w") as handle:
+        for text in texts:
+            handle.write(json.dumps({"text": text}) + "\n")
+    os.replace(tmp, out_file)
+    return len(texts)
+
+
+def _iter_texts(path: Path, text_field: str) -> Iterator[str]:
+    name = path.name
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(columns=[text_field], batch_size=1024):
+            yield from batch.column(0).to_pylist()
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rb") as raw:
+        for line in io.TextIOWrapper(raw, encoding="utf-8"):
+            if line.strip():
+                record = json.loads(line)
+                if text_field not in record:
+                    raise HubError(f"{path.name}: records have no field {text_field!r} (fields: {sorted(record)}); "
+                                   "set `text_field` for this data file")
+                yield record[text_field]

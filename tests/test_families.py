@@ -1,0 +1,113 @@
+"""Family files: validation, revision expansion, LR / phase, selectors, and every shipped family."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qtraj.config import ConfigError
+from qtraj.families import (
+    expand_revisions,
+    load_family,
+    revision_lr_and_phase,
+    select_revisions,
+)
+from tests.conftest import REPO_ROOT
+
+FAMILIES_DIR = REPO_ROOT / "config" / "families"
+
+WSD_FAMILY = {
+    "name": "Test WSD family",
+    "repo": "qtraj-test/wsd",
+    "parameters": 1e6,
+    "tokens_per_step": 1000,
+    "schedule": {"type": "wsd", "peak_lr": 1e-3, "warmup_steps": 100, "total_steps": 1000, "decay_start_step": 900},
+    "stages": {"pretrain": "pretraining", "sft": "post-training"},
+    "revisions": [{"revision": "main", "stage": "sft"},
+                  {"revision": "step950-special", "step": 950, "tokens": 950_000, "stage": "pretrain"}],
+    "revision_ranges": [{"template": "step{step}-tokens{tokens_b}B", "start": 100, "stop": 900, "every": 200,
+                         "stage": "pretrain", "tokens_per_step": 4_000_000}],
+}
+
+
+def write_family(folder: Path, slug: str, family: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{slug}.yaml"
+    path.write_text(yaml.safe_dump(family, sort_keys=False))
+    return path
+
+
+def test_revisions_expand_in_training_order_with_tokens(tmp_path):
+    family = load_family(write_family(tmp_path, "wsd", WSD_FAMILY))
+    revisions = expand_revisions(family)
+    assert [r.revision for r in revisions] == [
+        "step100-tokens0B", "step300-tokens1B", "step500-tokens2B", "step700-tokens3B", "step900-tokens4B",
+        "step950-special", "main"]
+    assert revisions[1].tokens == 1_200_000_000 and revisions[-1].step is None
+    assert [r.index for r in revisions] == list(range(7))
+
+
+def test_lr_and_phase_follow_the_family_schedule(tmp_path):
+    family = load_family(write_family(tmp_path, "wsd", WSD_FAMILY))
+    by_name = {r.revision: r for r in expand_revisions(family)}
+    assert revision_lr_and_phase(family, by_name["step100-tokens0B"]) == (pytest.approx(1e-3), "warmup")
+    assert revision_lr_and_phase(family, by_name["step500-tokens2B"]) == (pytest.approx(1e-3), "stable")
+    lr, phase = revision_lr_and_phase(family, by_name["step950-special"])
+    assert phase == "decay" and lr == pytest.approx(0.5e-3)
+    assert revision_lr_and_phase(family, by_name["main"]) == (None, "post-training")
+
+
+def test_selectors_pick_stages_tokens_every_nth_and_last(tmp_path):
+    revisions = expand_revisions(load_family(write_family(tmp_path, "wsd", WSD_FAMILY)))
+    names = lambda selector: [r.revision for r in select_revisions(revisions, selector)]  # noqa: E731
+    assert len(names({})) == 7
+    assert names({"stages": ["sft"]}) == ["main"]
+    assert names({"tokens": [1e9, 3e9]}) == ["step300-tokens1B", "step500-tokens2B", "step700-tokens3B"]
+    # every N-th counts back from the last, so the final revision is always kept
+    assert names({"stages": ["pretrain"], "every": 2}) == ["step300-tokens1B", "step700-tokens3B", "step950-special"]
+    assert names({"last": 2}) == ["step950-special", "main"]
+    assert names({"revisions": ["main", "step300-tokens1B"]}) == ["step300-tokens1B", "main"]
+    assert names({"stages": ["pretrain"], "last": 1, "revisions": ["main"]}) == ["step950-special", "main"]
+    with pytest.raises(ConfigError, match="stages \\['rl'\\] do not exist"):
+        select_revisions(revisions, {"stages": ["rl"]})
+    with pytest.raises(ConfigError, match="does not list: nope"):
+        select_revisions(revisions, {"revisions": ["nope"]})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"schedule": {"type": "wsdd", "peak_lr": 1e-3, "total_steps": 10}}, "schedule.type.*'wsdd' is not allowed"),
+    ({"repo": "no-slash"}, "config key 'repo'"),
+    ({"revisions": [{"revision": "main", "stage": "rl"}]}, "stage 'rl', which `stages` does not declare"),
+    ({"revisions": [{"revision": "has/slash", "stage": "sft"}]}, "revisions.0.revision"),
+    ({"parameters": "big"}, "config key 'parameters'"),
+])
+def test_malformed_family_files_name_the_field(tmp_path, change, message):
+    path = write_family(tmp_path, "bad", {**WSD_FAMILY, **change})
+    with pytest.raises(ConfigError, match=message) as error:
+        load_family(path)
+    assert str(path.resolve()) in str(error.value)
+
+
+SHIPPED = sorted(FAMILIES_DIR.glob("*.yaml"))
+
+
+def test_the_catalog_covers_the_papers_families():
+    repos = {load_family(path)["repo"] for path in SHIPPED}
+    for repo in ["HuggingFaceTB/SmolLM3-3B-checkpoints", "allenai/OLMo-2-0425-1B", "allenai/OLMo-2-1124-7B",
+                 "allenai/OLMo-2-1124-13B", "allenai/OLMo-2-0325-32B", "swiss-ai/Apertus-8B-2509", "LLM360/Amber",
+                 "open-sci/open-sci-ref-v0.01-1.7b-nemotron-hq-1T-4096", "allenai/OLMo-1B-hf",
+                 "EleutherAI/pythia-160m"]:
+        assert repo in repos
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[path.stem for path in SHIPPED])
+def test_every_shipped_family_validates_and_its_selectors_resolve(path):
+    family = load_family(path)
+    revisions = expand_revisions(family)
+    assert revisions, path
+    for revision in revisions:
+        lr, phase = revision_lr_and_phase(family, revision)
+        assert phase in {"warmup", "stable", "decay", "anneal", "post-training"}
+        assert lr is None or 0 <= lr <= family["schedule"]["peak_lr"] * (1 + 1e-9)
+    assert select_revisions(revisions, {"last": 3})[-1] == revisions[-1]
+    assert len(select_revisions(revisions, {"every": 10})) == -(-len(revisions) // 10)
