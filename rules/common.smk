@@ -98,7 +98,8 @@ def per_quantized_model(template):
 
 def quantized_model(wildcards):
     """What evaluate_quantized loads: the stored quantized folder, or for a method that quantizes at load
-    time (bitsandbytes) the checkpoint itself, so no quantize job and no quantized copy exist for it."""
+    time (bitsandbytes) the checkpoint itself, so no quantize job and no quantized copy exist for it.
+    """
     if stores_quantized_model(config, wildcards.quantization):
         return f"{RESULTS}/quantized/{wildcards.run}/{wildcards.checkpoint}/{wildcards.quantization}"
     return f"{RESULTS}/checkpoints/{wildcards.run}/{wildcards.checkpoint}"

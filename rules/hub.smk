@@ -17,7 +17,9 @@ rule download_checkpoint:
         "../envs/qtraj.yaml"
     params:
         family=lambda wildcards: configured_family(config, wildcards.run),
-        revision=lambda wildcards: revision_of(config, wildcards.run, wildcards.checkpoint),
+        revision=lambda wildcards: revision_of(
+            config, wildcards.run, wildcards.checkpoint
+        ),
     script:
         "../scripts/download_checkpoint.py"
 
