@@ -64,6 +64,17 @@ def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
     assert rules.count("quantize") == 8 * 6 and rules.count("evaluate_quantized") == 8 * 8
 
 
+def test_paper_grid_dry_runs_offline(tmp_path):
+    """config/paper.yaml: the paper's families x revisions x GPTQ 3/4-bit, planned without network."""
+    jobs = planned_jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(REPO_ROOT / "config" / "paper.yaml"),
+                                  "--config", f"results_dir={tmp_path / 'results'}").stdout)
+    rules = [rule for rule, _ in jobs]
+    checkpoints = rules.count("download_checkpoint")
+    assert checkpoints > 300 and rules.count("evaluate_fp") == checkpoints
+    assert rules.count("quantize") == rules.count("evaluate_quantized") == 2 * checkpoints
+    assert not (tmp_path / "results").exists()
+
+
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, small_corpus):
     config = write_config(tmp_path / "bad.yaml", small_corpus, tmp_path / "results")
     data = yaml.safe_load(config.read_text())

@@ -43,6 +43,7 @@ def quantize_gptq(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibrat
     config = QuantizeConfig(
         bits=spec.bits, group_size=-1 if spec.group_size is None else spec.group_size, sym=spec.symmetric,
         damp_percent=options.get("dampening", 0.01), offload_to_disk=False,
+        true_sequential=options.get("true_sequential", True),
         **ACTORDER[options.get("actorder", "static")],
     )
     device = pick_device()

@@ -26,8 +26,18 @@ class GPTQ(QuantizationMethod):
                            "description": "columns quantized per lazy-update block"},
             "actorder": {"enum": ["static", "group", "weight", None], "default": "static",
                          "description": "activation ordering (act-order / desc_act); null disables it"},
+            "true_sequential": {"type": "boolean",
+                                "description": "gptqmodel only: quantize the linears of a block one after the "
+                                               "other, each on inputs from the already-quantized ones "
+                                               "(GPTQModel's default: true)"},
         },
     }
+
+    def check(self, spec: QuantSpec) -> None:
+        super().check(spec)
+        # llm-compressor quantizes all linears of a block on the block's fp inputs; only GPTQModel has the choice.
+        if "true_sequential" in spec.options and self.engine_of(spec) != "gptqmodel":
+            raise ValueError("option true_sequential needs engine: gptqmodel (llm-compressor has no such switch)")
 
     def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
                  calibration_blocks: np.ndarray | None) -> None:
