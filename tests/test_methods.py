@@ -175,8 +175,19 @@ def test_bitsandbytes_models_are_evaluated_through_bitsandbytes(tmp_path, traine
     assert info["engine"] == "bitsandbytes" and info["engine_version"] and info["quantize_seconds"] > 0
 
 
-def test_awq_weights_sit_on_the_grid_and_beat_nothing_worse_than_rtn(tmp_path, trained_checkpoint, calibration_file,
-                                                                     token_stream):
+def test_awq_is_stored_in_the_checkpoints_basis_on_its_grid_and_beats_rtn(tmp_path, trained_checkpoint,
+                                                                          calibration_file, token_stream):
+    """AWQ's quantized weights, with its smoothing scales taken back out, give the same function as
+    llm-compressor's folded model (to float rounding), sit on the grid once the scales are put back in, and
+    beat RTN on the same asymmetric grid."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from safetensors.torch import load_file
+
+    from qtraj.methods import _llmcompressor as engine
+    from qtraj.methods.awq import SMOOTHING_FILE, _no_pinned_memory_without_cuda
+
     blocks = token_blocks(token_stream, 65, 24)
     losses = {}
     for method in ("awq", "rtn"):
@@ -184,11 +195,32 @@ def test_awq_weights_sit_on_the_grid_and_beat_nothing_worse_than_rtn(tmp_path, t
                          options={"n_grid": 10} if method == "awq" else {})
         quantize_checkpoint(trained_checkpoint, tmp_path / method, spec, calibration_file, CALIBRATION)
         losses[method] = cross_entropy(load_causal_lm(tmp_path / method), blocks, 8).loss
-    for name, weight in linear_weights(tmp_path / "awq").items():
-        groups = weight.reshape(weight.shape[0], -1, 16)
-        assert max(len(torch.unique(groups[r, g])) for r in range(groups.shape[0])
-                   for g in range(groups.shape[1])) <= 16, name
     assert np.isfinite(losses["awq"]) and losses["awq"] < losses["rtn"] * 1.01
+
+    # llm-compressor's own (folded) model, quantized the same way in this process
+    folded = load_causal_lm(trained_checkpoint)
+    calibration = token_blocks(np.load(calibration_file), CALIBRATION["seq_len"], CALIBRATION["num_samples"])
+    with _no_pinned_memory_without_cuda():
+        oneshot(model=folded, recipe=[AWQModifier(n_grid=10), QuantizationModifier(
+            config_groups=engine.weight_scheme(spec_of("awq-w4g16", "awq")), ignore=["lm_head"])],
+            **engine.calibration_kwargs(trained_checkpoint, calibration))
+    reference = load_causal_lm(trained_checkpoint)
+    reference.load_state_dict(engine.fake_quant_state_dict(folded))
+    assert cross_entropy(reference, blocks, 8).loss == pytest.approx(losses["awq"], rel=1e-5)
+
+    scales = load_file(str(tmp_path / "awq" / SMOOTHING_FILE))
+    assert any(not torch.allclose(scales[key], torch.ones_like(scales[key])) for key in scales)
+    for name, weight in linear_weights(tmp_path / "awq").items():
+        layer = name.removesuffix(".weight")
+        smoothed = weight / scales[f"{layer}.row"][:, None] * scales[f"{layer}.column"][None, :]
+        groups = smoothed.reshape(weight.shape[0], -1, 16)
+        levels = max(len(torch.unique(torch.round(groups[r, g] / groups[r, g].abs().max() * 1e4)))
+                     for r in range(groups.shape[0]) for g in range(groups.shape[1]))
+        assert levels <= 16, name
+
+
+def spec_of(name, method):
+    return QuantSpec(name=name, method=method, bits=4, group_size=16, symmetric=False)
 
 
 def test_fake_quant_folder_scores_like_the_engines_own_compressed_model(tmp_path, trained_checkpoint,

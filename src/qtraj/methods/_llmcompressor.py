@@ -49,15 +49,23 @@ def calibration_dataset(blocks: np.ndarray):
 
 
 def run_oneshot(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, recipe,
-                calibration_blocks: np.ndarray | None) -> None:
-    """Quantize with an llm-compressor recipe (modifiers) and save the dequantized weights as a model folder."""
+                calibration_blocks: np.ndarray | None, transform=None) -> None:
+    """Quantize with an llm-compressor recipe (modifiers) and save the dequantized weights as a model folder.
+
+    `transform(fake_quant_state, model, original_state)` may rewrite the state before it is saved (AWQ uses it
+    to express its smoothed weights in the checkpoint's own basis).
+    """
     from llmcompressor import oneshot
 
     model = load_causal_lm(checkpoint_dir, pick_device())
     check_group_size(model, spec)
+    original = None if transform is None else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     kwargs = {} if calibration_blocks is None else calibration_kwargs(checkpoint_dir, calibration_blocks)
     oneshot(model=model, recipe=recipe, **kwargs)
-    save_fake_quant(model, checkpoint_dir, out_dir)
+    state = fake_quant_state_dict(model)
+    if transform is not None:
+        state = transform(state, model, original)
+    save_state(state, checkpoint_dir, out_dir)
 
 
 def calibration_kwargs(checkpoint_dir: Path, calibration_blocks: np.ndarray) -> dict:
@@ -106,10 +114,14 @@ def fake_quant_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_fake_quant(model: torch.nn.Module, checkpoint_dir: Path, out_dir: Path) -> None:
+    save_state(fake_quant_state_dict(model), checkpoint_dir, out_dir)
+
+
+def save_state(state: dict[str, torch.Tensor], checkpoint_dir: Path, out_dir: Path) -> None:
     from huggingface_hub import save_torch_state_dict
 
     copy_non_weight_files(checkpoint_dir, out_dir)
     # huggingface_hub's saver shards large models and drops tied duplicates (embeddings / lm_head),
     # writing the same layout `save_pretrained` would.
-    save_torch_state_dict(fake_quant_state_dict(model), str(out_dir))
+    save_torch_state_dict(state, str(out_dir))
 
