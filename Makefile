@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 STAMP := $(VENV)/.qtraj-installed
 
-.PHONY: setup run test test-slow lint dry-run report clean
+.PHONY: setup run test test-slow test-slurm lint dry-run report clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/pytest -m slow
+
+# The Slurm profile against a real single-node Slurm started here (root; installs Debian's slurm-wlm packages).
+test-slurm: setup
+	$(BIN)/pytest -m slurm tests/test_slurm.py
 
 clean:
 	rm -rf results .snakemake

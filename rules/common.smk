@@ -16,6 +16,7 @@ from qtraj.config import (
 )
 from qtraj.checkpoints import checkpoint_name
 from qtraj.families import configured_family, revision_of
+from qtraj.resources import job_resources
 
 validate_config(config)
 
@@ -57,6 +58,21 @@ def tokens_file(split):
 def data_setting(kind):
     """Params function: the `calibration` or `evaluation` settings of a trajectory."""
     return lambda wildcards: data_settings(config, wildcards.run)[kind]
+
+
+def resource(step, key):
+    """Resource function: `key` of what a `step` job on this trajectory's model asks a cluster for
+    (qtraj.resources; micro models trained here ask for no GPU)."""
+
+    def value(wildcards):
+        parameters = (
+            configured_family(config, wildcards.run)["parameters"]
+            if is_family(config, wildcards.run)
+            else None
+        )
+        return job_resources(step, parameters, config["resources"]).get(key, 0)
+
+    return value
 
 
 def tokenizer_source(family_slug):

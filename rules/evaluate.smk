@@ -11,6 +11,11 @@ rule evaluate_fp:
     conda:
         "../envs/qtraj.yaml"
     threads: config["threads"]["evaluate"]
+    resources:
+        gpu=resource("evaluate_fp", "gpu"),
+        cpus_per_gpu=resource("evaluate_fp", "cpus_per_gpu"),
+        mem_mb=resource("evaluate_fp", "mem_mb"),
+        runtime=resource("evaluate_fp", "runtime"),
     params:
         evaluation=data_setting("evaluation"),
     script:
@@ -34,6 +39,11 @@ rule evaluate_quantized:
     conda:
         "../envs/qtraj.yaml"
     threads: config["threads"]["evaluate"]
+    resources:
+        gpu=resource("evaluate_quantized", "gpu"),
+        cpus_per_gpu=resource("evaluate_quantized", "cpus_per_gpu"),
+        mem_mb=resource("evaluate_quantized", "mem_mb"),
+        runtime=resource("evaluate_quantized", "runtime"),
     params:
         spec=lambda wildcards: quant_spec(config, wildcards.quantization),
         evaluation=data_setting("evaluation"),

@@ -11,6 +11,11 @@ rule quantize:
     conda:
         "../envs/qtraj.yaml"
     threads: config["threads"]["quantize"]
+    resources:
+        gpu=resource("quantize", "gpu"),
+        cpus_per_gpu=resource("quantize", "cpus_per_gpu"),
+        mem_mb=resource("quantize", "mem_mb"),
+        runtime=resource("quantize", "runtime"),
     params:
         spec=lambda wildcards: quant_spec(config, wildcards.quantization),
         calibration=data_setting("calibration"),

@@ -8,6 +8,18 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+OPT_IN_MARKERS = ("slow", "gpu", "slurm")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow / gpu / slurm run only when selected with -m (make test-slow, pytest -m gpu,
+    make test-slurm); a plain `pytest` skips them and says so."""
+    if config.option.markexpr:
+        return
+    for item in items:
+        for marker in OPT_IN_MARKERS:
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=f"marked {marker}: run with -m {marker}"))
 CORPUS = REPO_ROOT / "data" / "corpus" / "sotu.jsonl.xz"
 
 

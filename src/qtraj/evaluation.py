@@ -28,20 +28,30 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def device_map(device: torch.device) -> str:
+    """Where from_pretrained puts a model: spread over all GPUs the job was given when it has several (a model
+    too big for one, sized by qtraj.resources), else the one device."""
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        return "auto"
+    return device.type
+
+
 def load_causal_lm(folder: str | Path, device: torch.device | None = None):
     """Load a Hugging Face model folder for evaluation (fp32 on CPU, bf16 on GPU)."""
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    placement = device_map(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, **({"device_map": "auto"} if placement == "auto" else {}))
     except Exception as error:  # safetensors, OSError, config errors: all mean this folder is unusable
         raise RuntimeError(
             f"could not load the model folder {folder}: {type(error).__name__}: {error}. If the folder is "
             "incomplete or corrupt, delete it and rerun so the pipeline rebuilds it"
         ) from error
-    return model.to(device).eval()
+    return (model if placement == "auto" else model.to(device)).eval()
 
 
 @torch.inference_mode()

@@ -37,8 +37,7 @@ ACTORDER = {
 def quantize_gptq(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibration_blocks: np.ndarray) -> None:
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    from qtraj.evaluation import pick_device
-
+    from qtraj.evaluation import device_map, pick_device
     options = spec.options
     config = QuantizeConfig(
         bits=spec.bits, group_size=-1 if spec.group_size is None else spec.group_size, sym=spec.symmetric,
@@ -47,8 +46,9 @@ def quantize_gptq(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibrat
         **ACTORDER[options.get("actorder", "static")],
     )
     device = pick_device()
+    placement = device_map(device)
     model = GPTQModel.load(str(checkpoint_dir), config, dtype=torch.float32 if device.type == "cpu" else None,
-                           device=device.type)
+                           **({"device_map": "auto"} if placement == "auto" else {"device": device.type}))
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calibration_blocks]
     model.quantize(calibration, batch_size=8, calibration_sort=None)
     out_dir.mkdir(parents=True, exist_ok=True)

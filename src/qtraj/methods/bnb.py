@@ -52,6 +52,8 @@ class BitsAndBytes(QuantizationMethod):
                 load_in_4bit=True, bnb_4bit_quant_type=options.get("quant_type", "nf4"),
                 bnb_4bit_use_double_quant=options.get("double_quant", False),
                 bnb_4bit_compute_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+        from qtraj.evaluation import device_map
+
         model = AutoModelForCausalLM.from_pretrained(
-            str(checkpoint_dir), quantization_config=config, device_map=device.type)
+            str(checkpoint_dir), quantization_config=config, device_map=device_map(device))
         return model.eval()

@@ -1,0 +1,38 @@
+"""What each job asks a cluster for, scaled from the model's parameter count.
+
+Only portable Snakemake resources (`gpu`, `mem_mb`, `runtime` in minutes, `cpus_per_gpu`); partition, account
+and GPU model belong to the cluster profile. The sizing is deliberately simple and documented in the README:
+a bf16 model needs 2 bytes per parameter, and each step holds a known number of model copies plus headroom.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Model copies a step holds on the GPUs at once (bf16), and a headroom factor for activations, GPTQ's Hessians
+# and the engines' buffers. evaluate_quantized holds the fp and the quantized model (per-layer errors).
+MODEL_COPIES = {"evaluate_fp": 1.0, "quantize": 1.0, "evaluate_quantized": 2.0}
+HEADROOM = {"evaluate_fp": 1.25, "quantize": 1.6, "evaluate_quantized": 1.25}
+FIXED_GB = 4.0  # CUDA context, kernels, batches
+# Minutes: a floor plus a slope per billion parameters (GPTQ of a 32B model: ~4 h; evaluating it: ~1 h).
+RUNTIME = {"evaluate_fp": (15, 1.5), "quantize": (30, 6.0), "evaluate_quantized": (20, 2.5)}
+
+
+def gpus_needed(step: str, parameters: float, gpu_memory_gb: float) -> int:
+    need_gb = 2 * parameters / 1e9 * MODEL_COPIES[step] * HEADROOM[step] + FIXED_GB
+    return max(1, math.ceil(need_gb / gpu_memory_gb))
+
+
+def job_resources(step: str, parameters: float | None, settings: dict) -> dict:
+    """Resources of one job of `step` on a model of `parameters` (None: a micro model trained here, CPU only).
+
+    `settings` is the config's `resources` block: gpu_memory_gb (per GPU) and cpus_per_gpu.
+    """
+    if parameters is None or step not in MODEL_COPIES:
+        return {"gpu": 0, "mem_mb": 4000, "runtime": 30}
+    gpus = gpus_needed(step, parameters, settings["gpu_memory_gb"])
+    floor, per_billion = RUNTIME[step]
+    # host memory: shards stream from disk to the GPUs (device_map), so half a model copy plus buffers
+    host_gb = max(16.0, 2 * parameters / 1e9 * MODEL_COPIES[step] * 0.5 + 16)
+    return {"gpu": gpus, "cpus_per_gpu": settings["cpus_per_gpu"], "mem_mb": int(host_gb * 1024),
+            "runtime": int(floor + per_billion * parameters / 1e9)}
