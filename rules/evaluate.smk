@@ -14,6 +14,7 @@ rule evaluate_fp:
     resources:
         gpu=resource("evaluate_fp", "gpu"),
         cpus_per_gpu=resource("evaluate_fp", "cpus_per_gpu"),
+        tasks_per_gpu=resource("evaluate_fp", "tasks_per_gpu"),
         mem_mb=resource("evaluate_fp", "mem_mb"),
         runtime=resource("evaluate_fp", "runtime"),
     params:
@@ -42,6 +43,7 @@ rule evaluate_quantized:
     resources:
         gpu=resource("evaluate_quantized", "gpu"),
         cpus_per_gpu=resource("evaluate_quantized", "cpus_per_gpu"),
+        tasks_per_gpu=resource("evaluate_quantized", "tasks_per_gpu"),
         mem_mb=resource("evaluate_quantized", "mem_mb"),
         runtime=resource("evaluate_quantized", "runtime"),
     params:

@@ -14,6 +14,7 @@ rule quantize:
     resources:
         gpu=resource("quantize", "gpu"),
         cpus_per_gpu=resource("quantize", "cpus_per_gpu"),
+        tasks_per_gpu=resource("quantize", "tasks_per_gpu"),
         mem_mb=resource("quantize", "mem_mb"),
         runtime=resource("quantize", "runtime"),
     params:

@@ -34,5 +34,7 @@ def job_resources(step: str, parameters: float | None, settings: dict) -> dict:
     floor, per_billion = RUNTIME[step]
     # host memory: shards stream from disk to the GPUs (device_map), so half a model copy plus buffers
     host_gb = max(16.0, 2 * parameters / 1e9 * MODEL_COPIES[step] * 0.5 + 16)
-    return {"gpu": gpus, "cpus_per_gpu": settings["cpus_per_gpu"], "mem_mb": int(host_gb * 1024),
-            "runtime": int(floor + per_billion * parameters / 1e9)}
+    # tasks_per_gpu 0: one process drives all the job's GPUs (device_map="auto"); the Slurm plugin would otherwise
+    # start one task per GPU, i.e. run the same job several times side by side
+    return {"gpu": gpus, "cpus_per_gpu": settings["cpus_per_gpu"], "tasks_per_gpu": 0,
+            "mem_mb": int(host_gb * 1024), "runtime": int(floor + per_billion * parameters / 1e9)}

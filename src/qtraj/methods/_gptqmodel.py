@@ -38,6 +38,7 @@ def quantize_gptq(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibrat
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from qtraj.evaluation import device_map, pick_device
+
     options = spec.options
     config = QuantizeConfig(
         bits=spec.bits, group_size=-1 if spec.group_size is None else spec.group_size, sym=spec.symmetric,
