@@ -75,10 +75,20 @@ def resource(step, key):
     return value
 
 
+def downloaded_checkpoint(path):
+    """A hub checkpoint folder: temp() unless hub_data.keep_checkpoints (see the schema for the trade-off)."""
+    folder = directory(path)
+    return folder if config["hub_data"]["keep_checkpoints"] else temp(folder)
+
+
 def tokenizer_source(family_slug):
     family = configured_family(config, family_slug)
     source = family["tokenizer"] or {"repo": family["repo"], "revision": "main"}
-    return {**source, "trust_remote_code": family["trust_remote_code"]}
+    return {
+        **source,
+        "trust_remote_code": family["trust_remote_code"],
+        "gated": family["gated"],
+    }
 
 
 def training_settings(run):
@@ -133,6 +143,20 @@ def layer_error_tables():
     )
 
 
+def sharpness_tables():
+    """One sharpness row per checkpoint of the trajectories the config enables it for."""
+    enabled = [
+        run
+        for run in TRAJECTORIES
+        if config["sharpness"]["families" if is_family(config, run) else "runs"]
+    ]
+    return [
+        f"{RESULTS}/evals/sharpness/{run}/{checkpoint}.parquet"
+        for run in enabled
+        for checkpoint in checkpoints_of(config, run)
+    ]
+
+
 def training_logs():
     return [f"{RESULTS}/training/{run}.parquet" for run in RUNS]
 
@@ -140,9 +164,18 @@ def training_logs():
 def dataset_tables():
     return [
         f"{RESULTS}/dataset/{table}.parquet"
-        for table in ("results", "fp_evals", "training_log")
+        for table in (
+            "results",
+            "fp_evals",
+            "training_log",
+            "layer_errors",
+            "sharpness",
+        )
     ]
 
 
 def all_targets():
-    return dataset_tables() + [f"{RESULTS}/figures/{run}.png" for run in TRAJECTORIES]
+    figures = [f"{RESULTS}/figures/{run}.png" for run in TRAJECTORIES]
+    if sharpness_tables():
+        figures.append(f"{RESULTS}/figures/sharpness.png")
+    return dataset_tables() + figures

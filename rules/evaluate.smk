@@ -48,7 +48,33 @@ rule evaluate_quantized:
         runtime=resource("evaluate_quantized", "runtime"),
     params:
         spec=lambda wildcards: quant_spec(config, wildcards.quantization),
+        layer_error_rows=config["layer_errors"]["max_rows"],
         evaluation=data_setting("evaluation"),
         calibration=data_setting("calibration"),
     script:
         "../scripts/evaluate_quantized.py"
+
+
+rule sharpness:
+    input:
+        checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
+        validation=tokens_file("validation"),
+    output:
+        f"{RESULTS}/evals/sharpness/{{run}}/{{checkpoint}}.parquet",
+    log:
+        f"{LOGS}/sharpness/{{run}}/{{checkpoint}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sharpness/{{run}}/{{checkpoint}}.tsv"
+    conda:
+        "../envs/qtraj.yaml"
+    threads: config["threads"]["evaluate"]
+    resources:
+        gpu=resource("evaluate_quantized", "gpu"),
+        cpus_per_gpu=resource("evaluate_quantized", "cpus_per_gpu"),
+        tasks_per_gpu=resource("evaluate_quantized", "tasks_per_gpu"),
+        mem_mb=resource("evaluate_quantized", "mem_mb"),
+        runtime=resource("evaluate_quantized", "runtime"),
+    params:
+        settings=config["sharpness"],
+    script:
+        "../scripts/sharpness.py"

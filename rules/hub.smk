@@ -1,13 +1,13 @@
 # Hub families: checkpoints, tokenizers and evaluation text come from the Hugging Face hub. Downloads are
-# local rules (compute nodes often have no internet); checkpoint folders are temp(), so disk use is bounded by
-# the jobs in flight, not by the number of revisions.
+# local rules (compute nodes often have no internet); checkpoint folders are temp() unless
+# hub_data.keep_checkpoints, so a revision's weights are deleted as soon as its jobs are done.
 
 
 rule download_checkpoint:
     input:
         tokenizer=f"{RESULTS}/data/tokenizers/{{run}}",
     output:
-        temp(directory(f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}")),
+        downloaded_checkpoint(f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}"),
     log:
         f"{LOGS}/download_checkpoint/{{run}}/{{checkpoint}}.log",
     wildcard_constraints:

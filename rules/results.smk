@@ -4,6 +4,7 @@ rule aggregate:
         fp_evals=fp_evals(),
         training_log=training_logs(),
         layer_errors=layer_error_tables(),
+        sharpness=sharpness_tables(),
     output:
         dataset_tables(),
     log:
@@ -36,3 +37,23 @@ rule plot_trajectory:
         results_dir=lambda wildcards, input: os.path.dirname(os.path.dirname(input[0])),
     script:
         "../scripts/plot_trajectory.py"
+
+
+rule plot_sharpness:
+    input:
+        dataset_tables(),
+    output:
+        report(
+            f"{RESULTS}/figures/sharpness.png",
+            caption="../report/sharpness.rst",
+            category="Sharpness",
+        ),
+    log:
+        f"{LOGS}/plot_sharpness.log",
+    localrule: True
+    conda:
+        "../envs/qtraj.yaml"
+    params:
+        results_dir=lambda wildcards, input: os.path.dirname(os.path.dirname(input[0])),
+    script:
+        "../scripts/plot_sharpness.py"

@@ -14,4 +14,5 @@ with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by t
         snakemake.params.calibration,  # noqa: F821
         snakemake.output.result,  # noqa: F821
         snakemake.output.layer_errors,  # noqa: F821
+        snakemake.params.layer_error_rows,  # noqa: F821
     )

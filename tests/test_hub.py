@@ -103,3 +103,23 @@ def test_remote_code_runs_only_from_a_pinned_commit(hub_cache, family, tmp_path)
     with pytest.raises(HubError, match="must be pinned: add `commit: <40-hex sha>`"):
         download_checkpoint("wsd", {**family, "trust_remote_code": True}, Revision("main", None, None, "sft"),
                             tmp_path / "out")
+
+
+def test_remote_code_tokenizers_come_only_from_a_pinned_commit(hub_cache, tmp_path):
+    with pytest.raises(HubError, match="tokenizer must come from a pinned commit"):
+        download_tokenizer("qtraj-test/wsd", "main", tmp_path / "tokenizer", trust_remote_code=True)
+
+
+def test_a_linked_tokenizer_file_is_never_written_through(hub_cache, family, trained_checkpoint, tmp_path):
+    add_model_folder(hub_cache, "qtraj-test/wsd", "step950-special", trained_checkpoint,
+                     skip=("tokenizer.json", "tokenizer_config.json"))
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (trained_checkpoint / name).exists():
+            (other / name).write_text((trained_checkpoint / name).read_text())
+    blobs_before = {p: p.read_bytes() for p in (hub_cache / "models--qtraj-test--wsd" / "blobs").iterdir()}
+    out = tmp_path / "out"
+    download_checkpoint("wsd", family, Revision("step950-special", 950, 950_000, "pretrain"), out, other)
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.json").is_symlink()
+    assert {p: p.read_bytes() for p in blobs_before} == blobs_before

@@ -110,6 +110,7 @@ def test_adding_a_family_file_runs_only_that_familys_jobs(family_a_run):
     before = {path: path.stat().st_mtime_ns for path in (root / "results" / "evals").rglob("*.parquet")}
     jobs = planned_jobs(run(root, config, env, "--dry-run").stdout)
     new = [(rule, output) for rule, output in jobs if rule not in ("aggregate", "plot_trajectory", "all")]
+    assert "sharpness" not in [rule for rule, _ in jobs]  # off for families by default
     assert new and all("tiny-b" in output for _, output in new), new
 
     run(root, config, env)
@@ -130,3 +131,23 @@ def test_an_unknown_family_fails_before_any_job(hub_setup):
     result = run(root / "elsewhere", config, env, check=False)
     assert result.returncode != 0
     assert "families.tiny-z" in result.stderr and "tiny-a" in result.stderr
+
+
+def test_kept_checkpoints_let_a_new_quantization_plan_only_its_jobs(family_a_run):
+    """With hub_data.keep_checkpoints the downloaded folders stay, so a new quantization needs nothing else
+    (with temp() folders Snakemake would re-download them and redo each revision's other jobs too)."""
+    root, families, env = family_a_run
+    config = yaml.safe_load(hub_config(root, families, ["tiny-a"]).read_text())
+    config["results_dir"] = str(root / "results-kept")
+    config["hub_data"]["keep_checkpoints"] = True
+    first = root / "config-kept.yaml"
+    first.write_text(yaml.safe_dump(config))
+    run(root, first, env)
+    assert any((root / "results-kept" / "checkpoints").rglob("*.safetensors"))
+    config["quantizations"]["rtn-w3g16"] = {"method": "rtn", "bits": 3, "group_size": 16}
+    path = root / "config-more-quantizations.yaml"
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(run(root, path, env, "--dry-run").stdout)
+    rules = sorted({rule for rule, _ in jobs} - {"aggregate", "plot_trajectory", "all"})
+    assert rules == ["evaluate_quantized", "quantize"], rules
+    assert all("rtn-w3g16" in output for rule, output in jobs if rule in ("quantize", "evaluate_quantized"))

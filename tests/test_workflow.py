@@ -62,6 +62,7 @@ def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
     assert rules.count("evaluate_fp") == 8  # 2 runs x 4 checkpoints
     # 6 stored methods (RTN, GPTQ, AWQ at 3 and 4 bits) are quantized, then evaluated; bitsandbytes' 2 at load time
     assert rules.count("quantize") == 8 * 6 and rules.count("evaluate_quantized") == 8 * 8
+    assert rules.count("sharpness") == 8 and rules.count("plot_sharpness") == 1
 
 
 def test_paper_grid_dry_runs_offline(tmp_path):
@@ -110,7 +111,9 @@ def test_every_checkpoint_has_finite_rows_for_each_method_and_bits(tiny_run):
     layers = pq.read_table(results_dir / "dataset" / "layer_errors.parquet").to_pylist()
     assert len(layers) == 20 * 2 * 7  # quantized models x blocks x linear layers per block
     assert all(row["recon_error"] > 0 and 0 < row["weight_error"] < 1 for row in layers)
-    assert {path.name for path in (results_dir / "figures").iterdir()} == {"cosine.png", "wsd.png"}
+    assert {path.name for path in (results_dir / "figures").iterdir()} == {"cosine.png", "wsd.png", "sharpness.png"}
+    sharpness = pq.read_table(results_dir / "dataset" / "sharpness.parquet").to_pylist()
+    assert len(sharpness) == 4 and all(row["top_eigenvalue"] > 0 and row["iterations"] >= 1 for row in sharpness)
     assert not (results_dir / "quantized").exists() or not any((results_dir / "quantized").rglob("*.safetensors"))
 
 
@@ -143,14 +146,16 @@ def test_adding_a_schedule_runs_only_its_jobs(tiny_run, small_corpus):
     config = write_config(workdir / "config3.yaml", small_corpus, results_dir, {"linear": {"schedule": "linear"}})
     before = {path: path.stat().st_mtime_ns for path in (results_dir / "evals").rglob("*.parquet")}
     jobs = planned_jobs(snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir).stdout)
-    per_checkpoint = [(rule, output) for rule, output in jobs if rule not in ("aggregate", "plot_trajectory", "all")]
-    assert len(per_checkpoint) == 1 + 2 + 2 * (4 * 2 + 1)  # training, fp evals, quantize + evaluate, bnb evaluate
+    per_checkpoint = [(rule, output) for rule, output in jobs
+                      if rule not in ("aggregate", "plot_trajectory", "plot_sharpness", "all")]
+    # training, then per checkpoint: fp eval, sharpness, 4 quantize + evaluate, bnb evaluate
+    assert len(per_checkpoint) == 1 + 2 * (1 + 1 + 4 * 2 + 1)
     assert all("/linear/" in output or rule == "train_linear" for rule, output in per_checkpoint)
 
     snakemake("--cores", "2", "--configfile", str(config), workdir=workdir)
     after = {path: path.stat().st_mtime_ns for path in (results_dir / "evals").rglob("*.parquet")}
     assert all(after[path] == mtime for path, mtime in before.items())
-    assert len(after) - len(before) == 2 + 2 * 5 * 2  # fp evals, quantized evals and their layer errors
+    assert len(after) - len(before) == 2 * (1 + 1 + 5 * 2)  # fp evals, sharpness, quantized evals, layer errors
     rows = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
     assert {row["run"] for row in rows} == {"cosine", "wsd", "linear"} and len(rows) == 30
 

@@ -13,6 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 METADATA_FILE = "qtraj_checkpoint.json"
+# Present in folders of families that need their repo's own code (written by the download step, copied along
+# with the other non-weight files): loaders pass trust_remote_code only then.
+REMOTE_CODE_MARKER = "qtraj_trust_remote_code"
+
+
+def trusts_remote_code(folder: str | Path) -> bool:
+    return Path(folder, REMOTE_CODE_MARKER).is_file()
 
 # Files that hold weights; everything else in a checkpoint folder (config, tokenizer, qtraj metadata)
 # is copied unchanged into a quantized model's folder.

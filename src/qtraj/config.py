@@ -93,6 +93,9 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         raise ConfigError("the config has neither `runs` (models trained here) nor `families` (hub checkpoints); "
                           "add at least one")
     _check_families(config)
+    reserved = {"sharpness"} & set(trajectories(config))  # figure names beside the per-trajectory ones
+    if reserved:
+        raise ConfigError(f"trajectory name {sorted(reserved)[0]!r} is reserved for a figure; rename it")
     for run in config["runs"]:
         _validate(run_settings(config, run), schema["$defs"]["training"], ("runs", run))
     methods = discover()

@@ -42,10 +42,13 @@ def load_causal_lm(folder: str | Path, device: torch.device | None = None):
 
     device = device or pick_device()
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    from qtraj.checkpoints import trusts_remote_code
+
     placement = device_map(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, **({"device_map": "auto"} if placement == "auto" else {}))
+            str(folder), dtype=dtype, trust_remote_code=trusts_remote_code(folder),
+            **({"device_map": "auto"} if placement == "auto" else {}))
     except Exception as error:  # safetensors, OSError, config errors: all mean this folder is unusable
         raise RuntimeError(
             f"could not load the model folder {folder}: {type(error).__name__}: {error}. If the folder is "

@@ -74,6 +74,9 @@ def check_family(family: dict) -> None:
     schedule = family["schedule"]
     if schedule["type"] == "wsd" and schedule["decay_start_step"] is None:
         raise ConfigError("schedule.decay_start_step is required for a wsd schedule")
+    if schedule["decay_start_step"] is not None and schedule["decay_start_step"] >= schedule["total_steps"]:
+        raise ConfigError(f"schedule.decay_start_step {schedule['decay_start_step']} must be below total_steps "
+                          f"{schedule['total_steps']}")
     family_schedule(family)  # raises ValueError for impossible schedules
     for number, series in enumerate(family["revision_ranges"]):
         if series["stop"] < series["start"]:

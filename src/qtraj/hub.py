@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from qtraj.checkpoints import CheckpointInfo, write_checkpoint_info
+from qtraj.checkpoints import REMOTE_CODE_MARKER, CheckpointInfo, write_checkpoint_info
 from qtraj.families import Revision, revision_lr_and_phase
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def _explain(error: Exception, repo: str, revision: str, gated: bool) -> HubErro
         RevisionNotFoundError,
     )
 
-    if isinstance(error, GatedRepoError) or (gated and "401" in str(error)):
+    if isinstance(error, GatedRepoError) or (gated and any(sign in str(error) for sign in ("401", "403", "gated"))):
         return HubError(
             f"{repo} is gated: accept its terms at https://huggingface.co/{repo} with your account, then make a "
             f"read token available (export HF_TOKEN=... or `hf auth login`) and rerun")
@@ -140,8 +140,11 @@ def download_checkpoint(slug: str, family: dict, revision: Revision, out_dir: st
                        "`allow_pickle: true` in the family file if you trust it")
     if tokenizer_dir is not None and not any((out_dir / name).exists() for name in TOKENIZER_FILES[:2]):
         for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
+            # never over an existing entry: a linked one points into the shared hub cache
+            if (Path(tokenizer_dir) / name).is_file() and not (out_dir / name).exists():
                 shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
+    if family["trust_remote_code"]:
+        (out_dir / REMOTE_CODE_MARKER).write_text(f"{repo}@{commit}\n")
     lr, phase = revision_lr_and_phase(family, revision)
     info = CheckpointInfo(run=slug, checkpoint=revision.revision, step=revision.step, tokens=revision.tokens,
                           lr=lr, phase=phase, source="hub", repo=repo, revision=revision.revision, commit=commit)
@@ -172,16 +175,25 @@ def _download(repo: str, ref: str, family: dict, out_dir: Path) -> str:
     return commit
 
 
-def download_tokenizer(repo: str, revision: str, out_dir: str | Path, trust_remote_code: bool = False) -> None:
+def download_tokenizer(repo: str, revision: str, out_dir: str | Path, trust_remote_code: bool = False,
+                       gated: bool = False) -> None:
     """Save the tokenizer of `repo@revision` as a plain folder (through transformers, which uses the hub cache)."""
+    import re
+
     from transformers import AutoTokenizer
 
+    if trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise HubError(f"{repo} needs trust_remote_code, so its tokenizer must come from a pinned commit: set "
+                       f"`tokenizer: {{repo: {repo}, revision: <40-hex sha>}}` in the family file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision, trust_remote_code=trust_remote_code,
                                                   token=hub_token())
     except Exception as error:
-        raise _explain(error, repo, revision, gated=False) from error
+        # transformers wraps the hub's GatedRepoError in an OSError; the family file knows whether it is gated
+        raise _explain(error, repo, revision, gated=gated) from error
     tokenizer.save_pretrained(str(out_dir))
+    if trust_remote_code:
+        Path(out_dir, REMOTE_CODE_MARKER).write_text(f"{repo}@{revision}\n")
 
 
 def download_text(repo: str, filename: str, documents: int, text_field: str, out_file: str | Path) -> int:

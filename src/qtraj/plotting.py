@@ -78,3 +78,34 @@ def plot_trajectory(results_dir: str | Path, run: str, out_file: str | Path) -> 
     figure.tight_layout()
     figure.savefig(out_file, dpi=120)
     plt.close(figure)
+
+
+def plot_sharpness(results_dir: str | Path, out_file: str | Path) -> None:
+    """ΔQ L against the top Hessian eigenvalue of the checkpoint, one panel per bit width, every trajectory."""
+    connection = connect(results_dir)
+    tables = {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
+    rows = connection.execute(
+        "SELECT r.run, r.method, r.bits, s.top_eigenvalue, r.delta_q_loss FROM results r "
+        "JOIN sharpness s USING (run, checkpoint) ORDER BY r.bits, r.method, r.run, s.top_eigenvalue"
+    ).fetchall() if "sharpness" in tables else []
+    bits = sorted({row[2] for row in rows}) or [None]
+    figure, axes = plt.subplots(1, len(bits), figsize=(4.2 * len(bits), 3.8), squeeze=False)
+    runs = sorted({row[0] for row in rows})
+    markers = "osD^v<>P*X"
+    for axis, width in zip(axes[0], bits, strict=True):
+        for index, method in enumerate(sorted({row[1] for row in rows if row[2] == width})):
+            for run in runs:
+                series = [row for row in rows if row[2] == width and row[1] == method and row[0] == run]
+                if series:
+                    axis.plot([row[3] for row in series], [100 * row[4] for row in series],
+                              marker=markers[runs.index(run) % len(markers)], linestyle="-", alpha=0.8,
+                              color=f"C{index}", label=f"{method} · {run}")
+        axis.set_title(f"{width}-bit" if width else "no sharpness rows yet")
+        axis.set_xlabel("top Hessian eigenvalue of the validation loss")
+        axis.grid(alpha=0.3)
+        if rows:
+            axis.legend(fontsize=7)
+    axes[0][0].set_ylabel("ΔQ L (%)")
+    figure.tight_layout()
+    figure.savefig(out_file, dpi=120)
+    plt.close(figure)

@@ -12,6 +12,7 @@ DATASET_FILES = {
     "fp_evals": "fp_evals.parquet",  # one row per checkpoint: full-precision validation loss
     "training_log": "training_log.parquet",  # trained runs: LR and training loss over steps
     "layer_errors": "layer_errors.parquet",  # one row per (run, checkpoint, quantization, linear layer)
+    "sharpness": "sharpness.parquet",  # one row per checkpoint: top Hessian eigenvalue of the validation loss
 }
 
 # Statement types a query may run: reading only. Everything that writes (COPY, CREATE, INSERT, SET, ATTACH)

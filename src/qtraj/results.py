@@ -99,8 +99,18 @@ LAYER_ERROR_SCHEMA = pa.schema([
     pa.field("config_hash", pa.string()),
 ])
 
+SHARPNESS_SCHEMA = pa.schema([
+    *CHECKPOINT_FIELDS,
+    pa.field("top_eigenvalue", pa.float64()),  # Hessian eigenvalue of largest magnitude of the validation loss
+    pa.field("iterations", pa.int32()),  # power-iteration steps taken
+    pa.field("converged", pa.bool_()),
+    pa.field("sharpness_tokens", pa.int64()),  # scored predictions the loss averages over
+    pa.field("sharpness_seconds", pa.float64()),
+    *PROVENANCE_FIELDS,
+])
+
 TABLES = {"results": QUANTIZED_EVAL_SCHEMA, "fp_evals": FP_EVAL_SCHEMA, "training_log": TRAINING_LOG_SCHEMA,
-          "layer_errors": LAYER_ERROR_SCHEMA}
+          "layer_errors": LAYER_ERROR_SCHEMA, "sharpness": SHARPNESS_SCHEMA}
 
 
 def delta_q_loss(loss_q: float, loss_fp: float) -> float:
@@ -160,7 +170,8 @@ def aggregate(inputs: dict[str, list[str]], output_dir: str | Path) -> dict[str,
     """Build the results dataset: one sorted Parquet file per table under `output_dir`."""
     counts = {}
     sort_keys = {"results": ["run", "step", "quantization"], "fp_evals": ["run", "step"],
-                 "training_log": ["run", "step"], "layer_errors": ["run", "step", "quantization", "layer"]}
+                 "training_log": ["run", "step"], "layer_errors": ["run", "step", "quantization", "layer"],
+                 "sharpness": ["run", "step"]}
     for name, paths in inputs.items():
         schema = TABLES[name]
         table = read_tables(sorted(paths), schema)
@@ -168,6 +179,8 @@ def aggregate(inputs: dict[str, list[str]], output_dir: str | Path) -> dict[str,
             check_finite(table, ["loss_fp", "loss_q", "delta_q_loss"])
         if name == "layer_errors":
             check_finite(table, ["weight_error", "recon_error"])
+        if name == "sharpness":
+            check_finite(table, ["top_eigenvalue"])
         table = table.sort_by([(key, "ascending") for key in sort_keys[name]])
         write_parquet_atomically(table, Path(output_dir) / f"{name}.parquet")
         counts[name] = table.num_rows

@@ -45,10 +45,11 @@ def train_tokenizer(train_split: str, out_dir: str, vocab_size: int) -> None:
 def tokenize_split(split_file: str, tokenizer_dir: str, out_file: str) -> None:
     from transformers import AutoTokenizer
 
+    from qtraj.checkpoints import trusts_remote_code
     from qtraj.corpus import iter_texts
     from qtraj.tokenization import encode_documents
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trusts_remote_code(tokenizer_dir))
     tokens = encode_documents(tokenizer, iter_texts(split_file))
     np.save(out_file, tokens)
     log.info("%s: %d tokens", split_file, len(tokens))
@@ -82,7 +83,7 @@ def download_text(source: dict, out_file: str) -> None:
 def download_tokenizer(source: dict, out_dir: str) -> None:
     from qtraj.hub import download_tokenizer as download
 
-    download(source["repo"], source["revision"], out_dir, source["trust_remote_code"])
+    download(source["repo"], source["revision"], out_dir, source["trust_remote_code"], source["gated"])
 
 
 def quantize(checkpoint_dir: str, out_dir: str, spec: dict, calibration_tokens: str, calibration: dict) -> None:
@@ -117,7 +118,7 @@ def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, o
 
 def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval: str, validation_tokens: str,
                        calibration_tokens: str, evaluation: dict, calibration: dict, out_file: str,
-                       layer_errors_file: str) -> None:
+                       layer_errors_file: str, layer_error_rows: int = 4096) -> None:
     """Validation loss of a quantized model (one `results` row) and its per-layer errors (`layer_errors`).
 
     `model_dir` is the stored quantized folder, or the checkpoint itself for a method that quantizes at load time.
@@ -138,8 +139,9 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
     # 4-bit CPU weights in place at a layer's first forward pass, after which they no longer dequantize.
     fp_model = load_causal_lm(checkpoint_dir, device)
     blocks = token_blocks(np.load(calibration_tokens), calibration["seq_len"], calibration["num_samples"])
+    # at most `layer_error_rows` tokens per layer: every linear's inputs are held at once, in host memory
     inputs = capture_inputs(fp_model, list(quantizable_linears(fp_model)), blocks, evaluation["batch_size"],
-                            max_rows=blocks.size)
+                            max_rows=min(blocks.size, layer_error_rows))
     started = time.perf_counter()
     model, quant = load_quantized_model(model_dir, checkpoint_dir, QuantSpec(**spec), device)
     load_seconds = time.perf_counter() - started
@@ -149,7 +151,11 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
     started = time.perf_counter()
     loss = _validation_loss(model, validation_tokens, evaluation,
                             f"{info.run}/{info.checkpoint} quantized with {quant['name']}")
-    seconds = load_seconds + time.perf_counter() - started
+    # a load-time method's load is its quantization (quantize_seconds), not part of the evaluation
+    from qtraj.methods import get_method
+
+    load_time_method = get_method(spec["method"]).storage == "load-time"
+    seconds = time.perf_counter() - started + (0.0 if load_time_method else load_seconds)
     quant_columns = {"quantization": quant["name"], "method": quant["method"], "bits": quant["bits"],
                      "group_size": quant["group_size"], "engine": quant["engine"]}
     settings = {"evaluation": evaluation, "calibration": calibration,
@@ -175,6 +181,29 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
              loss.loss, 100 * row["delta_q_loss"])
 
 
+def sharpness(checkpoint_dir: str, validation_tokens: str, settings: dict, out_file: str) -> None:
+    """The top Hessian eigenvalue of the validation loss at a full-precision checkpoint (one `sharpness` row)."""
+    import torch
+
+    from qtraj.sharpness import top_hessian_eigenvalue
+    from qtraj.tokenization import token_blocks
+
+    info = read_checkpoint_info(checkpoint_dir)
+    started, device = time.perf_counter(), pick_device()
+    # float32 everywhere: a power iteration on bf16 Hessian-vector products would mostly measure rounding
+    model = load_causal_lm(checkpoint_dir, device).float()
+    blocks = token_blocks(np.load(validation_tokens), settings["seq_len"] + 1, settings["blocks"])
+    with torch.enable_grad():
+        result = top_hessian_eigenvalue(model, blocks, settings["batch_size"], settings["iterations"],
+                                        settings["tolerance"], settings["seed"])
+    row = {**asdict(info), "top_eigenvalue": result.top_eigenvalue, "iterations": result.iterations,
+           "converged": result.converged, "sharpness_tokens": result.tokens,
+           "sharpness_seconds": time.perf_counter() - started, **provenance({"sharpness": settings}, device.type)}
+    results.write_rows([row], results.SHARPNESS_SCHEMA, out_file)
+    log.info("%s/%s: top Hessian eigenvalue %.4g after %d iterations (converged: %s)", info.run, info.checkpoint,
+             result.top_eigenvalue, result.iterations, result.converged)
+
+
 def aggregate(inputs: dict[str, list[str]], output_dir: str) -> None:
     counts = results.aggregate(inputs, output_dir)
     log.info("results dataset rows: %s", counts)
@@ -184,3 +213,9 @@ def plot_run(results_dir: str, run: str, out_file: str) -> None:
     from qtraj.plotting import plot_trajectory
 
     plot_trajectory(results_dir, run, out_file)
+
+
+def plot_sharpness(results_dir: str, out_file: str) -> None:
+    from qtraj.plotting import plot_sharpness as plot
+
+    plot(results_dir, out_file)

@@ -6,7 +6,8 @@ STARTED=${1:?usage: local-slurm-stop.sh STARTED_FILE}
 log() { printf '[local-slurm-stop] %s\n' "$*" >&2; }
 [[ -s $STARTED ]] || { log "nothing was started"; exit 0; }
 
-if command -v squeue >/dev/null && jobs=$(squeue -h -o %A 2>/dev/null) && [[ -n $jobs ]]; then
+# jobs are cancelled only on a cluster this run started (then every job on it is the test's)
+if grep -q '^slurmctld ' "$STARTED" && jobs=$(squeue -h -o %A 2>/dev/null) && [[ -n $jobs ]]; then
   log "cancelling jobs: $(echo $jobs)"
   scancel $jobs 2>/dev/null; sleep 1
 fi

@@ -37,6 +37,7 @@ ACTORDER = {
 def quantize_gptq(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibration_blocks: np.ndarray) -> None:
     from gptqmodel import GPTQModel, QuantizeConfig
 
+    from qtraj.checkpoints import trusts_remote_code
     from qtraj.evaluation import device_map, pick_device
 
     options = spec.options
@@ -49,6 +50,7 @@ def quantize_gptq(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibrat
     device = pick_device()
     placement = device_map(device)
     model = GPTQModel.load(str(checkpoint_dir), config, dtype=torch.float32 if device.type == "cpu" else None,
+                           trust_remote_code=trusts_remote_code(checkpoint_dir),
                            **({"device_map": "auto"} if placement == "auto" else {"device": device.type}))
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calibration_blocks]
     model.quantize(calibration, batch_size=8, calibration_sort=None)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qtraj.checkpoints import copy_non_weight_files
+from qtraj.checkpoints import copy_non_weight_files, trusts_remote_code
 from qtraj.evaluation import load_causal_lm, pick_device
 from qtraj.methods.base import QuantSpec
 
@@ -74,7 +74,8 @@ def calibration_kwargs(checkpoint_dir: Path, calibration_blocks: np.ndarray) -> 
 
     return dict(
         dataset=calibration_dataset(calibration_blocks),
-        processor=AutoTokenizer.from_pretrained(str(checkpoint_dir)),
+        processor=AutoTokenizer.from_pretrained(str(checkpoint_dir),
+                                                trust_remote_code=trusts_remote_code(checkpoint_dir)),
         num_calibration_samples=len(calibration_blocks),
         max_seq_length=calibration_blocks.shape[1],
         # llm-compressor shuffles calibration samples by default; fixed order keeps runs reproducible.

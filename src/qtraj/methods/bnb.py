@@ -52,8 +52,10 @@ class BitsAndBytes(QuantizationMethod):
                 load_in_4bit=True, bnb_4bit_quant_type=options.get("quant_type", "nf4"),
                 bnb_4bit_use_double_quant=options.get("double_quant", False),
                 bnb_4bit_compute_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+        from qtraj.checkpoints import trusts_remote_code
         from qtraj.evaluation import device_map
 
         model = AutoModelForCausalLM.from_pretrained(
-            str(checkpoint_dir), quantization_config=config, device_map=device_map(device))
+            str(checkpoint_dir), quantization_config=config, device_map=device_map(device),
+            trust_remote_code=trusts_remote_code(checkpoint_dir))
         return model.eval()
