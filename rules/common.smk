@@ -5,8 +5,10 @@ import re
 
 from qtraj.config import (
     checkpoint_steps,
+    averaging_plan_of,
     checkpoints_of,
     data_settings,
+    data_source,
     is_family,
     quant_spec,
     run_settings,
@@ -35,6 +37,7 @@ def alternatives(names):
 
 
 FAMILY_PATTERN = alternatives(FAMILIES)
+AVERAGE_PATTERN = alternatives(config["averages"])
 
 
 wildcard_constraints:
@@ -48,8 +51,9 @@ def tokens_file(split):
     """Input function: the token file of `split` for a trajectory (the carried corpus's, or its family's)."""
 
     def path(wildcards):
-        if is_family(config, wildcards.run):
-            return f"{RESULTS}/data/tokens/{wildcards.run}/{split}.npy"
+        source = data_source(config, wildcards.run)
+        if is_family(config, source):
+            return f"{RESULTS}/data/tokens/{source}/{split}.npy"
         return f"{RESULTS}/data/tokens/{split}.npy"
 
     return path
@@ -65,14 +69,25 @@ def resource(step, key):
     (qtraj.resources; micro models trained here ask for no GPU)."""
 
     def value(wildcards):
+        source = data_source(config, wildcards.run)
         parameters = (
-            configured_family(config, wildcards.run)["parameters"]
-            if is_family(config, wildcards.run)
+            configured_family(config, source)["parameters"]
+            if is_family(config, source)
             else None
         )
         return job_resources(step, parameters, config["resources"]).get(key, 0)
 
     return value
+
+
+def averaged_sources(wildcards):
+    """Input function: the checkpoint folders an averaged checkpoint is made of."""
+    sources, _ = averaging_plan_of(config, wildcards.run)[wildcards.checkpoint]
+    return [f"{RESULTS}/checkpoints/{run}/{checkpoint}" for run, checkpoint in sources]
+
+
+def averaged_weights(wildcards):
+    return averaging_plan_of(config, wildcards.run)[wildcards.checkpoint][1]
 
 
 def downloaded_checkpoint(path):
@@ -148,7 +163,9 @@ def sharpness_tables():
     enabled = [
         run
         for run in TRAJECTORIES
-        if config["sharpness"]["families" if is_family(config, run) else "runs"]
+        if config["sharpness"][
+            "families" if is_family(config, data_source(config, run)) else "runs"
+        ]
     ]
     return [
         f"{RESULTS}/evals/sharpness/{run}/{checkpoint}.parquet"

@@ -99,21 +99,23 @@ def tiny_run(tmp_path_factory, small_corpus):
 def test_every_checkpoint_has_finite_rows_for_each_method_and_bits(tiny_run):
     _, _, results_dir = tiny_run
     table = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
-    assert len(table) == 2 * 2 * 5  # runs x checkpoints x quantizations
+    assert len(table) == (2 * 2 + 1) * 5  # (runs x checkpoints + the LAWA average) x quantizations
     cells = {(row["run"], row["checkpoint"], row["method"], row["bits"]) for row in table}
-    assert len(cells) == 20
+    assert len(cells) == 25
     for row in table:
         assert row["loss_q"] > 0 and abs(row["delta_q_loss"] - (row["loss_q"] / row["loss_fp"] - 1)) < 1e-12
         assert row["phase"] in {"warmup", "stable", "decay"} and row["tokens"] == row["step"] * 8 * 64
+        assert row["source"] == ("averaged" if row["run"] == "wsd-lawa2" else "trained")
         assert row["engine"] == ("bitsandbytes" if row["method"] == "bnb" else "llmcompressor")
         assert row["engine_version"] and row["config_hash"] and row["torch_version"]
-    assert len(pq.read_table(results_dir / "dataset" / "fp_evals.parquet")) == 4
+    assert len(pq.read_table(results_dir / "dataset" / "fp_evals.parquet")) == 5
     layers = pq.read_table(results_dir / "dataset" / "layer_errors.parquet").to_pylist()
-    assert len(layers) == 20 * 2 * 7  # quantized models x blocks x linear layers per block
+    assert len(layers) == 25 * 2 * 7  # quantized models x blocks x linear layers per block
     assert all(row["recon_error"] > 0 and 0 < row["weight_error"] < 1 for row in layers)
-    assert {path.name for path in (results_dir / "figures").iterdir()} == {"cosine.png", "wsd.png", "sharpness.png"}
+    assert {path.name for path in (results_dir / "figures").iterdir()} == {
+        "cosine.png", "wsd.png", "wsd-lawa2.png", "sharpness.png"}
     sharpness = pq.read_table(results_dir / "dataset" / "sharpness.parquet").to_pylist()
-    assert len(sharpness) == 4 and all(row["top_eigenvalue"] > 0 and row["iterations"] >= 1 for row in sharpness)
+    assert len(sharpness) == 5 and all(row["top_eigenvalue"] > 0 and row["iterations"] >= 1 for row in sharpness)
     assert not (results_dir / "quantized").exists() or not any((results_dir / "quantized").rglob("*.safetensors"))
 
 
@@ -123,7 +125,7 @@ def test_qtraj_query_answers_over_the_run(tiny_run):
         [str(Path(sys.executable).parent / "qtraj"), "query",
          "SELECT run, count(*) AS n FROM results GROUP BY run ORDER BY run", "--results-dir", str(results_dir),
          "--format", "csv"], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["run,n", "cosine,10", "wsd,10"]
+    assert result.stdout.split() == ["run,n", "cosine,10", "wsd,10", "wsd-lawa2,5"]
     from qtraj.query import query
 
     joined = query("SELECT r.bits, avg(l.recon_error_rel) AS recon FROM layer_errors l JOIN results r "
@@ -132,12 +134,20 @@ def test_qtraj_query_answers_over_the_run(tiny_run):
     assert joined[0]["recon"] > joined[1]["recon"] > joined[2]["recon"]
     by_method = query("SELECT method, bits, count(*) AS n FROM layer_errors GROUP BY ALL ORDER BY ALL", results_dir)
     assert [(row["method"], row["bits"], row["n"]) for row in by_method] == [
-        ("bnb", 8, 56), ("gptq", 3, 56), ("gptq", 4, 56), ("rtn", 3, 56), ("rtn", 4, 56)]
+        ("bnb", 8, 70), ("gptq", 3, 70), ("gptq", 4, 70), ("rtn", 3, 70), ("rtn", 4, 70)]
 
 
-def test_second_run_does_nothing(tiny_run):
+def test_second_run_does_nothing_even_with_the_keys_reordered(tiny_run):
     workdir, config, _ = tiny_run
     result = snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+    def reverse(value):
+        return {key: reverse(value[key]) for key in reversed(list(value))} if isinstance(value, dict) else value
+
+    reordered = workdir / "reordered.yaml"
+    reordered.write_text(yaml.safe_dump(reverse(yaml.safe_load(config.read_text())), sort_keys=False))
+    result = snakemake("--cores", "2", "--configfile", str(reordered), "--dry-run", workdir=workdir)
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
@@ -157,7 +167,7 @@ def test_adding_a_schedule_runs_only_its_jobs(tiny_run, small_corpus):
     assert all(after[path] == mtime for path, mtime in before.items())
     assert len(after) - len(before) == 2 * (1 + 1 + 5 * 2)  # fp evals, sharpness, quantized evals, layer errors
     rows = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
-    assert {row["run"] for row in rows} == {"cosine", "wsd", "linear"} and len(rows) == 30
+    assert {row["run"] for row in rows} == {"cosine", "wsd", "wsd-lawa2", "linear"} and len(rows) == 35
 
 
 def test_python_code_is_ruff_clean():

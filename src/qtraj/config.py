@@ -93,9 +93,11 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         raise ConfigError("the config has neither `runs` (models trained here) nor `families` (hub checkpoints); "
                           "add at least one")
     _check_families(config)
+    _check_averages(config)
     reserved = {"sharpness"} & set(trajectories(config))  # figure names beside the per-trajectory ones
     if reserved:
         raise ConfigError(f"trajectory name {sorted(reserved)[0]!r} is reserved for a figure; rename it")
+    sort_keys_in_place(config)
     for run in config["runs"]:
         _validate(run_settings(config, run), schema["$defs"]["training"], ("runs", run))
     methods = discover()
@@ -123,6 +125,49 @@ def _check_families(config: dict) -> None:
         selected_revisions(config, slug)  # loads and validates the family file, resolves the selector
 
 
+def _check_averages(config: dict) -> None:
+    sources = set(config["runs"]) | set(config["families"])
+    for name, spec in config["averages"].items():
+        where = f"config key 'averages.{name}"
+        if name in sources:
+            raise ConfigError(f"{where}': '{name}' is also a run or family; averages need their own name")
+        if spec["kind"] == "soup":
+            if isinstance(spec["of"], str):
+                raise ConfigError(f"{where}.of': a soup lists trajectory/checkpoint entries, e.g. [a/step000800, "
+                                  "b/step000800]")
+            for entry in spec["of"]:
+                trajectory, checkpoint = entry.split("/", 1)
+                if trajectory not in sources or checkpoint not in checkpoints_of(config, trajectory):
+                    raise ConfigError(f"{where}.of': {entry!r} is not a checkpoint of a run or family of this "
+                                      "config")
+            continue
+        if not isinstance(spec["of"], str) or spec["of"] not in sources:
+            raise ConfigError(f"{where}.of': {spec['of']!r} is not a run or family of this config; known: "
+                              f"{', '.join(sorted(sources))}")
+        available = len(checkpoints_of(config, spec["of"]))
+        if spec["window"] > available:
+            raise ConfigError(f"{where}.window': {spec['window']} is more than the {available} checkpoints of "
+                              f"{spec['of']!r}")
+
+
+def sort_keys_in_place(config: dict) -> dict:
+    """Order every mapping of the config by key, in place. Snakemake compares a job's params by their text, so
+    without this, writing the same settings in another order (or adding a key spelled the same as its default)
+    would rerun every job they reach, training included."""
+
+    def sort(value):
+        if isinstance(value, dict):
+            return {key: sort(value[key]) for key in sorted(value, key=str)}
+        if isinstance(value, list):
+            return [sort(item) for item in value]
+        return value
+
+    ordered = sort(config)
+    config.clear()
+    config.update(ordered)
+    return config
+
+
 def load_config(path: str | Path) -> dict:
     try:
         config = yaml.safe_load(Path(path).read_text())
@@ -141,16 +186,36 @@ def checkpoint_steps(settings: dict) -> list[int]:
 
 
 def trajectories(config: dict) -> list[str]:
-    """Every trajectory of the config: trained runs, then hub families (the `run` column of every table)."""
-    return list(config["runs"]) + list(config["families"])
+    """Every trajectory of the config: trained runs, hub families, then averages (the `run` column of every
+    table)."""
+    return list(config["runs"]) + list(config["families"]) + list(config["averages"])
 
 
 def is_family(config: dict, name: str) -> bool:
     return name in config["families"]
 
 
+def data_source(config: dict, run: str) -> str:
+    """The run or family whose text (and model size) a trajectory uses: itself, or an average's source."""
+    if run not in config["averages"]:
+        return run
+    of = config["averages"][run]["of"]
+    return of if isinstance(of, str) else of[0].split("/", 1)[0]
+
+
+def averaging_plan_of(config: dict, name: str) -> dict:
+    from qtraj.averaging import averaging_plan
+
+    spec = config["averages"][name]
+    sources = checkpoints_of(config, spec["of"]) if isinstance(spec["of"], str) else []
+    return averaging_plan(spec, sources)
+
+
 def checkpoints_of(config: dict, run: str) -> list[str]:
-    """Checkpoint names of a trained run (step000800) or of a family's selected revisions (the revision)."""
+    """Checkpoint names of a trained run (step000800), of a family's selected revisions (the revision), or of an
+    average (named after its newest source checkpoint, or `soup`)."""
+    if run in config["averages"]:
+        return list(averaging_plan_of(config, run))
     if is_family(config, run):
         from qtraj.families import selected_revisions
 
@@ -161,7 +226,7 @@ def checkpoints_of(config: dict, run: str) -> list[str]:
 def data_settings(config: dict, run: str) -> dict:
     """The calibration and evaluation settings of a trajectory: the carried corpus's for trained runs, the hub
     text's for families."""
-    source = config["hub_data"] if is_family(config, run) else config
+    source = config["hub_data"] if is_family(config, data_source(config, run)) else config
     return {"calibration": source["calibration"], "evaluation": source["evaluation"]}
 
 

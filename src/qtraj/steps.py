@@ -86,6 +86,14 @@ def download_tokenizer(source: dict, out_dir: str) -> None:
     download(source["repo"], source["revision"], out_dir, source["trust_remote_code"], source["gated"])
 
 
+def average_checkpoints(folders: list[str], weights: list[float], out_dir: str, run: str, checkpoint: str) -> None:
+    from qtraj.averaging import average_checkpoints as average
+
+    info = average(folders, weights, out_dir, run, checkpoint)
+    log.info("%s/%s: average of %s with weights %s (step %s)", run, checkpoint, folders,
+             [round(weight, 4) for weight in weights], info.step)
+
+
 def quantize(checkpoint_dir: str, out_dir: str, spec: dict, calibration_tokens: str, calibration: dict) -> None:
     from qtraj.methods import QuantSpec
     from qtraj.quantization import quantize_checkpoint
