@@ -115,7 +115,8 @@ def test_every_checkpoint_has_finite_rows_for_each_method_and_bits(tiny_run):
     assert {path.name for path in (results_dir / "figures").iterdir()} == {
         "cosine.png", "wsd.png", "wsd-lawa2.png", "sharpness.png"}
     sharpness = pq.read_table(results_dir / "dataset" / "sharpness.parquet").to_pylist()
-    assert len(sharpness) == 5 and all(row["top_eigenvalue"] > 0 and row["iterations"] >= 1 for row in sharpness)
+    # the eigenvalue of largest magnitude: near initialisation it may be negative
+    assert len(sharpness) == 5 and all(abs(row["top_eigenvalue"]) > 0 and row["iterations"] >= 1 for row in sharpness)
     assert not (results_dir / "quantized").exists() or not any((results_dir / "quantized").rglob("*.safetensors"))
 
 
