@@ -266,4 +266,4 @@ def stores_quantized_model(config: dict, name: str) -> bool:
     """Whether quantization `name` has a `quantize` job writing a folder (else it quantizes at load time)."""
     from qtraj.methods import get_method
 
-    return get_method(config["quantizations"][name]["method"]).storage == "fake-quant"
+    return get_method(config["quantizations"][name]["method"]).stores_model

@@ -90,17 +90,24 @@ def _cached_snapshot(repo: str, ref: str, patterns: list[str]) -> Path | None:
     return folder if has_weights and (folder / "config.json").is_file() else None
 
 
+def _file_patterns(family: dict, pickle: bool) -> list[str]:
+    """The files of a checkpoint qtraj takes: weights, configs, tokenizer; remote code and pickle weights only
+    where the family allows them (and, for pickle, only where `pickle` asks for them)."""
+    patterns = list(CHECKPOINT_FILES) + (REMOTE_CODE_FILES if family["trust_remote_code"] else [])
+    return patterns + (PICKLE_FILES if pickle and family["allow_pickle"] else [])
+
+
 def _weight_patterns(repo: str, ref: str, family: dict, token: str | None) -> list[str]:
     """Which files to fetch; refuses pickle-only revisions unless the family allows them (pickle runs code)."""
     from huggingface_hub import HfApi
 
     files = HfApi().list_repo_files(repo, revision=ref, token=token)
-    patterns = list(CHECKPOINT_FILES) + (REMOTE_CODE_FILES if family["trust_remote_code"] else [])
+    patterns = _file_patterns(family, pickle=False)
     if any(name.endswith(".safetensors") for name in files):
         return patterns
     if any(name.endswith(".bin") for name in files):
         if family["allow_pickle"]:
-            return patterns + PICKLE_FILES
+            return _file_patterns(family, pickle=True)
         raise HubError(f"revision {ref!r} of {repo} has only pickle weights (.bin), which can run arbitrary code "
                        "when loaded; qtraj refuses them unless the family file sets `allow_pickle: true`")
     raise HubError(f"revision {ref!r} of {repo} holds no model weights (files: {', '.join(files[:10])})")
@@ -124,9 +131,7 @@ def download_checkpoint(slug: str, family: dict, revision: Revision, out_dir: st
                        f"`commit: <40-hex sha>` to it in the family file (the sha of the branch: "
                        f"HfApi().list_repo_refs({repo!r}))")
     out_dir = Path(out_dir)
-    patterns = list(CHECKPOINT_FILES) + (REMOTE_CODE_FILES if family["trust_remote_code"] else [])
-    patterns += PICKLE_FILES if family["allow_pickle"] else []
-    snapshot = _cached_snapshot(repo, ref, patterns)
+    snapshot = _cached_snapshot(repo, ref, _file_patterns(family, pickle=True))
     if snapshot is not None:
         commit = snapshot.name
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ def quantize_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, spec: Q
     the calibration split, in order, so every checkpoint and method sees exactly the same text.
     """
     method = get_method(spec.method)
-    if method.storage != "fake-quant":
+    if not method.stores_model:
         raise ValueError(f"quantization {spec.name!r}: method {spec.method!r} quantizes at load time; "
                          "evaluate it with load_quantized_model instead of storing it")
     try:
@@ -60,7 +60,7 @@ def load_quantized_model(model_dir: str | Path, checkpoint_dir: str | Path, spec
     from qtraj.evaluation import load_causal_lm
 
     method = get_method(spec.method)
-    if method.storage == "fake-quant":
+    if method.stores_model:
         return load_causal_lm(model_dir, device), read_quantization_info(model_dir)
     started = time.perf_counter()
     try:

@@ -132,7 +132,7 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
     `model_dir` is the stored quantized folder, or the checkpoint itself for a method that quantizes at load time.
     """
     from qtraj.layer_errors import capture_inputs, layer_errors, quantizable_linears
-    from qtraj.methods import QuantSpec
+    from qtraj.methods import QuantSpec, get_method
     from qtraj.quantization import load_quantized_model
     from qtraj.tokenization import token_blocks
 
@@ -160,10 +160,7 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
     loss = _validation_loss(model, validation_tokens, evaluation,
                             f"{info.run}/{info.checkpoint} quantized with {quant['name']}")
     # a load-time method's load is its quantization (quantize_seconds), not part of the evaluation
-    from qtraj.methods import get_method
-
-    load_time_method = get_method(spec["method"]).storage == "load-time"
-    seconds = time.perf_counter() - started + (0.0 if load_time_method else load_seconds)
+    seconds = time.perf_counter() - started + (load_seconds if get_method(spec["method"]).stores_model else 0.0)
     quant_columns = {"quantization": quant["name"], "method": quant["method"], "bits": quant["bits"],
                      "group_size": quant["group_size"], "engine": quant["engine"]}
     settings = {"evaluation": evaluation, "calibration": calibration,

@@ -50,6 +50,11 @@ class QuantizationMethod:
     storage: ClassVar[str] = "fake-quant"  # or "load-time" (see the class docstring)
     options_schema: ClassVar[dict] = {"type": "object", "additionalProperties": False, "properties": {}}
 
+    @property
+    def stores_model(self) -> bool:
+        """Whether the method writes a quantized model folder (a `quantize` job) or quantizes at load time."""
+        return self.storage == "fake-quant"
+
     def engine_version(self, engine: str) -> str:
         from importlib.metadata import version
 
