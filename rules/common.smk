@@ -15,6 +15,7 @@ from qtraj.config import (
     stores_quantized_model,
     trajectories,
     validate_config,
+    validation_text,
 )
 from qtraj.checkpoints import checkpoint_name
 from qtraj.families import configured_family, revision_of
@@ -57,6 +58,26 @@ def tokens_file(split):
         return f"{RESULTS}/data/tokens/{split}.npy"
 
     return path
+
+
+def task_files(wildcards):
+    """Input function: task name -> data file of the trajectory's local accuracy tasks (built from its validation
+    text; none when the config lists no local tasks)."""
+    text = validation_text(config, wildcards.run)
+    local_tasks = data_settings(config, wildcards.run)["accuracy"]["local_tasks"]
+    return {name: f"{RESULTS}/data/tasks/{text}/{name}.jsonl" for name in local_tasks}
+
+
+def validation_text_file(text):
+    """The validation documents a local task of `text` (corpus | hub) is built from."""
+    if text == "hub":
+        return f"{RESULTS}/data/hub/validation.jsonl"
+    return f"{RESULTS}/data/splits/validation.jsonl"
+
+
+def local_task_settings(wildcards):
+    source = config["hub_data"] if wildcards.text == "hub" else config
+    return source["accuracy"]["local_tasks"][wildcards.task]
 
 
 def data_setting(kind):
@@ -178,6 +199,17 @@ def training_logs():
     return [f"{RESULTS}/training/{run}.parquet" for run in RUNS]
 
 
+def accuracy_tables():
+    """One accuracy file per evaluated model: each checkpoint's fp model and each quantized model."""
+    return [
+        f"{RESULTS}/evals/accuracy/fp/{run}/{checkpoint}.parquet"
+        for run in TRAJECTORIES
+        for checkpoint in checkpoints_of(config, run)
+    ] + per_quantized_model(
+        f"{RESULTS}/evals/accuracy/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet"
+    )
+
+
 def dataset_tables():
     return [
         f"{RESULTS}/dataset/{table}.parquet"
@@ -187,6 +219,7 @@ def dataset_tables():
             "training_log",
             "layer_errors",
             "sharpness",
+            "accuracy",
         )
     ]
 

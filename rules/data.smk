@@ -49,3 +49,23 @@ rule tokenize_split:
         "../envs/qtraj.yaml"
     script:
         "../scripts/tokenize_split.py"
+
+
+# A local accuracy task (config `accuracy.local_tasks`), written once per validation text and read by every
+# evaluation of the trajectories on that text.
+rule build_task:
+    input:
+        lambda wildcards: validation_text_file(wildcards.text),
+    output:
+        f"{RESULTS}/data/tasks/{{text}}/{{task}}.jsonl",
+    log:
+        f"{LOGS}/build_task/{{text}}/{{task}}.log",
+    wildcard_constraints:
+        text="corpus|hub",
+    localrule: True
+    conda:
+        "../envs/qtraj.yaml"
+    params:
+        settings=local_task_settings,
+    script:
+        "../scripts/build_task.py"

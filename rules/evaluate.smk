@@ -2,8 +2,10 @@ rule evaluate_fp:
     input:
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
         validation=tokens_file("validation"),
+        tasks=lambda wildcards: task_files(wildcards).values(),
     output:
-        f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
+        result=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
+        accuracy=f"{RESULTS}/evals/accuracy/fp/{{run}}/{{checkpoint}}.parquet",
     log:
         f"{LOGS}/evaluate_fp/{{run}}/{{checkpoint}}.log",
     benchmark:
@@ -19,6 +21,8 @@ rule evaluate_fp:
         runtime=resource("evaluate_fp", "runtime"),
     params:
         evaluation=data_setting("evaluation"),
+        accuracy=data_setting("accuracy"),
+        task_files=task_files,
     script:
         "../scripts/evaluate_fp.py"
 
@@ -30,9 +34,11 @@ rule evaluate_quantized:
         fp_eval=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
         validation=tokens_file("validation"),
         calibration=tokens_file("calibration"),
+        tasks=lambda wildcards: task_files(wildcards).values(),
     output:
         result=f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
         layer_errors=f"{RESULTS}/evals/layers/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
+        accuracy=f"{RESULTS}/evals/accuracy/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
     log:
         f"{LOGS}/evaluate_quantized/{{run}}/{{checkpoint}}/{{quantization}}.log",
     benchmark:
@@ -51,6 +57,8 @@ rule evaluate_quantized:
         layer_error_rows=config["layer_errors"]["max_rows"],
         evaluation=data_setting("evaluation"),
         calibration=data_setting("calibration"),
+        accuracy=data_setting("accuracy"),
+        task_files=task_files,
     script:
         "../scripts/evaluate_quantized.py"
 

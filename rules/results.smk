@@ -5,6 +5,7 @@ rule aggregate:
         training_log=training_logs(),
         layer_errors=layer_error_tables(),
         sharpness=sharpness_tables(),
+        accuracy=accuracy_tables(),
     output:
         dataset_tables(),
     log:

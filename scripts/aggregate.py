@@ -9,6 +9,7 @@ with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by t
             "training_log": list(snakemake.input.training_log),  # noqa: F821
             "layer_errors": list(snakemake.input.layer_errors),  # noqa: F821
             "sharpness": list(snakemake.input.sharpness),  # noqa: F821
+            "accuracy": list(snakemake.input.accuracy),  # noqa: F821
         },
         snakemake.params.dataset_dir,  # noqa: F821
     )

@@ -7,5 +7,8 @@ with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by t
         snakemake.input.checkpoint,  # noqa: F821
         snakemake.input.validation,  # noqa: F821
         snakemake.params.evaluation,  # noqa: F821
-        snakemake.output[0],  # noqa: F821
+        snakemake.output.result,  # noqa: F821
+        snakemake.params.accuracy,  # noqa: F821
+        snakemake.params.task_files,  # noqa: F821
+        snakemake.output.accuracy,  # noqa: F821
     )

@@ -15,4 +15,7 @@ with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by t
         snakemake.output.result,  # noqa: F821
         snakemake.output.layer_errors,  # noqa: F821
         snakemake.params.layer_error_rows,  # noqa: F821
+        snakemake.params.accuracy,  # noqa: F821
+        snakemake.params.task_files,  # noqa: F821
+        snakemake.output.accuracy,  # noqa: F821
     )

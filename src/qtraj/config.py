@@ -224,10 +224,15 @@ def checkpoints_of(config: dict, run: str) -> list[str]:
 
 
 def data_settings(config: dict, run: str) -> dict:
-    """The calibration and evaluation settings of a trajectory: the carried corpus's for trained runs, the hub
-    text's for families."""
+    """The calibration, evaluation and accuracy settings of a trajectory: the carried corpus's for trained runs,
+    the hub text's for families."""
     source = config["hub_data"] if is_family(config, data_source(config, run)) else config
-    return {"calibration": source["calibration"], "evaluation": source["evaluation"]}
+    return {kind: source[kind] for kind in ("calibration", "evaluation", "accuracy")}
+
+
+def validation_text(config: dict, run: str) -> str:
+    """Which validation text a trajectory is evaluated on: `corpus` (trained runs) or `hub` (families)."""
+    return "hub" if is_family(config, data_source(config, run)) else "corpus"
 
 
 def make_schedule(settings: dict) -> Schedule:

@@ -13,6 +13,7 @@ DATASET_FILES = {
     "training_log": "training_log.parquet",  # trained runs: LR and training loss over steps
     "layer_errors": "layer_errors.parquet",  # one row per (run, checkpoint, quantization, linear layer)
     "sharpness": "sharpness.parquet",  # one row per checkpoint: top Hessian eigenvalue of the validation loss
+    "accuracy": "accuracy.parquet",  # one row per (model, task, metric, filter); quantization null = fp
 }
 
 # Statement types a query may run: reading only. Everything that writes (COPY, CREATE, INSERT, SET, ATTACH)

@@ -109,8 +109,26 @@ SHARPNESS_SCHEMA = pa.schema([
     *PROVENANCE_FIELDS,
 ])
 
+ACCURACY_SCHEMA = pa.schema([
+    *CHECKPOINT_FIELDS,
+    pa.field("quantization", pa.string()),  # null: the full-precision model
+    pa.field("method", pa.string()),
+    pa.field("bits", pa.int32()),
+    pa.field("group_size", pa.int32()),
+    pa.field("task", pa.string(), nullable=False),  # lm-eval task (a group's subtasks each have their own rows)
+    pa.field("metric", pa.string(), nullable=False),  # acc, acc_norm, ... (lm-eval's "metric,filter" key, split)
+    pa.field("filter", pa.string()),  # lm-eval's filter; "none" for multiple-choice log-likelihood tasks
+    pa.field("value", pa.float64()),
+    pa.field("stderr", pa.float64()),
+    pa.field("samples", pa.int64()),  # items scored (after `limit`)
+    pa.field("num_fewshot", pa.int32()),
+    pa.field("accuracy_seconds", pa.float64()),  # all tasks of the model, together
+    pa.field("lm_eval_version", pa.string()),
+    *PROVENANCE_FIELDS,
+])
+
 TABLES = {"results": QUANTIZED_EVAL_SCHEMA, "fp_evals": FP_EVAL_SCHEMA, "training_log": TRAINING_LOG_SCHEMA,
-          "layer_errors": LAYER_ERROR_SCHEMA, "sharpness": SHARPNESS_SCHEMA}
+          "layer_errors": LAYER_ERROR_SCHEMA, "sharpness": SHARPNESS_SCHEMA, "accuracy": ACCURACY_SCHEMA}
 
 
 def delta_q_loss(loss_q: float, loss_fp: float) -> float:
@@ -171,7 +189,7 @@ def aggregate(inputs: dict[str, list[str]], output_dir: str | Path) -> dict[str,
     counts = {}
     sort_keys = {"results": ["run", "step", "quantization"], "fp_evals": ["run", "step"],
                  "training_log": ["run", "step"], "layer_errors": ["run", "step", "quantization", "layer"],
-                 "sharpness": ["run", "step"]}
+                 "sharpness": ["run", "step"], "accuracy": ["run", "step", "quantization", "task", "metric"]}
     for name, paths in inputs.items():
         schema = TABLES[name]
         table = read_tables(sorted(paths), schema)
@@ -181,6 +199,8 @@ def aggregate(inputs: dict[str, list[str]], output_dir: str | Path) -> dict[str,
             check_finite(table, ["weight_error", "recon_error"])
         if name == "sharpness":
             check_finite(table, ["top_eigenvalue"])
+        if name == "accuracy":
+            check_finite(table, ["value"])
         table = table.sort_by([(key, "ascending") for key in sort_keys[name]])
         write_parquet_atomically(table, Path(output_dir) / f"{name}.parquet")
         counts[name] = table.num_rows

@@ -113,21 +113,68 @@ def _validation_loss(model, validation_tokens: str, evaluation: dict, what: str)
                                  "(for a quantized model, also check the method's settings)") from error
 
 
-def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, out_file: str) -> None:
+def build_task(validation_text: str, name: str, settings: dict, out_file: str) -> None:
+    """A local multiple-choice task (qtraj.accuracy) written from the validation text's documents."""
+    from qtraj.accuracy import build_task_items, write_task_items
+    from qtraj.corpus import iter_texts
+
+    questions = build_task_items(iter_texts(validation_text), settings["kind"], settings["items"],
+                                 settings["context_words"], settings["choice_words"], settings["choices"],
+                                 settings["seed"])
+    write_task_items(questions, out_file)
+    log.info("%s: %d %s items from %s", name, len(questions), settings["kind"], validation_text)
+
+
+def _task_accuracy(model, checkpoint_dir: str, accuracy: dict, task_files: dict[str, str], what: str) -> tuple:
+    """(rows without checkpoint columns, seconds): lm-eval accuracy of an in-memory model on the configured tasks."""
+    from transformers import AutoTokenizer
+
+    from qtraj.accuracy import evaluate_accuracy, flatten_results, load_tasks
+    from qtraj.checkpoints import trusts_remote_code
+    from qtraj.provenance import library_version
+
+    if not task_files and not accuracy["lm_eval_tasks"]:
+        return [], 0.0
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, trust_remote_code=trusts_remote_code(checkpoint_dir))
+    tasks = load_tasks(task_files, accuracy["lm_eval_tasks"], accuracy["num_fewshot"], accuracy["fewshot_seed"])
+    rows = flatten_results(evaluate_accuracy(model, tokenizer, tasks, accuracy["batch_size"], accuracy["limit"]))
+    seconds = time.perf_counter() - started
+    for row in rows:
+        row.update(num_fewshot=accuracy["num_fewshot"], accuracy_seconds=seconds,
+                   lm_eval_version=library_version("lm_eval"))
+    log.info("%s: accuracy %s in %.1f s", what, {f"{row['task']}/{row['metric']}": round(row["value"], 4)
+                                                 for row in rows}, seconds)
+    return rows, seconds
+
+
+def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, out_file: str,
+                accuracy: dict | None = None, task_files: dict[str, str] | None = None,
+                accuracy_file: str | None = None) -> None:
+    """Validation loss of a full-precision checkpoint (one `fp_evals` row) and, with `accuracy_file`, its task
+    accuracy (`accuracy` rows, quantization null)."""
     info = read_checkpoint_info(checkpoint_dir)
     started, device = time.perf_counter(), pick_device()
     model = load_causal_lm(checkpoint_dir, device)
-    loss = _validation_loss(model, validation_tokens, evaluation, f"checkpoint {info.run}/{info.checkpoint}")
+    what = f"checkpoint {info.run}/{info.checkpoint}"
+    loss = _validation_loss(model, validation_tokens, evaluation, what)
     row = {**asdict(info), "loss_fp": loss.loss, "ppl_fp": loss.perplexity, "eval_tokens": loss.tokens,
            "eval_seconds": time.perf_counter() - started, **provenance({"evaluation": evaluation}, device.type)}
+    if accuracy_file is not None:
+        task_rows, _ = _task_accuracy(model, checkpoint_dir, accuracy, task_files or {}, what)
+        source = provenance({"accuracy": accuracy}, device.type)
+        results.write_rows([{**asdict(info), **task_row, **source} for task_row in task_rows],
+                           results.ACCURACY_SCHEMA, accuracy_file)
     results.write_rows([row], results.FP_EVAL_SCHEMA, out_file)
     log.info("%s/%s: loss_fp %.5f over %d tokens", info.run, info.checkpoint, loss.loss, loss.tokens)
 
 
 def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval: str, validation_tokens: str,
                        calibration_tokens: str, evaluation: dict, calibration: dict, out_file: str,
-                       layer_errors_file: str, layer_error_rows: int = 4096) -> None:
-    """Validation loss of a quantized model (one `results` row) and its per-layer errors (`layer_errors`).
+                       layer_errors_file: str, layer_error_rows: int = 4096, accuracy: dict | None = None,
+                       task_files: dict[str, str] | None = None, accuracy_file: str | None = None) -> None:
+    """Validation loss of a quantized model (one `results` row), its per-layer errors (`layer_errors`) and, with
+    `accuracy_file`, its task accuracy (`accuracy` rows).
 
     `model_dir` is the stored quantized folder, or the checkpoint itself for a method that quantizes at load time.
     """
@@ -163,6 +210,13 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
     seconds = time.perf_counter() - started + (load_seconds if get_method(spec["method"]).stores_model else 0.0)
     quant_columns = {"quantization": quant["name"], "method": quant["method"], "bits": quant["bits"],
                      "group_size": quant["group_size"], "engine": quant["engine"]}
+    if accuracy_file is not None:
+        task_rows, _ = _task_accuracy(model, checkpoint_dir, accuracy, task_files or {},
+                                      f"{info.run}/{info.checkpoint} {quant['name']}")
+        accuracy_source = provenance({"accuracy": accuracy}, device.type)
+        accuracy_columns = {key: quant_columns[key] for key in ("quantization", "method", "bits", "group_size")}
+        results.write_rows([{**asdict(info), **accuracy_columns, **task_row, **accuracy_source}
+                            for task_row in task_rows], results.ACCURACY_SCHEMA, accuracy_file)
     settings = {"evaluation": evaluation, "calibration": calibration,
                 "quantization": {k: quant[k] for k in ("name", "method", "bits", "group_size", "symmetric",
                                                        "options", "engine")}}

@@ -1,0 +1,162 @@
+"""Task accuracy with lm-evaluation-harness on an in-memory model, and the offline tasks qtraj builds itself.
+
+lm-eval does the scoring (requests, log-likelihoods, metrics, standard errors). qtraj adds two things lm-eval has
+no notion of: task data written from a local text, so a micro model trained here has tasks it can do above chance
+with no network; and flat rows (one per task x metric x filter) for the results dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Local multiple-choice tasks, built from held-out text (words, so any tokenizer can be scored on them):
+# - continuation: which of `choices` spans of `choice_words` words follows a context of `context_words`
+#   words; the wrong ones are spans from elsewhere in the text (coherence with the context).
+# - word_order: the true next `choice_words` words against the same words shuffled (syntax).
+LOCAL_TASK_KINDS = ("continuation", "word_order")
+
+
+class AccuracyTaskError(ValueError):
+    pass
+
+
+def build_task_items(texts: Iterable[str], kind: str, items: int, context_words: int, choice_words: int,
+                     choices: int, seed: int) -> list[dict]:
+    """`items` multiple-choice questions {context, choices, label} drawn from `texts` with a fixed seed."""
+    if kind not in LOCAL_TASK_KINDS:
+        raise AccuracyTaskError(f"unknown local task kind {kind!r}; choose one of {LOCAL_TASK_KINDS}")
+    words = [word for text in texts for word in text.split()]
+    if len(words) < 2 * (context_words + choice_words):
+        raise AccuracyTaskError(f"the text has {len(words)} words, too few for {context_words} + {choice_words}-word "
+                                "items: use a larger validation text or smaller context_words / choice_words")
+    rng = random.Random(seed)
+    questions = []
+    while len(questions) < items:
+        start = rng.randrange(0, len(words) - context_words - choice_words)
+        answer_words = words[start + context_words : start + context_words + choice_words]
+        answer = " ".join(answer_words)
+        wrong = _wrong_choices(words, answer_words, kind, choices - 1, rng)
+        if wrong is None:  # e.g. all words equal: no distinct shuffle exists
+            continue
+        options = [answer, *wrong]
+        rng.shuffle(options)
+        questions.append({"context": " ".join(words[start : start + context_words]), "choices": options,
+                          "label": options.index(answer)})
+    return questions
+
+
+def _wrong_choices(words: list[str], answer_words: list[str], kind: str, count: int,
+                   rng: random.Random) -> list[str] | None:
+    answer, wrong = " ".join(answer_words), []
+    for _ in range(50 * count):
+        if kind == "continuation":
+            start = rng.randrange(0, len(words) - len(answer_words))
+            candidate = " ".join(words[start : start + len(answer_words)])
+        else:
+            shuffled = answer_words[:]
+            rng.shuffle(shuffled)
+            candidate = " ".join(shuffled)
+        if candidate != answer and candidate not in wrong:
+            wrong.append(candidate)
+            if len(wrong) == count:
+                return wrong
+    return None
+
+
+def write_task_items(questions: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for question in questions:
+            handle.write(json.dumps(question, ensure_ascii=False) + "\n")
+
+
+def local_task_config(name: str, data_file: str | Path) -> dict:
+    """An lm-eval task config (what a task YAML holds) over a JSON-lines file from `write_task_items`."""
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+    }
+
+
+def load_tasks(local_files: dict[str, str], registered: list[str], num_fewshot: int, fewshot_seed: int) -> dict:
+    """lm-eval Task objects by name: local ones from their data files, registered ones (arc_easy, mmlu, ...)
+    from lm-eval's own definitions (their datasets come from the Hugging Face cache, or the hub when online)."""
+    from lm_eval.api.task import ConfigurableTask
+
+    tasks = {name: ConfigurableTask(config=local_task_config(name, path)) for name, path in local_files.items()}
+    if registered:
+        from lm_eval.tasks import TaskManager
+
+        manager = TaskManager()
+        unknown = [name for name in registered if name not in manager.all_tasks]
+        if unknown:
+            raise AccuracyTaskError(f"lm-eval has no task {unknown}; `lm-eval ls tasks` lists them "
+                                    "(accuracy.lm_eval_tasks in the config)")
+        try:
+            # load() flattens groups (mmlu) to their leaf tasks: every subtask is scored and stored
+            tasks.update(manager.load(registered)["tasks"])
+        except (ConnectionError, OSError) as error:
+            raise AccuracyTaskError(f"could not load the data of lm-eval tasks {registered}: {error}. Offline, "
+                                    "their datasets must already be in the Hugging Face cache (HF_HOME): run the "
+                                    "workflow once with network on the submit host, or drop them from "
+                                    "accuracy.lm_eval_tasks") from error
+    for task in tasks.values():
+        task.set_config(key="num_fewshot", value=num_fewshot)
+        task.set_fewshot_seed(seed=fewshot_seed)
+    return tasks
+
+
+def evaluate_accuracy(model, tokenizer, tasks: dict, batch_size: int, limit: int | float | None) -> dict:
+    """lm-eval's `evaluate` on an already loaded model (fp or quantized); its `results` section."""
+    import os
+
+    # lm-eval and datasets draw progress bars on the job's stderr, which is Snakemake's console; tqdm reads this
+    # variable for its default, and a job is its own process, so nothing else is affected.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+
+    if not tasks:
+        return {}
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    output = evaluator.evaluate(lm=lm, task_dict=tasks, limit=limit, log_samples=False, verbosity="WARNING")
+    samples = output.get("n-samples", {})
+    return {name: {**output["results"][name], "samples": samples.get(name, {}).get("effective")}
+            for name in tasks}
+
+
+def flatten_results(results: dict) -> list[dict]:
+    """lm-eval's {task: {"acc,none": v, "acc_stderr,none": s, ...}} to rows {task, metric, filter, value, stderr}.
+
+    lm-eval keys every number by "metric,filter"; standard errors are "<metric>_stderr,filter" ("N/A" when not
+    computed). One row per (task, metric, filter), so SQL can select a metric without parsing keys.
+    """
+    rows = []
+    for task, numbers in results.items():
+        for key, value in numbers.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, int | float):
+                continue
+            metric, filter_name = key.split(",", 1)
+            stderr = numbers.get(f"{metric}_stderr,{filter_name}")
+            rows.append({"task": task, "metric": metric, "filter": filter_name, "value": float(value),
+                         "stderr": float(stderr) if isinstance(stderr, int | float) else None,
+                         "samples": numbers.get("samples")})
+    return sorted(rows, key=lambda row: (row["task"], row["metric"], row["filter"]))
