@@ -4,7 +4,9 @@ import os
 import re
 
 from qtraj.config import (
+    branch_steps,
     checkpoint_steps,
+    cooldown_branches,
     averaging_plan_of,
     checkpoints_of,
     data_settings,
@@ -39,6 +41,7 @@ def alternatives(names):
 
 FAMILY_PATTERN = alternatives(FAMILIES)
 AVERAGE_PATTERN = alternatives(config["averages"])
+COOLDOWN_PATTERN = alternatives(config["cooldowns"])
 
 
 wildcard_constraints:
@@ -136,8 +139,15 @@ def checkpoint_dirs(run):
     """step -> checkpoint folder for every checkpoint the run saves."""
     return {
         step: f"{RESULTS}/checkpoints/{run}/{checkpoint_name(step)}"
-        for step in checkpoint_steps(run_settings(config, run))
+        for step in checkpoint_steps(config, run)
     }
+
+
+def cooldown_parent(wildcards):
+    """Input function: the checkpoint folder (with training state) a cooldown branch resumes."""
+    run = config["cooldowns"][wildcards.run]["from"]
+    step = cooldown_branches(config, wildcards.run)[wildcards.checkpoint]
+    return f"{RESULTS}/checkpoints/{run}/{checkpoint_name(step)}"
 
 
 def fp_evals():
@@ -196,7 +206,11 @@ def sharpness_tables():
 
 
 def training_logs():
-    return [f"{RESULTS}/training/{run}.parquet" for run in RUNS]
+    return [f"{RESULTS}/training/{run}.parquet" for run in RUNS] + [
+        f"{RESULTS}/training/{name}/{checkpoint}.parquet"
+        for name in config["cooldowns"]
+        for checkpoint in cooldown_branches(config, name)
+    ]
 
 
 def accuracy_tables():

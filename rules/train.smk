@@ -22,5 +22,31 @@ for _run in RUNS:
             run=_run,
             settings=training_settings(_run),
             checkpoint_dirs=checkpoint_dirs(_run),
+            resume_steps=branch_steps(config, _run),
         script:
             "../scripts/train.py"
+
+
+# One job per cooldown branch: resumes its run's checkpoint at the branch step and decays the LR.
+rule cooldown:
+    input:
+        parent=cooldown_parent,
+        tokens=f"{RESULTS}/data/tokens/train.npy",
+    output:
+        checkpoint=directory(f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}"),
+        training_log=f"{RESULTS}/training/{{run}}/{{checkpoint}}.parquet",
+    log:
+        f"{LOGS}/cooldown/{{run}}/{{checkpoint}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/cooldown/{{run}}/{{checkpoint}}.tsv"
+    wildcard_constraints:
+        run=COOLDOWN_PATTERN,
+    conda:
+        "../envs/qtraj.yaml"
+    threads: config["threads"]["train"]
+    params:
+        run=lambda wildcards: wildcards.run,
+        settings=lambda wildcards: training_settings(config["cooldowns"][wildcards.run]["from"]),
+        cooldown=lambda wildcards: config["cooldowns"][wildcards.run],
+    script:
+        "../scripts/cooldown.py"

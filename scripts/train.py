@@ -10,4 +10,5 @@ with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by t
         snakemake.input.tokenizer,  # noqa: F821
         {int(step): path for step, path in snakemake.params.checkpoint_dirs.items()},  # noqa: F821
         snakemake.output.training_log,  # noqa: F821
+        snakemake.params.resume_steps,  # noqa: F821
     )

@@ -95,6 +95,7 @@ def average_checkpoints(folders: list[str | Path], weights: list[float], out_dir
     copy_non_weight_files(folders[-1], out_dir)
     save_torch_state_dict({key: value.to(dtypes[key]).contiguous() for key, value in total.items()}, str(out_dir))
     newest = read_checkpoint_info(folders[-1])
-    info = replace(newest, run=run, checkpoint=checkpoint, source="averaged")
+    info = replace(newest, run=run, checkpoint=checkpoint, source="averaged", parent_run=newest.run,
+                   parent_checkpoint=newest.checkpoint)
     write_checkpoint_info(out_dir, info)
     return info

@@ -35,10 +35,13 @@ class CheckpointInfo:
     tokens: int | None
     lr: float | None
     phase: str  # warmup / stable / decay / anneal / post-training
-    source: str  # "trained", "hub" or "local"
+    source: str  # "trained", "cooldown", "averaged", "hub" or "local"
     repo: str | None = None  # hub checkpoints: repo id, revision and the commit it resolved to
     revision: str | None = None
     commit: str | None = None
+    # what it derives from: a cooldown's branch point; an average's newest checkpoint (a soup's last ingredient)
+    parent_run: str | None = None
+    parent_checkpoint: str | None = None
 
 
 def checkpoint_name(step: int) -> str:
@@ -67,11 +70,17 @@ def evenly_spaced_steps(total_steps: int, count: int) -> list[int]:
     return sorted({round(total_steps * index / count) for index in range(1, count + 1)})
 
 
+# Optimizer and data-order state of a trained checkpoint that a cooldown branches from (qtraj.training); not part
+# of the model, so never copied along with its config and tokenizer.
+TRAINING_STATE_FILE = "training_state.pt"
+
+
 def copy_non_weight_files(checkpoint_dir: str | Path, out_dir: str | Path) -> None:
     """Config, tokenizer and qtraj metadata of a checkpoint folder, without its weights."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in Path(checkpoint_dir).iterdir():
-        is_weights = item.suffix in WEIGHT_FILE_SUFFIXES or item.name in WEIGHT_INDEX_FILES
+        is_weights = (item.suffix in WEIGHT_FILE_SUFFIXES or item.name in WEIGHT_INDEX_FILES
+                      or item.name == TRAINING_STATE_FILE)
         if item.is_file() and not is_weights:
             shutil.copy2(item, out_dir / item.name)

@@ -100,6 +100,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     sort_keys_in_place(config)
     for run in config["runs"]:
         _validate(run_settings(config, run), schema["$defs"]["training"], ("runs", run))
+    _check_cooldowns(config)
     methods = discover()
     for name, entry in config["quantizations"].items():
         where = f"quantizations.{name}"
@@ -125,8 +126,24 @@ def _check_families(config: dict) -> None:
         selected_revisions(config, slug)  # loads and validates the family file, resolves the selector
 
 
+def _check_cooldowns(config: dict) -> None:
+    taken = set(config["runs"]) | set(config["families"]) | set(config["averages"])
+    for name, spec in config["cooldowns"].items():
+        where = f"config key 'cooldowns.{name}"
+        if name in taken:
+            raise ConfigError(f"{where}': '{name}' is also a run, family or average; cooldowns need their own name")
+        if spec["from"] not in config["runs"]:
+            raise ConfigError(f"{where}.from': {spec['from']!r} is not a trained run of this config; cooldowns "
+                              f"resume runs trained here (known: {', '.join(sorted(config['runs'])) or 'none'})")
+        schedule = make_schedule(run_settings(config, spec["from"]))
+        for step in spec["at"]:
+            if step > schedule.decay_start:
+                raise ConfigError(f"{where}.at': step {step} is past the stable phase of {spec['from']!r} (its "
+                                  f"decay starts after step {schedule.decay_start}); branch at or before it")
+
+
 def _check_averages(config: dict) -> None:
-    sources = set(config["runs"]) | set(config["families"])
+    sources = set(config["runs"]) | set(config["families"]) | set(config["cooldowns"])
     for name, spec in config["averages"].items():
         where = f"config key 'averages.{name}"
         if name in sources:
@@ -181,14 +198,27 @@ def run_settings(config: dict, run: str) -> dict:
     return {**config["training"], **config["runs"][run]}
 
 
-def checkpoint_steps(settings: dict) -> list[int]:
-    return evenly_spaced_steps(settings["steps"], settings["checkpoints"])
+def branch_steps(config: dict, run: str) -> list[int]:
+    """Steps of a trained run that cooldowns branch from: saved as checkpoints, with training state."""
+    return sorted({step for spec in config["cooldowns"].values() if spec["from"] == run for step in spec["at"]})
+
+
+def checkpoint_steps(config: dict, run: str) -> list[int]:
+    """The steps a trained run saves: `checkpoints` evenly spaced ones plus its cooldowns' branch points."""
+    settings = run_settings(config, run)
+    return sorted(set(evenly_spaced_steps(settings["steps"], settings["checkpoints"])) | set(branch_steps(config, run)))
+
+
+def cooldown_branches(config: dict, name: str) -> dict[str, int]:
+    """Checkpoint name of each branch's end -> the step of the run it branched from."""
+    spec = config["cooldowns"][name]
+    return {checkpoint_name(step + spec["length"]): step for step in sorted(spec["at"])}
 
 
 def trajectories(config: dict) -> list[str]:
-    """Every trajectory of the config: trained runs, hub families, then averages (the `run` column of every
-    table)."""
-    return list(config["runs"]) + list(config["families"]) + list(config["averages"])
+    """Every trajectory of the config: trained runs, hub families, cooldowns, then averages (the `run` column of
+    every table)."""
+    return list(config["runs"]) + list(config["families"]) + list(config["cooldowns"]) + list(config["averages"])
 
 
 def is_family(config: dict, name: str) -> bool:
@@ -196,11 +226,14 @@ def is_family(config: dict, name: str) -> bool:
 
 
 def data_source(config: dict, run: str) -> str:
-    """The run or family whose text (and model size) a trajectory uses: itself, or an average's source."""
+    """The run or family whose text (and model size) a trajectory uses: itself, a cooldown's run, or an average's
+    source's."""
+    if run in config["cooldowns"]:
+        return config["cooldowns"][run]["from"]
     if run not in config["averages"]:
         return run
     of = config["averages"][run]["of"]
-    return of if isinstance(of, str) else of[0].split("/", 1)[0]
+    return data_source(config, of if isinstance(of, str) else of[0].split("/", 1)[0])
 
 
 def averaging_plan_of(config: dict, name: str) -> dict:
@@ -212,15 +245,17 @@ def averaging_plan_of(config: dict, name: str) -> dict:
 
 
 def checkpoints_of(config: dict, run: str) -> list[str]:
-    """Checkpoint names of a trained run (step000800), of a family's selected revisions (the revision), or of an
-    average (named after its newest source checkpoint, or `soup`)."""
+    """Checkpoint names of a trained run (step000800), of a family's selected revisions (the revision), of a
+    cooldown (the step its branch ends at), or of an average (named after its newest source checkpoint, or `soup`)."""
     if run in config["averages"]:
         return list(averaging_plan_of(config, run))
     if is_family(config, run):
         from qtraj.families import selected_revisions
 
         return [revision.revision for revision in selected_revisions(config, run)]
-    return [checkpoint_name(step) for step in checkpoint_steps(run_settings(config, run))]
+    if run in config["cooldowns"]:
+        return list(cooldown_branches(config, run))
+    return [checkpoint_name(step) for step in checkpoint_steps(config, run)]
 
 
 def data_settings(config: dict, run: str) -> dict:

@@ -25,6 +25,8 @@ CHECKPOINT_FIELDS = [
     pa.field("repo", pa.string()),  # hub checkpoints: where they came from, pinned to a commit
     pa.field("revision", pa.string()),
     pa.field("commit", pa.string()),
+    pa.field("parent_run", pa.string()),  # cooldowns: the branch point; averages: the newest checkpoint averaged
+    pa.field("parent_checkpoint", pa.string()),
 ]
 
 PROVENANCE_FIELDS = [
@@ -73,6 +75,12 @@ QUANTIZED_EVAL_SCHEMA = pa.schema([
 
 TRAINING_LOG_SCHEMA = pa.schema([
     pa.field("run", pa.string(), nullable=False),
+    pa.field("schedule", pa.string()),  # the run's settings, the same on every row (view `runs`)
+    pa.field("peak_lr", pa.float64()),
+    pa.field("weight_decay", pa.float64()),
+    pa.field("seed", pa.int64()),
+    pa.field("parent_run", pa.string()),  # cooldowns: the run and checkpoint the branch resumed from
+    pa.field("parent_checkpoint", pa.string()),
     pa.field("step", pa.int64()),
     pa.field("tokens", pa.int64()),
     pa.field("lr", pa.float64()),

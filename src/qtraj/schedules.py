@@ -58,9 +58,20 @@ def lr_at(schedule: Schedule, step: int) -> float:
     if step <= start:
         return peak
     progress = min(1.0, (step - start) / max(1, schedule.total_steps - start))
-    if schedule.kind == "cosine":
-        return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
-    return peak + (final - peak) * progress  # wsd and linear decay linearly
+    return decayed_lr(peak, final, progress, "cosine" if schedule.kind == "cosine" else "linear")
+
+
+DECAY_SHAPES = ("linear", "cosine")
+
+
+def decayed_lr(start_lr: float, final_lr: float, progress: float, shape: str) -> float:
+    """The LR `progress` (0..1) of the way through a decay from start_lr to final_lr: the decay of every schedule
+    and of every cooldown, so a cooldown branched where a WSD run starts its decay repeats that decay exactly."""
+    if shape == "cosine":
+        return final_lr + (start_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if shape == "linear":
+        return start_lr + (final_lr - start_lr) * progress
+    raise ValueError(f"decay shape {shape!r} is unknown; known shapes: {', '.join(DECAY_SHAPES)}")
 
 
 def phase_at(schedule: Schedule, step: int) -> str:

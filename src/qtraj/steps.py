@@ -55,14 +55,35 @@ def tokenize_split(split_file: str, tokenizer_dir: str, out_file: str) -> None:
     log.info("%s: %d tokens", split_file, len(tokens))
 
 
+def _run_columns(settings: dict) -> dict:
+    """The settings every training-log row of a run carries (the `runs` view reads them)."""
+    return {key: settings[key] for key in ("schedule", "peak_lr", "weight_decay", "seed")}
+
+
 def train_run(run: str, settings: dict, train_tokens: str, tokenizer_dir: str,
-              checkpoint_dirs: dict[int, str], training_log: str) -> None:
+              checkpoint_dirs: dict[int, str], training_log: str, resume_steps: list[int] = ()) -> None:
     from qtraj.config import training_spec
     from qtraj.training import train
 
     spec = training_spec(run, settings)
-    rows = train(spec, np.load(train_tokens), tokenizer_dir, checkpoint_dirs)
-    results.write_rows(rows, results.TRAINING_LOG_SCHEMA, training_log)
+    rows = train(spec, np.load(train_tokens), tokenizer_dir, checkpoint_dirs, resume_steps)
+    results.write_rows([{**row, **_run_columns(settings)} for row in rows], results.TRAINING_LOG_SCHEMA,
+                       training_log)
+
+
+def cool_down(run: str, settings: dict, cooldown: dict, parent_dir: str, train_tokens: str, out_dir: str,
+              training_log: str) -> None:
+    """One cooldown branch: resume the parent run's checkpoint and decay (settings: the parent run's)."""
+    from qtraj.config import training_spec
+    from qtraj.training import cool_down as resume_and_decay
+
+    spec = training_spec(run, settings)
+    rows = resume_and_decay(spec, parent_dir, np.load(train_tokens), cooldown["length"], cooldown["shape"],
+                            cooldown["final_lr_fraction"] * settings["peak_lr"], out_dir)
+    columns = {**_run_columns(settings), "schedule": f"cooldown-{cooldown['shape']}"}
+    results.write_rows([{**row, **columns} for row in rows], results.TRAINING_LOG_SCHEMA, training_log)
+    log.info("%s: %d cooldown steps from %s, final train loss %.4f", out_dir, cooldown["length"], parent_dir,
+             rows[-1]["train_loss"])
 
 
 def download_checkpoint(slug: str, family: dict, revision, tokenizer_dir: str, out_dir: str) -> None:

@@ -6,14 +6,21 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qtraj.checkpoints import CheckpointInfo, write_checkpoint_info
-from qtraj.schedules import Schedule, lr_at, phase_at
+from qtraj.checkpoints import (
+    TRAINING_STATE_FILE,
+    CheckpointInfo,
+    copy_non_weight_files,
+    read_checkpoint_info,
+    write_checkpoint_info,
+)
+from qtraj.schedules import Schedule, decayed_lr, lr_at, phase_at
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +64,79 @@ def make_optimizer(model: torch.nn.Module, peak_lr: float, weight_decay: float) 
 
 
 def train(spec: TrainingSpec, train_tokens: np.ndarray, tokenizer_dir: str | Path,
-          checkpoint_dirs: dict[int, str | Path]) -> list[dict]:
-    """Train and save a checkpoint folder after each step in `checkpoint_dirs`; returns the training log rows."""
+          checkpoint_dirs: dict[int, str | Path], resume_steps: Iterable[int] = ()) -> list[dict]:
+    """Train and save a checkpoint folder after each step in `checkpoint_dirs`; returns the training log rows.
+
+    At `resume_steps` the folder also gets the optimizer and data-order state, so a cooldown can branch there.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model = build_model(spec.model, len(tokenizer), spec.seed)
-    model.train()
     optimizer = make_optimizer(model, spec.schedule.peak_lr, spec.weight_decay)
-    stream = torch.from_numpy(train_tokens.astype(np.int64))
     generator = torch.Generator().manual_seed(spec.seed)
     tokens_per_step = spec.batch_size * spec.seq_len
-    log_every = max(1, spec.schedule.total_steps // 100)
-    rows, started = [], time.perf_counter()
+    resume_steps = set(resume_steps)
 
-    for step in range(1, spec.schedule.total_steps + 1):
-        lr = lr_at(spec.schedule, step)
+    def save(step: int, lr: float) -> None:
+        if step not in checkpoint_dirs:
+            return
+        save_checkpoint(model, tokenizer_dir, checkpoint_dirs[step], CheckpointInfo(
+            run=spec.run, checkpoint=Path(checkpoint_dirs[step]).name, step=step,
+            tokens=step * tokens_per_step, lr=lr, phase=phase_at(spec.schedule, step), source="trained"))
+        if step in resume_steps:
+            save_training_state(checkpoint_dirs[step], optimizer, generator, step)
+
+    lrs = {step: lr_at(spec.schedule, step) for step in range(1, spec.schedule.total_steps + 1)}
+    return _train_steps(spec, model, optimizer, generator, train_tokens, lrs, save)
+
+
+def cool_down(spec: TrainingSpec, parent_dir: str | Path, train_tokens: np.ndarray, length: int, shape: str,
+              final_lr: float, out_dir: str | Path) -> list[dict]:
+    """Resume a run from a checkpoint saved with its training state (`train(resume_steps=...)`) and decay the LR
+    from the one at the branch to `final_lr` over `length` steps: the paper's cooldowns branched from stable-phase
+    checkpoints. Weights, AdamW moments and the data order continue exactly where the run was; the checkpoint
+    after the last step is saved to `out_dir` (phase decay, parent = the branch point)."""
+    from transformers import AutoModelForCausalLM
+
+    parent = read_checkpoint_info(parent_dir)
+    state_file = Path(parent_dir) / TRAINING_STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"{parent_dir} has no {TRAINING_STATE_FILE}: a cooldown can only branch from a checkpoint its run "
+            "saved with training state. Delete the run's checkpoints and rerun its training job (the config's "
+            "cooldowns make it save the state at every branch step)")
+    state = torch.load(state_file, weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32)
+    optimizer = make_optimizer(model, parent.lr or spec.schedule.peak_lr, spec.weight_decay)
+    optimizer.load_state_dict(state["optimizer"])
+    generator = torch.Generator()
+    generator.set_state(state["generator"])
+    start, start_lr = int(state["step"]), parent.lr
+    end = start + length
+
+    def save(step: int, lr: float) -> None:
+        if step == end:
+            copy_non_weight_files(parent_dir, out_dir)  # config and tokenizer; not the parent's weights or state
+            model.save_pretrained(str(out_dir), safe_serialization=True)
+            write_checkpoint_info(out_dir, CheckpointInfo(
+                run=spec.run, checkpoint=Path(out_dir).name, step=step, tokens=step * spec.batch_size * spec.seq_len,
+                lr=lr, phase="decay", source="cooldown", parent_run=parent.run, parent_checkpoint=parent.checkpoint))
+
+    lrs = {start + k: decayed_lr(start_lr, final_lr, k / length, shape) for k in range(1, length + 1)}
+    rows = _train_steps(spec, model, optimizer, generator, train_tokens, lrs, save)
+    return [{**row, "parent_run": parent.run, "parent_checkpoint": parent.checkpoint} for row in rows]
+
+
+def _train_steps(spec: TrainingSpec, model, optimizer, generator: torch.Generator, train_tokens: np.ndarray,
+                 lrs: dict[int, float], save) -> list[dict]:
+    """The training loop over the steps of `lrs` (step -> LR), calling `save(step, lr)` after each update."""
+    model.train()
+    stream = torch.from_numpy(train_tokens.astype(np.int64))
+    tokens_per_step = spec.batch_size * spec.seq_len
+    log_every = max(1, len(lrs) // 100)
+    rows, started = [], time.perf_counter()
+    for index, (step, lr) in enumerate(sorted(lrs.items())):
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = sample_batch(stream, spec.seq_len, spec.batch_size, generator)
@@ -87,15 +151,18 @@ def train(spec: TrainingSpec, train_tokens: np.ndarray, tokenizer_dir: str | Pat
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         optimizer.step()
-        if step % log_every == 0 or step == 1:
+        if step % log_every == 0 or index == 0:
             rows.append({"run": spec.run, "step": step, "tokens": step * tokens_per_step, "lr": lr,
                          "train_loss": loss.item(), "elapsed_s": time.perf_counter() - started})
             log.info("run %s step %d lr %.3g loss %.4f", spec.run, step, lr, loss.item())
-        if step in checkpoint_dirs:
-            save_checkpoint(model, tokenizer_dir, checkpoint_dirs[step], CheckpointInfo(
-                run=spec.run, checkpoint=Path(checkpoint_dirs[step]).name, step=step,
-                tokens=step * tokens_per_step, lr=lr, phase=phase_at(spec.schedule, step), source="trained"))
+        save(step, lr)
     return rows
+
+
+def save_training_state(folder: str | Path, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                        step: int) -> None:
+    torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step},
+               Path(folder) / TRAINING_STATE_FILE)
 
 
 def _next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
