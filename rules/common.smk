@@ -21,7 +21,7 @@ from qtraj.config import (
 )
 from qtraj.checkpoints import checkpoint_name
 from qtraj.families import configured_family, revision_of
-from qtraj.resources import job_resources
+from qtraj.resources import job_resources, llama_parameters
 
 validate_config(config)
 
@@ -71,6 +71,13 @@ def task_files(wildcards):
     return {name: f"{RESULTS}/data/tasks/{text}/{name}.jsonl" for name in local_tasks}
 
 
+def lm_eval_marker(wildcards):
+    """Input function: the marker of the registered lm-eval tasks a trajectory is scored on (none: no input)."""
+    if not data_settings(config, wildcards.run)["accuracy"]["lm_eval_tasks"]:
+        return []
+    return [f"{RESULTS}/data/tasks/{validation_text(config, wildcards.run)}/lm_eval.json"]
+
+
 def validation_text_file(text):
     """The validation documents a local task of `text` (corpus | hub) is built from."""
     if text == "hub":
@@ -88,17 +95,20 @@ def data_setting(kind):
     return lambda wildcards: data_settings(config, wildcards.run)[kind]
 
 
-def resource(step, key):
+def resource(step, key, run=None):
     """Resource function: `key` of what a `step` job on this trajectory's model asks a cluster for
-    (qtraj.resources; micro models trained here ask for no GPU)."""
+    (qtraj.resources; micro models trained here ask for no GPU). `run`: for rules without a run wildcard."""
 
     def value(wildcards):
-        source = data_source(config, wildcards.run)
-        parameters = (
-            configured_family(config, source)["parameters"]
-            if is_family(config, source)
-            else None
-        )
+        source = data_source(config, run or wildcards.run)
+        if is_family(config, source):
+            parameters = configured_family(config, source)["parameters"]
+        elif config["resources"]["trained_on_gpu"]:
+            parameters = llama_parameters(
+                config["model"], config["tokenizer"]["vocab_size"]
+            )
+        else:
+            parameters = None
         return job_resources(step, parameters, config["resources"]).get(key, 0)
 
     return value
@@ -238,8 +248,22 @@ def dataset_tables():
     ]
 
 
+def summary_figures():
+    """The summary figures this config has data for (qtraj.plotting.SUMMARY_FIGURES)."""
+    names = ["loss", "lr"]
+    if sharpness_tables():
+        names.append("sharpness")
+    if config["averages"]:
+        names.append("averaging")
+    if any(
+        settings["local_tasks"] or settings["lm_eval_tasks"]
+        for settings in (data_settings(config, run)["accuracy"] for run in TRAJECTORIES)
+    ):
+        names.append("accuracy")
+    return names
+
+
 def all_targets():
     figures = [f"{RESULTS}/figures/{run}.png" for run in TRAJECTORIES]
-    if sharpness_tables():
-        figures.append(f"{RESULTS}/figures/sharpness.png")
+    figures += [f"{RESULTS}/figures/{name}.png" for name in summary_figures()]
     return dataset_tables() + figures

@@ -69,3 +69,23 @@ rule build_task:
         settings=local_task_settings,
     script:
         "../scripts/build_task.py"
+
+
+# Registered lm-eval tasks (config `accuracy.lm_eval_tasks`): loaded once on the submit host, which has network
+# where compute nodes often do not; their datasets stay in the Hugging Face cache for the evaluation jobs.
+rule fetch_lm_eval_tasks:
+    output:
+        f"{RESULTS}/data/tasks/{{text}}/lm_eval.json",
+    log:
+        f"{LOGS}/fetch_lm_eval_tasks/{{text}}.log",
+    wildcard_constraints:
+        text="corpus|hub",
+    localrule: True
+    conda:
+        "../envs/qtraj.yaml"
+    params:
+        tasks=lambda wildcards: (config["hub_data"] if wildcards.text == "hub" else config)[
+            "accuracy"
+        ]["lm_eval_tasks"],
+    script:
+        "../scripts/fetch_lm_eval_tasks.py"

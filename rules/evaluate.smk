@@ -3,6 +3,7 @@ rule evaluate_fp:
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
         validation=tokens_file("validation"),
         tasks=lambda wildcards: task_files(wildcards).values(),
+        lm_eval_tasks=lm_eval_marker,
     output:
         result=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
         accuracy=f"{RESULTS}/evals/accuracy/fp/{{run}}/{{checkpoint}}.parquet",
@@ -35,6 +36,7 @@ rule evaluate_quantized:
         validation=tokens_file("validation"),
         calibration=tokens_file("calibration"),
         tasks=lambda wildcards: task_files(wildcards).values(),
+        lm_eval_tasks=lm_eval_marker,
     output:
         result=f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
         layer_errors=f"{RESULTS}/evals/layers/{{run}}/{{checkpoint}}/{{quantization}}.parquet",

@@ -40,21 +40,27 @@ rule plot_trajectory:
         "../scripts/plot_trajectory.py"
 
 
-rule plot_sharpness:
-    input:
-        dataset_tables(),
-    output:
-        report(
-            f"{RESULTS}/figures/sharpness.png",
-            caption="../report/sharpness.rst",
-            category="Sharpness",
-        ),
-    log:
-        f"{LOGS}/plot_sharpness.log",
-    localrule: True
-    conda:
-        "../envs/qtraj.yaml"
-    params:
-        results_dir=lambda wildcards, input: os.path.dirname(os.path.dirname(input[0])),
-    script:
-        "../scripts/plot_sharpness.py"
+# One rule per summary figure of the whole dataset (qtraj.plotting.SUMMARY_FIGURES), each with its caption.
+for _figure in summary_figures():
+
+    rule:
+        name:
+            f"plot_{_figure}"
+        input:
+            dataset_tables(),
+        output:
+            report(
+                f"{RESULTS}/figures/{_figure}.png",
+                caption=f"../report/{_figure}.rst",
+                category="Summary",
+            ),
+        log:
+            f"{LOGS}/plot_{_figure}.log",
+        localrule: True
+        conda:
+            "../envs/qtraj.yaml"
+        params:
+            results_dir=lambda wildcards, input: os.path.dirname(os.path.dirname(input[0])),
+            figure=_figure,
+        script:
+            "../scripts/plot_summary.py"

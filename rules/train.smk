@@ -18,6 +18,12 @@ for _run in RUNS:
         conda:
             "../envs/qtraj.yaml"
         threads: config["threads"]["train"]
+        resources:
+            gpu=resource("train", "gpu", run=_run),
+            cpus_per_gpu=resource("train", "cpus_per_gpu", run=_run),
+            tasks_per_gpu=resource("train", "tasks_per_gpu", run=_run),
+            mem_mb=resource("train", "mem_mb", run=_run),
+            runtime=resource("train", "runtime", run=_run),
         params:
             run=_run,
             settings=training_settings(_run),
@@ -44,6 +50,12 @@ rule cooldown:
     conda:
         "../envs/qtraj.yaml"
     threads: config["threads"]["train"]
+    resources:
+        gpu=resource("train", "gpu"),
+        cpus_per_gpu=resource("train", "cpus_per_gpu"),
+        tasks_per_gpu=resource("train", "tasks_per_gpu"),
+        mem_mb=resource("train", "mem_mb"),
+        runtime=resource("train", "runtime"),
     params:
         run=lambda wildcards: wildcards.run,
         settings=lambda wildcards: training_settings(config["cooldowns"][wildcards.run]["from"]),

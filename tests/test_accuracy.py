@@ -102,3 +102,17 @@ def test_lm_eval_scores_an_in_memory_model_like_a_hand_count(trained_checkpoint,
 def test_unknown_lm_eval_task_is_named():
     with pytest.raises(AccuracyTaskError, match="no task \\['arc_esay'\\]"):
         load_tasks({}, ["arc_esay"], num_fewshot=0, fewshot_seed=0)
+
+
+def test_registered_tasks_missing_from_the_cache_offline_say_how_to_fix_it(monkeypatch, tmp_path):
+    import datasets
+    from huggingface_hub import constants
+
+    # offline with an empty cache (both libraries read these at import time, so the module values are patched)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(AccuracyTaskError, match="must already be in the Hugging Face cache"):
+        load_tasks({}, ["arc_easy"], num_fewshot=0, fewshot_seed=0)

@@ -24,6 +24,8 @@ def test_plans_name_each_average_after_its_newest_checkpoint():
     assert list(plan) == ["step000600", "step000800"]
     assert plan["step000800"] == ([("wsd", "step000400"), ("wsd", "step000600"), ("wsd", "step000800")],
                                   [pytest.approx(1 / 3)] * 3)
+    only_last = averaging_plan({"kind": "lawa", "of": "wsd", "window": 2, "at": ["step000800"]}, steps)
+    assert only_last == {"step000800": ([("wsd", "step000600"), ("wsd", "step000800")], [0.5, 0.5])}
     soup = averaging_plan({"kind": "soup", "of": ["a/x", "b/y"]}, [])
     assert soup == {"soup": ([("a", "x"), ("b", "y")], [0.5, 0.5])}
 
@@ -62,6 +64,8 @@ def test_averages_are_trajectories_checked_against_their_sources(default_config)
     assert checkpoints_of(config, "soup") == ["soup"]
     for bad, message in [({"kind": "lawa", "of": "nope"}, "'nope' is not a run or family"),
                          ({"kind": "lawa", "of": "wsd", "window": 9}, "more than the 4 checkpoints"),
+                         ({"kind": "lawa", "of": "wsd", "window": 2, "at": ["step000200"]},
+                          "'step000200' is not a checkpoint of 'wsd' that a window of 2 can end at"),
                          ({"kind": "soup", "of": ["wsd/step000123", "cosine/step000800"]}, "is not a checkpoint")]:
         config = copy.deepcopy(default_config)
         config["averages"] = {"avg": bad}

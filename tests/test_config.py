@@ -19,6 +19,17 @@ def test_default_config_is_valid_and_has_the_issue_grid():
     assert {run_settings(config, run)["schedule"] for run in config["runs"]} >= {"cosine", "wsd"}
     assert len({run_settings(config, run)["peak_lr"] for run in config["runs"]}) == 1
     assert all(len(checkpoints_of(config, run)) >= 4 for run in config["runs"])
+    # the science check: WSD under two seeds, each with a LAWA average at its end
+    wsd_seeds = {run_settings(config, run)["seed"] for run in config["runs"]
+                 if run_settings(config, run)["schedule"] == "wsd"}
+    assert len(wsd_seeds) >= 2 and len(config["averages"]) == len(wsd_seeds)
+    grid = {(entry["method"], entry["bits"]) for entry in config["quantizations"].values()}
+    assert grid >= {("rtn", 3), ("rtn", 4), ("gptq", 3), ("gptq", 4)}
+    assert config["accuracy"]["local_tasks"]
+
+
+def test_every_method_runs_in_the_methods_experiment():
+    config = load_config(REPO_ROOT / "config" / "experiments" / "methods.yaml")
     grid = {(entry["method"], entry["bits"]) for entry in config["quantizations"].values()}
     assert grid >= {("rtn", 3), ("rtn", 4), ("gptq", 3), ("gptq", 4), ("awq", 3), ("awq", 4), ("bnb", 8), ("bnb", 4)}
 

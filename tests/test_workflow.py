@@ -58,11 +58,15 @@ def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
     jobs = planned_jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
                                   workdir=tmp_path).stdout)
     rules = [rule for rule, _ in jobs]
-    assert rules.count("train_cosine") == rules.count("train_wsd") == 1
-    assert rules.count("evaluate_fp") == 8  # 2 runs x 4 checkpoints
-    # 6 stored methods (RTN, GPTQ, AWQ at 3 and 4 bits) are quantized, then evaluated; bitsandbytes' 2 at load time
-    assert rules.count("quantize") == 8 * 6 and rules.count("evaluate_quantized") == 8 * 8
-    assert rules.count("sharpness") == 8 and rules.count("plot_sharpness") == 1
+    assert rules.count("train_cosine") == rules.count("train_wsd") == rules.count("train_wsd-seed1") == 1
+    assert rules.count("average_checkpoints") == 2  # LAWA of steps 600 and 800, per WSD seed
+    checkpoints = 3 * 4 + 2
+    assert rules.count("evaluate_fp") == rules.count("sharpness") == checkpoints
+    # GPTQ and RTN at 3 and 4 bits: quantized, then evaluated (loss, layer errors, task accuracy)
+    assert rules.count("quantize") == rules.count("evaluate_quantized") == checkpoints * 4
+    assert rules.count("build_task") == 2  # the two local accuracy tasks, built once
+    assert {rule for rule in rules if rule.startswith("plot_") and rule != "plot_trajectory"} == {
+        "plot_loss", "plot_lr", "plot_sharpness", "plot_averaging", "plot_accuracy"}
 
 
 def test_paper_grid_dry_runs_offline(tmp_path):
@@ -73,6 +77,7 @@ def test_paper_grid_dry_runs_offline(tmp_path):
     checkpoints = rules.count("download_checkpoint")
     assert checkpoints > 300 and rules.count("evaluate_fp") == checkpoints
     assert rules.count("quantize") == rules.count("evaluate_quantized") == 2 * checkpoints
+    assert rules.count("fetch_lm_eval_tasks") == 1  # the 12 lm-eval tasks, fetched once on the submit host
     assert not (tmp_path / "results").exists()
 
 
@@ -99,24 +104,26 @@ def tiny_run(tmp_path_factory, small_corpus):
 def test_every_checkpoint_has_finite_rows_for_each_method_and_bits(tiny_run):
     _, _, results_dir = tiny_run
     table = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
-    assert len(table) == (2 * 2 + 1) * 5  # (runs x checkpoints + the LAWA average) x quantizations
+    # (runs x checkpoints + the LAWA average + the cooldown) x quantizations
+    assert len(table) == (2 * 2 + 1 + 1) * 5
     cells = {(row["run"], row["checkpoint"], row["method"], row["bits"]) for row in table}
-    assert len(cells) == 25
+    assert len(cells) == 30
     for row in table:
         assert row["loss_q"] > 0 and abs(row["delta_q_loss"] - (row["loss_q"] / row["loss_fp"] - 1)) < 1e-12
         assert row["phase"] in {"warmup", "stable", "decay"} and row["tokens"] == row["step"] * 8 * 64
-        assert row["source"] == ("averaged" if row["run"] == "wsd-lawa2" else "trained")
+        assert row["source"] == {"wsd-lawa2": "averaged", "wsd-cooldown": "cooldown"}.get(row["run"], "trained")
         assert row["engine"] == ("bitsandbytes" if row["method"] == "bnb" else "llmcompressor")
         assert row["engine_version"] and row["config_hash"] and row["torch_version"]
-    assert len(pq.read_table(results_dir / "dataset" / "fp_evals.parquet")) == 5
+    assert len(pq.read_table(results_dir / "dataset" / "fp_evals.parquet")) == 6
     layers = pq.read_table(results_dir / "dataset" / "layer_errors.parquet").to_pylist()
-    assert len(layers) == 25 * 2 * 7  # quantized models x blocks x linear layers per block
+    assert len(layers) == 30 * 2 * 7  # quantized models x blocks x linear layers per block
     assert all(row["recon_error"] > 0 and 0 < row["weight_error"] < 1 for row in layers)
     assert {path.name for path in (results_dir / "figures").iterdir()} == {
-        "cosine.png", "wsd.png", "wsd-lawa2.png", "sharpness.png"}
+        "cosine.png", "wsd.png", "wsd-lawa2.png", "wsd-cooldown.png", "sharpness.png", "loss.png", "lr.png",
+        "averaging.png", "accuracy.png"}
     sharpness = pq.read_table(results_dir / "dataset" / "sharpness.parquet").to_pylist()
     # the eigenvalue of largest magnitude: near initialisation it may be negative
-    assert len(sharpness) == 5 and all(abs(row["top_eigenvalue"]) > 0 and row["iterations"] >= 1 for row in sharpness)
+    assert len(sharpness) == 6 and all(abs(row["top_eigenvalue"]) > 0 and row["iterations"] >= 1 for row in sharpness)
     assert not (results_dir / "quantized").exists() or not any((results_dir / "quantized").rglob("*.safetensors"))
 
 
@@ -126,7 +133,7 @@ def test_qtraj_query_answers_over_the_run(tiny_run):
         [str(Path(sys.executable).parent / "qtraj"), "query",
          "SELECT run, count(*) AS n FROM results GROUP BY run ORDER BY run", "--results-dir", str(results_dir),
          "--format", "csv"], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["run,n", "cosine,10", "wsd,10", "wsd-lawa2,5"]
+    assert result.stdout.split() == ["run,n", "cosine,10", "wsd,10", "wsd-cooldown,5", "wsd-lawa2,5"]
     from qtraj.query import query
 
     joined = query("SELECT r.bits, avg(l.recon_error_rel) AS recon FROM layer_errors l JOIN results r "
@@ -135,7 +142,103 @@ def test_qtraj_query_answers_over_the_run(tiny_run):
     assert joined[0]["recon"] > joined[1]["recon"] > joined[2]["recon"]
     by_method = query("SELECT method, bits, count(*) AS n FROM layer_errors GROUP BY ALL ORDER BY ALL", results_dir)
     assert [(row["method"], row["bits"], row["n"]) for row in by_method] == [
-        ("bnb", 8, 70), ("gptq", 3, 70), ("gptq", 4, 70), ("rtn", 3, 70), ("rtn", 4, 70)]
+        ("bnb", 8, 84), ("gptq", 3, 84), ("gptq", 4, 84), ("rtn", 3, 84), ("rtn", 4, 84)]
+
+
+def readme_view_queries() -> list[str]:
+    """The SQL examples of README.md's "Canned views" section."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### Canned views", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sql\n(.*?)```", section, flags=re.DOTALL)
+
+
+def test_readme_view_examples_answer_over_the_run(tiny_run):
+    from qtraj.query import query
+
+    _, _, results_dir = tiny_run
+    examples = readme_view_queries()
+    assert len(examples) == 6
+    for sql in examples:
+        assert query(sql, results_dir), sql
+
+
+def test_canned_views_agree_with_the_tables_they_summarise(tiny_run):
+    from qtraj.query import query
+
+    _, _, results_dir = tiny_run
+    rows = {(row["run"], row["checkpoint"], row["quantization"]): row
+            for row in query("SELECT * FROM results", results_dir)}
+
+    # tiny wsd: step 20 is stable, step 40 ends the decay; cosine decays from step 2, so it has no row
+    decay = query("SELECT * FROM decay_effect ORDER BY run, quantization", results_dir)
+    assert {row["run"] for row in decay} == {"wsd"} and len(decay) == 5
+    for row in decay:
+        before, after = rows["wsd", "step000020", row["quantization"]], rows["wsd", "step000040", row["quantization"]]
+        assert (row["checkpoint_before"], row["checkpoint_after"]) == ("step000020", "step000040")
+        assert row["delta_q_loss_change"] == pytest.approx(after["delta_q_loss"] - before["delta_q_loss"])
+        assert row["loss_fp_change"] == pytest.approx(after["loss_fp"] - before["loss_fp"])
+
+    averaging = query("SELECT * FROM averaging_effect", results_dir)
+    assert len(averaging) == 5
+    for row in averaging:
+        assert (row["average"], row["run"], row["checkpoint"]) == ("wsd-lawa2", "wsd", "step000040")
+        parent, average = rows["wsd", "step000040", row["quantization"]], rows["wsd-lawa2", "step000040",
+                                                                              row["quantization"]]
+        assert row["delta_q_loss_change"] == pytest.approx(average["delta_q_loss"] - parent["delta_q_loss"])
+
+    runs = {row["run"]: row for row in query("SELECT * FROM runs", results_dir)}
+    assert set(runs) == {"cosine", "wsd", "wsd-cooldown"}
+    assert (runs["cosine"]["schedule"], runs["wsd"]["schedule"]) == ("cosine", "wsd")
+    assert runs["wsd-cooldown"]["parent_run"] == "wsd" and runs["wsd-cooldown"]["last_step"] == 28
+    cooled = rows["wsd-cooldown", "step000028", "rtn-w4g16"]
+    assert (cooled["parent_run"], cooled["parent_checkpoint"], cooled["phase"]) == ("wsd", "step000020", "decay")
+
+    phases = query("SELECT * FROM error_by_phase WHERE run = 'wsd' AND quantization = 'gptq-w3g16'", results_dir)
+    assert {(row["phase"], row["checkpoints"]) for row in phases} == {("stable", 1), ("decay", 1)}
+    correlations = query("SELECT * FROM error_correlations", results_dir)
+    assert all(row["corr_lr"] is None for row in correlations)  # two checkpoints per trajectory: no correlation
+
+
+def test_science_check_reads_both_effects_and_exits_by_whether_they_hold(tiny_run):
+    from qtraj.science import measure
+
+    _, _, results_dir = tiny_run
+    decay, averaging, effects = measure(results_dir)
+    assert {(row["run"], row["checkpoint_before"], row["checkpoint_after"]) for row in decay} == {
+        ("wsd", "step000020", "step000040")} and len(decay) == 5
+    assert all(row["stable_change"] is None for row in decay)  # step 20 is wsd's first checkpoint
+    assert {(row["average"], row["checkpoint"]) for row in averaging} == {("wsd-lawa2", "step000040")}
+    assert len(effects) == 5 * 3
+    for effect in effects:
+        assert len(effect.values) == 1
+        expected = effect.values[0] < 0 if effect.name != "decay: ΔQ L change" else effect.values[0] > 0
+        assert effect.holds == expected
+    result = subprocess.run([str(Path(sys.executable).parent / "qtraj"), "science-check", "--results-dir",
+                             str(results_dir)], capture_output=True, text=True)
+    assert result.returncode == (0 if all(effect.holds for effect in effects) else 1), result.stderr
+    assert "LR decay" in result.stdout and "wsd-lawa2" in result.stdout
+
+
+def test_accuracy_rows_and_drops(tiny_run):
+    from qtraj.query import query
+
+    _, _, results_dir = tiny_run
+    accuracy = query("SELECT * FROM accuracy", results_dir)
+    # (6 fp + 30 quantized models) x 2 tasks x (acc, acc_norm)
+    assert len(accuracy) == 36 * 2 * 2
+    assert {row["task"] for row in accuracy} == {"continuation", "word-order"}
+    assert all(0 <= row["value"] <= 1 and row["samples"] == 40 and row["filter"] == "none" for row in accuracy)
+    value = {(row["run"], row["checkpoint"], row["quantization"], row["task"], row["metric"]): row["value"]
+             for row in accuracy}
+    drops = query("SELECT * FROM accuracy_drop", results_dir)
+    assert len(drops) == 30 * 2 * 2
+    for row in drops:
+        acc_fp = value[row["run"], row["checkpoint"], None, row["task"], row["metric"]]
+        acc_q = value[row["run"], row["checkpoint"], row["quantization"], row["task"], row["metric"]]
+        assert row["abs_drop"] == pytest.approx(acc_fp - acc_q)
+        assert row["rel_drop"] == pytest.approx((acc_fp - acc_q) / (1 - acc_fp))
+    summary = query("SELECT * FROM accuracy_summary", results_dir)
+    assert len(summary) == 30 and all(row["tasks"] == 2 for row in summary)
 
 
 def test_second_run_does_nothing_even_with_the_keys_reordered(tiny_run):
@@ -158,7 +261,7 @@ def test_adding_a_schedule_runs_only_its_jobs(tiny_run, small_corpus):
     before = {path: path.stat().st_mtime_ns for path in (results_dir / "evals").rglob("*.parquet")}
     jobs = planned_jobs(snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir).stdout)
     per_checkpoint = [(rule, output) for rule, output in jobs
-                      if rule not in ("aggregate", "plot_trajectory", "plot_sharpness", "all")]
+                      if rule not in ("aggregate", "plot_trajectory", "all") and not rule.startswith("plot_")]
     # training, then per checkpoint: fp eval, sharpness, 4 quantize + evaluate, bnb evaluate
     assert len(per_checkpoint) == 1 + 2 * (1 + 1 + 4 * 2 + 1)
     assert all("/linear/" in output or rule == "train_linear" for rule, output in per_checkpoint)
@@ -166,9 +269,11 @@ def test_adding_a_schedule_runs_only_its_jobs(tiny_run, small_corpus):
     snakemake("--cores", "2", "--configfile", str(config), workdir=workdir)
     after = {path: path.stat().st_mtime_ns for path in (results_dir / "evals").rglob("*.parquet")}
     assert all(after[path] == mtime for path, mtime in before.items())
-    assert len(after) - len(before) == 2 * (1 + 1 + 5 * 2)  # fp evals, sharpness, quantized evals, layer errors
+    # fp evals and their accuracy, sharpness, quantized evals, layer errors and accuracy
+    assert len(after) - len(before) == 2 * (2 + 1 + 5 * 3)
     rows = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()
-    assert {row["run"] for row in rows} == {"cosine", "wsd", "wsd-lawa2", "linear"} and len(rows) == 35
+    assert {row["run"] for row in rows} == {"cosine", "wsd", "wsd-lawa2", "wsd-cooldown", "linear"}
+    assert len(rows) == 40
 
 
 def test_python_code_is_ruff_clean():

@@ -125,11 +125,9 @@ def load_tasks(local_files: dict[str, str], registered: list[str], num_fewshot: 
 
 def evaluate_accuracy(model, tokenizer, tasks: dict, batch_size: int, limit: int | float | None) -> dict:
     """lm-eval's `evaluate` on an already loaded model (fp or quantized); its `results` section."""
-    import os
+    import contextlib
+    import io
 
-    # lm-eval and datasets draw progress bars on the job's stderr, which is Snakemake's console; tqdm reads this
-    # variable for its default, and a job is its own process, so nothing else is affected.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
 
@@ -137,7 +135,10 @@ def evaluate_accuracy(model, tokenizer, tasks: dict, batch_size: int, limit: int
         return {}
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = evaluator.evaluate(lm=lm, task_dict=tasks, limit=limit, log_samples=False, verbosity="WARNING")
+    # lm-eval draws progress bars on stderr (Snakemake's console) and passes tqdm `disable=False` explicitly, so
+    # TQDM_DISABLE cannot turn them off; its messages go through logging, which keeps its own streams.
+    with contextlib.redirect_stderr(io.StringIO()):
+        output = evaluator.evaluate(lm=lm, task_dict=tasks, limit=limit, log_samples=False, verbosity="WARNING")
     samples = output.get("n-samples", {})
     return {name: {**output["results"][name], "samples": samples.get(name, {}).get("effective")}
             for name in tasks}

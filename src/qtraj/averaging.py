@@ -36,15 +36,18 @@ def averaging_plan(spec: dict, source_checkpoints: list[str]) -> dict[str, tuple
     """Averaged checkpoint name -> ((trajectory, checkpoint) sources, weights).
 
     lawa / ema over trajectory `of`: one average per window of `window` consecutive checkpoints, named after the
-    newest of them, so it lines up with it in every table (the first window - 1 checkpoints get none).
+    newest of them, so it lines up with it in every table (the first window - 1 checkpoints get none); with `at`,
+    only the windows ending at those checkpoints.
     soup: one checkpoint, `soup`, the uniform average of the `trajectory/checkpoint` entries of `of`.
     """
     if spec["kind"] == "soup":
         sources = [tuple(entry.split("/", 1)) for entry in spec["of"]]
         return {SOUP_CHECKPOINT: (sources, lawa_weights(len(sources)))}
-    window = spec["window"]
+    window, wanted = spec["window"], spec.get("at")
     plan = {}
     for end in range(window - 1, len(source_checkpoints)):
+        if wanted is not None and source_checkpoints[end] not in wanted:
+            continue
         names = [(spec["of"], name) for name in source_checkpoints[end - window + 1 : end + 1]]
         weights = lawa_weights(window) if spec["kind"] == "lawa" else ema_weights(window, spec["decay"])
         plan[source_checkpoints[end]] = (names, weights)

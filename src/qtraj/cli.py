@@ -1,4 +1,4 @@
-"""The `qtraj` command line: `qtraj query "SQL"`."""
+"""The `qtraj` command line: `qtraj query "SQL"` and `qtraj science-check`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from qtraj.query import DATASET_FILES, QueryError, connect, run_query
+from qtraj.query import CANNED_VIEWS, DATASET_FILES, QueryError, connect, run_query
 
 
 def _print(relation, output_format: str, max_rows: int) -> None:
@@ -29,25 +29,43 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     query = commands.add_parser(
         "query", help="answer SQL over the results dataset",
-        description=f"Read-only SQL (DuckDB dialect) over the views: {', '.join(DATASET_FILES)}.",
+        description=f"Read-only SQL (DuckDB dialect) over the tables {', '.join(DATASET_FILES)} and the canned "
+                    f"views {', '.join(CANNED_VIEWS)} (README: Canned views).",
     )
     query.add_argument("sql", help='e.g. "SELECT run, phase, avg(delta_q_loss) FROM results GROUP BY ALL"')
-    query.add_argument("--results-dir", default=os.environ.get("QTRAJ_RESULTS_DIR", "results"),
-                       help="the workflow's results_dir (default: $QTRAJ_RESULTS_DIR or ./results)")
     query.add_argument("--format", choices=["table", "csv", "json"], default="table")
     query.add_argument("--max-rows", type=int, default=100, help="rows shown in table format")
+    check = commands.add_parser(
+        "science-check", help="the paper's two central effects across seeds (LR decay, weight averaging)",
+        description="Per seed: fp loss and ΔQ L across the LR decay, and LAWA against the newest checkpoint it "
+                    "averages; then whether every seed shows each effect. Exit status 1 if one does not hold.")
+    for command in (query, check):
+        command.add_argument("--results-dir", default=os.environ.get("QTRAJ_RESULTS_DIR", "results"),
+                             help="the workflow's results_dir (default: $QTRAJ_RESULTS_DIR or ./results)")
     args = parser.parse_args(argv)
 
+    if args.command == "science-check":
+        from qtraj.science import measure, report
+
+        try:
+            print(report(args.results_dir))
+            return 0 if all(effect.holds for effect in measure(args.results_dir)[2]) else 1
+        except FileNotFoundError as error:
+            print(f"qtraj: {error}", file=sys.stderr)
+            return 2
+        except Exception as error:  # e.g. a dataset aggregated by an older qtraj: the view says what to do
+            print(f"qtraj: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
     try:
         relation = run_query(connect(args.results_dir), args.sql)
+        if relation is not None:  # relations are lazy: errors of the query itself surface while printing
+            _print(relation, args.format, args.max_rows)
     except (FileNotFoundError, QueryError) as error:
         print(f"qtraj: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # DuckDB's parser and binder errors already name the problem
         print(f"qtraj: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
-    if relation is not None:
-        _print(relation, args.format, args.max_rows)
     return 0
 
 

@@ -81,6 +81,11 @@ def _validate(instance: dict, schema: dict, prefix: tuple = ()) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(error) for error in errors))
 
 
+# The summary figures (qtraj.plotting.SUMMARY_FIGURES draws them) sit beside the per-trajectory ones in
+# results/figures/, so no trajectory may take their names.
+SUMMARY_FIGURE_NAMES = ("loss", "lr", "sharpness", "averaging", "accuracy")
+
+
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Validate a config dict in place (filling defaults) and check what the schema alone cannot."""
     from qtraj.methods import QuantSpec, discover
@@ -94,7 +99,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
                           "add at least one")
     _check_families(config)
     _check_averages(config)
-    reserved = {"sharpness"} & set(trajectories(config))  # figure names beside the per-trajectory ones
+    reserved = set(SUMMARY_FIGURE_NAMES) & set(trajectories(config))
     if reserved:
         raise ConfigError(f"trajectory name {sorted(reserved)[0]!r} is reserved for a figure; rename it")
     sort_keys_in_place(config)
@@ -161,10 +166,15 @@ def _check_averages(config: dict) -> None:
         if not isinstance(spec["of"], str) or spec["of"] not in sources:
             raise ConfigError(f"{where}.of': {spec['of']!r} is not a run or family of this config; known: "
                               f"{', '.join(sorted(sources))}")
-        available = len(checkpoints_of(config, spec["of"]))
-        if spec["window"] > available:
-            raise ConfigError(f"{where}.window': {spec['window']} is more than the {available} checkpoints of "
+        available = checkpoints_of(config, spec["of"])
+        if spec["window"] > len(available):
+            raise ConfigError(f"{where}.window': {spec['window']} is more than the {len(available)} checkpoints of "
                               f"{spec['of']!r}")
+        ends = available[spec["window"] - 1 :]
+        for name in spec["at"] or []:
+            if name not in ends:
+                raise ConfigError(f"{where}.at': {name!r} is not a checkpoint of {spec['of']!r} that a window of "
+                                  f"{spec['window']} can end at; those are: {', '.join(ends)}")
 
 
 def sort_keys_in_place(config: dict) -> dict:

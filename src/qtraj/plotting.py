@@ -81,25 +81,26 @@ def plot_trajectory(results_dir: str | Path, run: str, out_file: str | Path) -> 
 
 
 def plot_sharpness(results_dir: str | Path, out_file: str | Path) -> None:
-    """ΔQ L against the top Hessian eigenvalue of the checkpoint, one panel per bit width, every trajectory."""
+    """ΔQ L against the top Hessian eigenvalue of the checkpoint, one panel per bit width, colour per quantization
+    config, marker per trajectory."""
     connection = connect(results_dir)
     tables = {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
     rows = connection.execute(
-        "SELECT r.run, r.method, r.bits, s.top_eigenvalue, r.delta_q_loss FROM results r "
-        "JOIN sharpness s USING (run, checkpoint) ORDER BY r.bits, r.method, r.run, s.top_eigenvalue"
+        "SELECT r.run, r.quantization, r.bits, s.top_eigenvalue, r.delta_q_loss FROM results r "
+        "JOIN sharpness s USING (run, checkpoint) ORDER BY r.bits, r.quantization, r.run, s.top_eigenvalue"
     ).fetchall() if "sharpness" in tables else []
     bits = sorted({row[2] for row in rows}) or [None]
     figure, axes = plt.subplots(1, len(bits), figsize=(4.2 * len(bits), 3.8), squeeze=False)
     runs = sorted({row[0] for row in rows})
     markers = "osD^v<>P*X"
     for axis, width in zip(axes[0], bits, strict=True):
-        for index, method in enumerate(sorted({row[1] for row in rows if row[2] == width})):
+        for index, quantization in enumerate(sorted({row[1] for row in rows if row[2] == width})):
             for run in runs:
-                series = [row for row in rows if row[2] == width and row[1] == method and row[0] == run]
+                series = [row for row in rows if row[1] == quantization and row[0] == run]
                 if series:
                     axis.plot([row[3] for row in series], [100 * row[4] for row in series],
                               marker=markers[runs.index(run) % len(markers)], linestyle="-", alpha=0.8,
-                              color=f"C{index}", label=f"{method} · {run}")
+                              color=f"C{index % 10}", label=f"{quantization} · {run}")
         axis.set_title(f"{width}-bit" if width else "no sharpness rows yet")
         axis.set_xlabel("top Hessian eigenvalue of the validation loss")
         axis.grid(alpha=0.3)
@@ -109,3 +110,152 @@ def plot_sharpness(results_dir: str | Path, out_file: str | Path) -> None:
     figure.tight_layout()
     figure.savefig(out_file, dpi=120)
     plt.close(figure)
+
+
+def _tables(connection) -> set[str]:
+    return {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
+
+
+def _save(figure, out_file: str | Path) -> None:
+    figure.tight_layout()
+    figure.savefig(out_file, dpi=120)
+    plt.close(figure)
+
+
+def _empty(out_file: str | Path, message: str) -> None:
+    figure = plt.figure(figsize=(7, 2))
+    figure.text(0.5, 0.5, message, ha="center")
+    figure.savefig(out_file, dpi=120)
+    plt.close(figure)
+
+
+def _bits_panels(rows: list[tuple], bits_index: int, width: float = 4.2, height: float = 3.8):
+    bits = sorted({row[bits_index] for row in rows})
+    figure, axes = plt.subplots(1, len(bits), figsize=(width * len(bits), height), squeeze=False)
+    return figure, list(zip(axes[0], bits, strict=True))
+
+
+def plot_loss(results_dir: str | Path, out_file: str | Path) -> None:
+    """Full-precision validation loss against tokens seen, one line per trajectory (averages dashed)."""
+    connection = connect(results_dir)
+    rows = connection.execute(
+        "SELECT run, source, tokens, loss_fp FROM fp_evals WHERE tokens IS NOT NULL ORDER BY run, tokens").fetchall()
+    if not rows:
+        _empty(out_file, "no checkpoint with a token count to plot")
+        return
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for index, run in enumerate(sorted({row[0] for row in rows})):
+        series = [row for row in rows if row[0] == run]
+        styles = {"averaged": "--", "cooldown": ":"}
+        axis.plot([row[2] for row in series], [row[3] for row in series], marker="o", markersize=3,
+                  linestyle=styles.get(series[0][1], "-"), color=f"C{index % 10}", label=run)
+    axis.set_xlabel("tokens seen")
+    axis.set_ylabel("validation loss, full precision (nats)")
+    axis.set_title("Validation loss along training", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    _save(figure, out_file)
+
+
+def plot_lr(results_dir: str | Path, out_file: str | Path) -> None:
+    """ΔQ L against the learning rate at the checkpoint (the paper: quantization error grows as the LR is decayed),
+    one panel per bit width, colour per method, marker per trajectory."""
+    connection = connect(results_dir)
+    rows = connection.execute(
+        "SELECT run, method, bits, lr, delta_q_loss FROM results WHERE lr IS NOT NULL "
+        "ORDER BY bits, method, run, lr").fetchall()
+    if not rows:
+        _empty(out_file, "no checkpoint with a known learning rate")
+        return
+    figure, panels = _bits_panels(rows, 2)
+    runs = sorted({row[0] for row in rows})
+    markers = "osD^v<>P*X"
+    for axis, width in panels:
+        methods = sorted({row[1] for row in rows if row[2] == width})
+        for method in methods:
+            for run in runs:
+                series = [row for row in rows if row[2] == width and row[1] == method and row[0] == run]
+                if series:
+                    axis.scatter([row[3] for row in series], [100 * row[4] for row in series], s=22, alpha=0.8,
+                                 marker=markers[runs.index(run) % len(markers)], color=f"C{methods.index(method)}",
+                                 label=f"{method} · {run}")
+        axis.set_title(f"{width}-bit")
+        axis.set_xlabel("learning rate at the checkpoint")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+    panels[0][0].set_ylabel("ΔQ L (%)")
+    _save(figure, out_file)
+
+
+def plot_averaging(results_dir: str | Path, out_file: str | Path) -> None:
+    """Weight averaging against none: ΔQ L of each averaged checkpoint and of the newest checkpoint it averages,
+    against tokens; one panel per bit width, colour per quantization config, solid = no averaging, dashed =
+    averaged, marker per average."""
+    connection = connect(results_dir)
+    rows = connection.execute(
+        "SELECT average, run, quantization, bits, tokens, delta_q_loss_parent, delta_q_loss_average "
+        "FROM averaging_effect WHERE tokens IS NOT NULL ORDER BY bits, quantization, average, tokens").fetchall() \
+        if "averaging_effect" in _tables(connection) else []
+    if not rows:
+        _empty(out_file, "no averaged checkpoint (config `averages`) to compare")
+        return
+    figure, panels = _bits_panels(rows, 3)
+    for axis, width in panels:
+        quantizations = sorted({row[2] for row in rows if row[3] == width})
+        averages = sorted({row[0] for row in rows if row[3] == width})
+        for quantization in quantizations:
+            for number, average in enumerate(averages):
+                series = [row for row in rows if row[2] == quantization and row[0] == average]
+                if not series:
+                    continue
+                color, marker = f"C{quantizations.index(quantization) % 10}", "osD^v"[number % 5]
+                tokens = [row[4] for row in series]
+                axis.plot(tokens, [100 * row[5] for row in series], color=color, marker=marker, markersize=3,
+                          linestyle="-", label=f"{quantization} · {series[0][1]}")
+                axis.plot(tokens, [100 * row[6] for row in series], color=color, marker=marker, markersize=3,
+                          linestyle="--", label=f"{quantization} · {average}")
+        axis.set_title(f"{width}-bit")
+        axis.set_xlabel("tokens seen (newest checkpoint averaged)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+    panels[0][0].set_ylabel("ΔQ L (%)")
+    _save(figure, out_file)
+
+
+def plot_accuracy(results_dir: str | Path, out_file: str | Path) -> None:
+    """Loss degradation (ΔQ L) against accuracy degradation (relative increase of the task error rate, averaged
+    over tasks), one point per quantized model; colour = bits, marker = method."""
+    connection = connect(results_dir)
+    rows = connection.execute(
+        "SELECT r.method, r.bits, r.delta_q_loss, a.mean_rel_drop, a.mean_abs_drop FROM results r "
+        "JOIN accuracy_summary a USING (run, checkpoint, quantization) ORDER BY r.bits, r.method").fetchall() \
+        if "accuracy_summary" in _tables(connection) else []
+    if not rows:
+        _empty(out_file, "no task accuracy (config `accuracy`) to compare")
+        return
+    figure, (relative, absolute) = plt.subplots(1, 2, figsize=(9.5, 4))
+    methods = sorted({row[0] for row in rows})
+    for method in methods:
+        for width in sorted({row[1] for row in rows}):
+            series = [row for row in rows if row[0] == method and row[1] == width]
+            if not series:
+                continue
+            style = {"marker": "osD^v"[methods.index(method) % 5], "color": BITS_COLORS.get(width, "black"),
+                     "alpha": 0.75, "s": 22, "label": f"{method} {width}-bit"}
+            relative.scatter([100 * row[2] for row in series], [100 * (row[3] or 0) for row in series], **style)
+            absolute.scatter([100 * row[2] for row in series], [100 * row[4] for row in series], **style)
+    relative.set_ylabel("relative accuracy drop (%)\n(acc_fp − acc_q) / (1 − acc_fp)")
+    absolute.set_ylabel("absolute accuracy drop (points)")
+    for axis in (relative, absolute):
+        axis.set_xlabel("ΔQ L (%)")
+        axis.axhline(0, color="0.6", linewidth=0.8)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    _save(figure, out_file)
+
+
+# name (qtraj.config.SUMMARY_FIGURE_NAMES) -> function: the summary figures of the whole dataset
+# (results/figures/<name>.png), besides one
+# trajectory figure per run
+SUMMARY_FIGURES = {"loss": plot_loss, "lr": plot_lr, "sharpness": plot_sharpness, "averaging": plot_averaging,
+                   "accuracy": plot_accuracy}

@@ -16,6 +16,81 @@ DATASET_FILES = {
     "accuracy": "accuracy.parquet",  # one row per (model, task, metric, filter); quantization null = fp
 }
 
+# Canned views: the paper's questions as SQL over the tables above. Name -> (tables it needs, SELECT). A view is
+# created only when its tables are in the dataset; README.md ("Canned views") shows example queries.
+CANNED_VIEWS = {
+    # one row per trained run or cooldown: the settings its training log carries
+    "runs": (("training_log",), """
+        SELECT run, any_value(schedule) AS schedule, any_value(peak_lr) AS peak_lr,
+               any_value(weight_decay) AS weight_decay, any_value(seed) AS seed, any_value(parent_run) AS parent_run,
+               max(step) AS last_step, max(tokens) AS last_tokens
+        FROM training_log GROUP BY run"""),
+    # ΔQ L by training phase (warmup / stable / decay / anneal / post-training) per trajectory and quantization
+    "error_by_phase": (("results",), """
+        SELECT run, quantization, any_value(method) AS method, any_value(bits) AS bits, phase,
+               count(*) AS checkpoints, avg(delta_q_loss) AS mean_delta_q_loss,
+               min(delta_q_loss) AS min_delta_q_loss, max(delta_q_loss) AS max_delta_q_loss,
+               avg(loss_fp) AS mean_loss_fp, min(step) AS first_step, max(step) AS last_step
+        FROM results GROUP BY run, quantization, phase"""),
+    # Pearson correlation of ΔQ L with the LR at the checkpoint, with tokens seen and with the fp loss, per
+    # trajectory and quantization (null where a column is constant or there are fewer than 3 checkpoints)
+    "error_correlations": (("results",), """
+        SELECT run, quantization, any_value(method) AS method, any_value(bits) AS bits, count(*) AS checkpoints,
+               CASE WHEN count(*) >= 3 THEN corr(delta_q_loss, lr) END AS corr_lr,
+               CASE WHEN count(*) >= 3 THEN corr(delta_q_loss, tokens) END AS corr_tokens,
+               CASE WHEN count(*) >= 3 THEN corr(delta_q_loss, loss_fp) END AS corr_loss_fp
+        FROM results WHERE step IS NOT NULL GROUP BY run, quantization"""),
+    # the LR decay: the last checkpoint before it (warmup / stable) against the last one of the decay, per
+    # trajectory and quantization; the paper: loss falls (loss_fp_change < 0) while ΔQ L rises
+    "decay_effect": (("results",), """
+        WITH ranked AS (
+            SELECT *, row_number() OVER (PARTITION BY run, quantization, phase = 'decay' ORDER BY step DESC) AS newest
+            FROM results WHERE step IS NOT NULL AND phase IN ('warmup', 'stable', 'decay'))
+        SELECT before.run, before.quantization, before.method, before.bits,
+               before.checkpoint AS checkpoint_before, after.checkpoint AS checkpoint_after,
+               before.loss_fp AS loss_fp_before, after.loss_fp AS loss_fp_after,
+               after.loss_fp - before.loss_fp AS loss_fp_change,
+               before.delta_q_loss AS delta_q_loss_before, after.delta_q_loss AS delta_q_loss_after,
+               after.delta_q_loss - before.delta_q_loss AS delta_q_loss_change,
+               after.delta_q_loss / before.delta_q_loss AS delta_q_loss_ratio
+        FROM ranked AS before JOIN ranked AS after USING (run, quantization)
+        WHERE before.newest = 1 AND before.phase <> 'decay' AND after.newest = 1 AND after.phase = 'decay'"""),
+    # weight averaging: every averaged checkpoint against the newest checkpoint it averages (a soup: its last
+    # ingredient), same quantization; the paper: averaging lowers ΔQ L (delta_q_loss_change < 0)
+    "averaging_effect": (("results",), """
+        SELECT avg.run AS average, avg.checkpoint, avg.parent_run AS run, avg.quantization, avg.method, avg.bits,
+               avg.step, avg.tokens, avg.phase,
+               parent.loss_fp AS loss_fp_parent, avg.loss_fp AS loss_fp_average,
+               avg.loss_fp - parent.loss_fp AS loss_fp_change,
+               parent.delta_q_loss AS delta_q_loss_parent, avg.delta_q_loss AS delta_q_loss_average,
+               avg.delta_q_loss - parent.delta_q_loss AS delta_q_loss_change
+        FROM results AS avg JOIN results AS parent
+          ON parent.run = avg.parent_run AND parent.checkpoint = avg.parent_checkpoint
+         AND parent.quantization = avg.quantization
+        WHERE avg.source = 'averaged'"""),
+    # accuracy of each quantized model against its fp checkpoint, per task / metric / filter: the absolute drop
+    # and rel_drop = (acc_fp - acc_q) / (1 - acc_fp), the relative increase of the error rate (ΔQ L's analogue)
+    "accuracy_drop": (("accuracy",), """
+        SELECT q.run, q.checkpoint, q.step, q.tokens, q.lr, q.phase, q.source, q.quantization, q.method, q.bits,
+               q.task, q.metric, q.filter, fp.value AS acc_fp, q.value AS acc_q, fp.value - q.value AS abs_drop,
+               (fp.value - q.value) / nullif(1 - fp.value, 0) AS rel_drop, q.samples
+        FROM accuracy AS q JOIN accuracy AS fp
+          ON fp.run = q.run AND fp.checkpoint = q.checkpoint AND fp.quantization IS NULL
+         AND fp.task = q.task AND fp.metric = q.metric AND fp.filter = q.filter
+        WHERE q.quantization IS NOT NULL"""),
+    # the drops averaged over tasks, one headline metric per task (acc, else acc_norm), per quantized model
+    "accuracy_summary": (("accuracy",), """
+        WITH headline AS (
+            SELECT *, row_number() OVER (PARTITION BY run, checkpoint, quantization, task
+                                         ORDER BY metric = 'acc' DESC, metric) AS pick
+            FROM accuracy_drop WHERE metric IN ('acc', 'acc_norm') AND filter = 'none')
+        SELECT run, checkpoint, any_value(step) AS step, any_value(tokens) AS tokens, any_value(phase) AS phase,
+               quantization, any_value(method) AS method, any_value(bits) AS bits, count(*) AS tasks,
+               avg(acc_fp) AS mean_acc_fp, avg(acc_q) AS mean_acc_q, avg(abs_drop) AS mean_abs_drop,
+               avg(rel_drop) AS mean_rel_drop
+        FROM headline WHERE pick = 1 GROUP BY run, checkpoint, quantization"""),
+}
+
 # Statement types a query may run: reading only. Everything that writes (COPY, CREATE, INSERT, SET, ATTACH)
 # is refused, so a query can never change the results it reads.
 READ_ONLY_STATEMENTS = {
@@ -45,6 +120,16 @@ def connect(results_dir: str | Path = "results") -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect(":memory:")
     for view, path in present.items():
         connection.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{path}', union_by_name = true)")
+    for view, (tables, select) in CANNED_VIEWS.items():
+        if all(table in present for table in tables):
+            try:
+                connection.execute(f"CREATE VIEW {view} AS {select}")
+            except duckdb.BinderException:
+                # a dataset aggregated by an older qtraj lacks a column this view reads: the tables still work,
+                # and the view says what to do when it is used
+                message = (f"view {view} needs columns that {directory} lacks (aggregated by an older qtraj): "
+                           "rebuild it with `snakemake --cores 2 --forcerun aggregate`")
+                connection.execute(f"CREATE VIEW {view} AS SELECT error('{message}')")
     # The views read only these files; after this, no statement can touch any other file.
     allowed = ", ".join(f"'{path}'" for path in present.values())
     connection.execute(f"SET allowed_paths = [{allowed}]")

@@ -11,11 +11,22 @@ import math
 
 # Model copies a step holds on the GPUs at once (bf16), and a headroom factor for activations, GPTQ's Hessians
 # and the engines' buffers. evaluate_quantized holds the fp and the quantized model (per-layer errors).
-MODEL_COPIES = {"evaluate_fp": 1.0, "quantize": 1.0, "evaluate_quantized": 2.0}
-HEADROOM = {"evaluate_fp": 1.25, "quantize": 1.6, "evaluate_quantized": 1.25}
+# train: fp32 weights, gradients and two AdamW moments are 16 bytes per parameter, i.e. 8 bf16 copies.
+MODEL_COPIES = {"evaluate_fp": 1.0, "quantize": 1.0, "evaluate_quantized": 2.0, "train": 8.0}
+HEADROOM = {"evaluate_fp": 1.25, "quantize": 1.6, "evaluate_quantized": 1.25, "train": 2.0}
 FIXED_GB = 4.0  # CUDA context, kernels, batches
 # Minutes: a floor plus a slope per billion parameters (GPTQ of a 32B model: ~4 h; evaluating it: ~1 h).
-RUNTIME = {"evaluate_fp": (15, 1.5), "quantize": (30, 6.0), "evaluate_quantized": (20, 2.5)}
+# train: the paper's 160M runs take a few GPU hours; the slope is a rough guess, set runtime per run if it matters.
+RUNTIME = {"evaluate_fp": (15, 1.5), "quantize": (30, 6.0), "evaluate_quantized": (20, 2.5), "train": (120, 1500.0)}
+
+
+def llama_parameters(model: dict, vocab_size: int) -> int:
+    """Parameter count of a LlamaConfig (`model` settings): what sizes a trained run's jobs."""
+    hidden, heads, layers = model["hidden_size"], model["num_attention_heads"], model["num_hidden_layers"]
+    kv_width = hidden // heads * model["num_key_value_heads"]
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * model["intermediate_size"] + 2 * hidden
+    embeddings = vocab_size * hidden * (1 if model["tie_word_embeddings"] else 2)
+    return layers * per_layer + embeddings + hidden
 
 
 def gpus_needed(step: str, parameters: float, gpu_memory_gb: float) -> int:

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -144,6 +145,17 @@ def build_task(validation_text: str, name: str, settings: dict, out_file: str) -
                                  settings["seed"])
     write_task_items(questions, out_file)
     log.info("%s: %d %s items from %s", name, len(questions), settings["kind"], validation_text)
+
+
+def fetch_lm_eval_tasks(names: list[str], out_file: str) -> None:
+    """Load registered lm-eval tasks once (their datasets land in the Hugging Face cache), so evaluation jobs on
+    compute nodes without network find them; writes how many test items each task has."""
+    from qtraj.accuracy import load_tasks
+
+    tasks = load_tasks({}, names, num_fewshot=0, fewshot_seed=0)
+    counts = {name: len(task.eval_docs) for name, task in sorted(tasks.items())}
+    Path(out_file).write_text(json.dumps(counts, indent=2) + "\n")
+    log.info("lm-eval tasks in the cache: %s", counts)
 
 
 def _task_accuracy(model, checkpoint_dir: str, accuracy: dict, task_files: dict[str, str], what: str) -> tuple:
@@ -295,7 +307,7 @@ def plot_run(results_dir: str, run: str, out_file: str) -> None:
     plot_trajectory(results_dir, run, out_file)
 
 
-def plot_sharpness(results_dir: str, out_file: str) -> None:
-    from qtraj.plotting import plot_sharpness as plot
+def plot_summary(results_dir: str, figure: str, out_file: str) -> None:
+    from qtraj.plotting import SUMMARY_FIGURES
 
-    plot(results_dir, out_file)
+    SUMMARY_FIGURES[figure](results_dir, out_file)

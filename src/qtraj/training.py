@@ -20,6 +20,7 @@ from qtraj.checkpoints import (
     read_checkpoint_info,
     write_checkpoint_info,
 )
+from qtraj.evaluation import pick_device
 from qtraj.schedules import Schedule, decayed_lr, lr_at, phase_at
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def train(spec: TrainingSpec, train_tokens: np.ndarray, tokenizer_dir: str | Pat
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model = build_model(spec.model, len(tokenizer), spec.seed)
+    model = build_model(spec.model, len(tokenizer), spec.seed).to(pick_device())
     optimizer = make_optimizer(model, spec.schedule.peak_lr, spec.weight_decay)
     generator = torch.Generator().manual_seed(spec.seed)
     tokens_per_step = spec.batch_size * spec.seq_len
@@ -106,12 +107,13 @@ def cool_down(spec: TrainingSpec, parent_dir: str | Path, train_tokens: np.ndarr
             f"{parent_dir} has no {TRAINING_STATE_FILE}: a cooldown can only branch from a checkpoint its run "
             "saved with training state. Delete the run's checkpoints and rerun its training job (the config's "
             "cooldowns make it save the state at every branch step)")
-    state = torch.load(state_file, weights_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32)
+    device = pick_device()
+    state = torch.load(state_file, weights_only=True, map_location=device)
+    model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32).to(device)
     optimizer = make_optimizer(model, parent.lr or spec.schedule.peak_lr, spec.weight_decay)
     optimizer.load_state_dict(state["optimizer"])
-    generator = torch.Generator()
-    generator.set_state(state["generator"])
+    generator = torch.Generator()  # data order is drawn on the CPU, whatever the model's device
+    generator.set_state(state["generator"].cpu())
     start, start_lr = int(state["step"]), parent.lr
     end = start + length
 
@@ -132,6 +134,7 @@ def _train_steps(spec: TrainingSpec, model, optimizer, generator: torch.Generato
                  lrs: dict[int, float], save) -> list[dict]:
     """The training loop over the steps of `lrs` (step -> LR), calling `save(step, lr)` after each update."""
     model.train()
+    device = next(model.parameters()).device
     stream = torch.from_numpy(train_tokens.astype(np.int64))
     tokens_per_step = spec.batch_size * spec.seq_len
     log_every = max(1, len(lrs) // 100)
@@ -139,7 +142,7 @@ def _train_steps(spec: TrainingSpec, model, optimizer, generator: torch.Generato
     for index, (step, lr) in enumerate(sorted(lrs.items())):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = sample_batch(stream, spec.seq_len, spec.batch_size, generator)
+        batch = sample_batch(stream, spec.seq_len, spec.batch_size, generator).to(device)
         loss = _next_token_loss(model, batch)
         if not math.isfinite(loss.item()):
             raise TrainingDivergedError(

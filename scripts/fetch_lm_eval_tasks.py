@@ -2,4 +2,7 @@ from qtraj import steps
 from qtraj.joblog import job_logging
 
 with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.plot_sharpness(snakemake.params.results_dir, snakemake.output[0])  # noqa: F821
+    steps.fetch_lm_eval_tasks(
+        snakemake.params.tasks,  # noqa: F821
+        snakemake.output[0],  # noqa: F821
+    )
