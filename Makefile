@@ -22,6 +22,7 @@ run: setup
 	$(BIN)/snakemake --cores $(CORES)
 	@echo "Results: results/dataset/*.parquet, figures: results/figures/. Try:"
 	@echo "  $(BIN)/qtraj query \"SELECT run, phase, quantization, avg(delta_q_loss) FROM results GROUP BY ALL ORDER BY ALL\""
+	@echo "  $(BIN)/qtraj science-check"
 
 dry-run: setup
 	$(BIN)/snakemake --cores $(CORES) --dry-run
