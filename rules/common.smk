@@ -109,7 +109,12 @@ def resource(step, key, run=None):
             )
         else:
             parameters = None
-        return job_resources(step, parameters, config["resources"]).get(key, 0)
+        lm_eval_tasks = bool(
+            data_settings(config, run or wildcards.run)["accuracy"]["lm_eval_tasks"]
+        )
+        return job_resources(step, parameters, config["resources"], lm_eval_tasks).get(
+            key, 0
+        )
 
     return value
 

@@ -48,14 +48,16 @@ def test_flatten_splits_metric_and_filter_and_keeps_stderr():
                             "acc_norm_stderr,none": "N/A", "samples": 10},
                "gsm8k": {"exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": 0.02,
                          "exact_match,flexible-extract": 0.3, "samples": 5}}
-    rows = flatten_results(results)
+    rows = flatten_results(results, configured=["arc_easy"])
     assert rows == [
-        {"task": "arc_easy", "metric": "acc", "filter": "none", "value": 0.5, "stderr": 0.1, "samples": 10},
-        {"task": "arc_easy", "metric": "acc_norm", "filter": "none", "value": 0.6, "stderr": None, "samples": 10},
+        {"task": "arc_easy", "metric": "acc", "filter": "none", "value": 0.5, "stderr": 0.1, "samples": 10,
+         "configured": True},
+        {"task": "arc_easy", "metric": "acc_norm", "filter": "none", "value": 0.6, "stderr": None, "samples": 10,
+         "configured": True},
         {"task": "gsm8k", "metric": "exact_match", "filter": "flexible-extract", "value": 0.3, "stderr": None,
-         "samples": 5},
+         "samples": 5, "configured": False},
         {"task": "gsm8k", "metric": "exact_match", "filter": "strict-match", "value": 0.2, "stderr": 0.02,
-         "samples": 5},
+         "samples": 5, "configured": False},
     ]
 
 

@@ -8,7 +8,14 @@ import yaml
 from safetensors.torch import load_file
 
 from qtraj.checkpoints import TRAINING_STATE_FILE, read_checkpoint_info
-from qtraj.config import ConfigError, checkpoints_of, data_source, trajectories, validate_config
+from qtraj.config import (
+    ConfigError,
+    averaging_plan_of,
+    checkpoints_of,
+    data_source,
+    trajectories,
+    validate_config,
+)
 from qtraj.schedules import Schedule
 from qtraj.training import TrainingSpec, cool_down, train
 from tests.conftest import REPO_ROOT, TINY_MODEL
@@ -96,3 +103,11 @@ def test_bad_cooldowns_name_the_key(cooldown, message):
 def test_a_cooldown_named_like_a_run_is_refused():
     with pytest.raises(ConfigError, match="cooldowns need their own name"):
         validate_config(_config(cosine={"from": "wsd", "at": [10], "length": 5}))
+
+
+def test_a_branch_point_does_not_change_what_lawa_averages():
+    config = _config(**{"wsd-cd": {"from": "wsd", "at": [30], "length": 4}})
+    config["training"]["decay_fraction"] = 0.2  # decay from step 32, so step 30 is stable
+    config = validate_config(config)
+    assert "step000030" in checkpoints_of(config, "wsd")
+    assert averaging_plan_of(config, "wsd-lawa2")["step000040"][0] == [("wsd", "step000020"), ("wsd", "step000040")]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from qtraj.resources import job_resources
+from qtraj.resources import job_resources, llama_parameters
 
 H100 = {"gpu_memory_gb": 80, "cpus_per_gpu": 8}
 
@@ -21,3 +21,22 @@ def test_bigger_models_get_more_gpus_memory_and_time(step):
 
 def test_a_70b_model_is_spread_over_several_gpus():
     assert job_resources("evaluate_quantized", 70.6e9, H100)["gpu"] >= 4
+
+
+def test_registered_lm_eval_tasks_lengthen_only_evaluation_jobs():
+    settings = {"gpu_memory_gb": 80, "cpus_per_gpu": 8}
+    for step in ("evaluate_fp", "evaluate_quantized"):
+        plain, scored = job_resources(step, 7e9, settings), job_resources(step, 7e9, settings, lm_eval_tasks=True)
+        assert scored["runtime"] == plain["runtime"] + 30 + 140 and scored["gpu"] == plain["gpu"]
+    assert job_resources("quantize", 7e9, settings, True) == job_resources("quantize", 7e9, settings)
+
+
+def test_trained_models_are_sized_from_their_llama_config():
+    micro = {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+             "intermediate_size": 384, "tie_word_embeddings": False}
+    # 3 x (4 x 128^2 + 3 x 128 x 384 + 2 x 128) + 2 x 1024 x 128 + 128: the micro model's ~0.9 M parameters
+    assert llama_parameters(micro, 1024) == 3 * (4 * 128 * 128 + 3 * 128 * 384 + 256) + 2 * 1024 * 128 + 128
+    big = {**micro, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12,
+           "intermediate_size": 3072}
+    assert 150e6 < llama_parameters(big, 50304) < 200e6
+    assert job_resources("train", llama_parameters(big, 50304), {"gpu_memory_gb": 80, "cpus_per_gpu": 8})["gpu"] == 1

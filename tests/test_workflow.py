@@ -212,6 +212,15 @@ def test_canned_views_agree_with_the_tables_they_summarise(tiny_run):
     cooled = rows["wsd-cooldown", "step000028", "rtn-w4g16"]
     assert (cooled["parent_run"], cooled["parent_checkpoint"], cooled["phase"]) == ("wsd", "step000020", "decay")
 
+    cooled_rows = query("SELECT * FROM cooldown_effect", results_dir)
+    assert len(cooled_rows) == 5
+    for row in cooled_rows:
+        branch, end = rows["wsd", "step000020", row["quantization"]], rows["wsd-cooldown", "step000028",
+                                                                         row["quantization"]]
+        assert (row["branch"], row["branch_step"], row["step"]) == ("step000020", 20, 28)
+        assert row["delta_q_loss_change"] == pytest.approx(end["delta_q_loss"] - branch["delta_q_loss"])
+        assert row["delta_q_loss_undecayed"] is None  # wsd saved nothing at step 28
+
     phases = query("SELECT * FROM error_by_phase WHERE run = 'wsd' AND quantization = 'gptq-w3g16'", results_dir)
     assert {(row["phase"], row["checkpoints"]) for row in phases} == {("stable", 1), ("decay", 1)}
     correlations = query("SELECT * FROM error_correlations", results_dir)

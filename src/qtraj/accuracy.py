@@ -96,11 +96,13 @@ def local_task_config(name: str, data_file: str | Path) -> dict:
 
 
 def load_tasks(local_files: dict[str, str], registered: list[str], num_fewshot: int, fewshot_seed: int) -> dict:
-    """lm-eval Task objects by name: local ones from their data files, registered ones (arc_easy, mmlu, ...)
-    from lm-eval's own definitions (their datasets come from the Hugging Face cache, or the hub when online)."""
+    """lm-eval's task dict ({"tasks", "groups", "group_map"}): local tasks from their data files, registered ones
+    (arc_easy, mmlu, ...) from lm-eval's own definitions (their datasets come from the Hugging Face cache, or the
+    hub when online). Groups (mmlu) keep their group so lm-eval also reports the group's score."""
     from lm_eval.api.task import ConfigurableTask
 
-    tasks = {name: ConfigurableTask(config=local_task_config(name, path)) for name, path in local_files.items()}
+    loaded = {"tasks": {name: ConfigurableTask(config=local_task_config(name, path))
+                        for name, path in local_files.items()}, "groups": {}, "group_map": {}}
     if registered:
         from lm_eval.tasks import TaskManager
 
@@ -110,28 +112,31 @@ def load_tasks(local_files: dict[str, str], registered: list[str], num_fewshot: 
             raise AccuracyTaskError(f"lm-eval has no task {unknown}; `lm-eval ls tasks` lists them "
                                     "(accuracy.lm_eval_tasks in the config)")
         try:
-            # load() flattens groups (mmlu) to their leaf tasks: every subtask is scored and stored
-            tasks.update(manager.load(registered)["tasks"])
+            fetched = manager.load(registered)
         except (ConnectionError, OSError) as error:
             raise AccuracyTaskError(f"could not load the data of lm-eval tasks {registered}: {error}. Offline, "
-                                    "their datasets must already be in the Hugging Face cache (HF_HOME): run the "
-                                    "workflow once with network on the submit host, or drop them from "
-                                    "accuracy.lm_eval_tasks") from error
-    for task in tasks.values():
+                                    "their datasets must already be in the Hugging Face cache (HF_HOME): the "
+                                    "workflow's fetch_lm_eval_tasks rule fills it on the submit host, so HF_HOME "
+                                    "must be on a filesystem the compute nodes share (and with network there, run "
+                                    "once); or drop them from accuracy.lm_eval_tasks") from error
+        for key in loaded:
+            loaded[key].update(fetched[key])
+    for task in loaded["tasks"].values():
         task.set_config(key="num_fewshot", value=num_fewshot)
         task.set_fewshot_seed(seed=fewshot_seed)
-    return tasks
+    return loaded
 
 
 def evaluate_accuracy(model, tokenizer, tasks: dict, batch_size: int, limit: int | float | None) -> dict:
-    """lm-eval's `evaluate` on an already loaded model (fp or quantized); its `results` section."""
+    """lm-eval's `evaluate` on an already loaded model (fp or quantized): its `results` section, one entry per
+    task and per group, with the items each task scored."""
     import contextlib
     import io
 
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
 
-    if not tasks:
+    if not tasks["tasks"]:
         return {}
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -140,16 +145,20 @@ def evaluate_accuracy(model, tokenizer, tasks: dict, batch_size: int, limit: int
     with contextlib.redirect_stderr(io.StringIO()):
         output = evaluator.evaluate(lm=lm, task_dict=tasks, limit=limit, log_samples=False, verbosity="WARNING")
     samples = output.get("n-samples", {})
-    return {name: {**output["results"][name], "samples": samples.get(name, {}).get("effective")}
-            for name in tasks}
+    return {name: {**numbers, "samples": samples.get(name, {}).get("effective")}
+            for name, numbers in output["results"].items()}
 
 
-def flatten_results(results: dict) -> list[dict]:
-    """lm-eval's {task: {"acc,none": v, "acc_stderr,none": s, ...}} to rows {task, metric, filter, value, stderr}.
+def flatten_results(results: dict, configured: Iterable[str] | None = None) -> list[dict]:
+    """lm-eval's {task: {"acc,none": v, "acc_stderr,none": s, ...}} to rows {task, metric, filter, value, stderr,
+    samples, configured}.
 
     lm-eval keys every number by "metric,filter"; standard errors are "<metric>_stderr,filter" ("N/A" when not
-    computed). One row per (task, metric, filter), so SQL can select a metric without parsing keys.
+    computed). One row per (task, metric, filter), so SQL can select a metric without parsing keys. `configured`:
+    the names the config asked for (a group's own score); their subtasks get configured = False, so averages
+    over tasks count mmlu once, not 57 times. None: every name counts as configured.
     """
+    asked = None if configured is None else set(configured)
     rows = []
     for task, numbers in results.items():
         for key, value in numbers.items():
@@ -159,5 +168,5 @@ def flatten_results(results: dict) -> list[dict]:
             stderr = numbers.get(f"{metric}_stderr,{filter_name}")
             rows.append({"task": task, "metric": metric, "filter": filter_name, "value": float(value),
                          "stderr": float(stderr) if isinstance(stderr, int | float) else None,
-                         "samples": numbers.get("samples")})
+                         "samples": numbers.get("samples"), "configured": asked is None or task in asked})
     return sorted(rows, key=lambda row: (row["task"], row["metric"], row["filter"]))

@@ -166,7 +166,7 @@ def _check_averages(config: dict) -> None:
         if not isinstance(spec["of"], str) or spec["of"] not in sources:
             raise ConfigError(f"{where}.of': {spec['of']!r} is not a run or family of this config; known: "
                               f"{', '.join(sorted(sources))}")
-        available = checkpoints_of(config, spec["of"])
+        available = averaged_checkpoints_of(config, spec["of"])
         if spec["window"] > len(available):
             raise ConfigError(f"{where}.window': {spec['window']} is more than the {len(available)} checkpoints of "
                               f"{spec['of']!r}")
@@ -250,8 +250,17 @@ def averaging_plan_of(config: dict, name: str) -> dict:
     from qtraj.averaging import averaging_plan
 
     spec = config["averages"][name]
-    sources = checkpoints_of(config, spec["of"]) if isinstance(spec["of"], str) else []
+    sources = averaged_checkpoints_of(config, spec["of"]) if isinstance(spec["of"], str) else []
     return averaging_plan(spec, sources)
+
+
+def averaged_checkpoints_of(config: dict, trajectory: str) -> list[str]:
+    """The checkpoints LAWA / EMA windows run over: a trained run's evenly spaced ones (a cooldown's branch point
+    in between would otherwise change what a window averages), any other trajectory's all."""
+    if trajectory in config["runs"]:
+        settings = run_settings(config, trajectory)
+        return [checkpoint_name(step) for step in evenly_spaced_steps(settings["steps"], settings["checkpoints"])]
+    return checkpoints_of(config, trajectory)
 
 
 def checkpoints_of(config: dict, run: str) -> list[str]:

@@ -38,11 +38,13 @@ def plot_trajectory(results_dir: str | Path, run: str, out_file: str | Path) -> 
         "SELECT tokens, loss_fp, phase, lr FROM fp_evals WHERE run = ? AND tokens IS NOT NULL ORDER BY tokens",
         [run]).fetchall()]
     untimed = connection.execute("SELECT count(*) FROM fp_evals WHERE run = ? AND tokens IS NULL", [run]).fetchone()[0]
-    schedule = connection.execute(
-        "SELECT tokens, lr FROM training_log WHERE run = ? ORDER BY tokens", [run]).fetchall() \
-        if "training_log" in {row[0] for row in connection.execute("SHOW TABLES").fetchall()} else []
-    if not schedule:  # a hub family: the LR its schedule gives at each checkpoint
-        schedule = [(c["tokens"], c["lr"]) for c in checkpoints if c["lr"] is not None]
+    # one LR line per branch: a cooldown trajectory's branches overlap in tokens
+    logged = connection.execute(
+        "SELECT coalesce(parent_checkpoint, ''), tokens, lr FROM training_log WHERE run = ? ORDER BY 1, tokens",
+        [run]).fetchall() if "training_log" in _tables(connection) else []
+    schedules = [[(row[1], row[2]) for row in logged if row[0] == branch] for branch in sorted({r[0] for r in logged})]
+    if not schedules:  # a hub family: the LR its schedule gives at each checkpoint
+        schedules = [[(c["tokens"], c["lr"]) for c in checkpoints if c["lr"] is not None]]
     if not rows:
         figure = plt.figure(figsize=(7, 2))
         figure.text(0.5, 0.5, f"{run}: no quantized checkpoint with a token count to plot", ha="center")
@@ -71,9 +73,10 @@ def plot_trajectory(results_dir: str | Path, run: str, out_file: str | Path) -> 
     bottom.set_xlabel("tokens seen")
     _shade_decay(bottom, checkpoints)
     bottom.grid(alpha=0.3)
-    if schedule:
+    if any(schedules):
         lr_axis = bottom.twinx()
-        lr_axis.plot([row[0] for row in schedule], [row[1] for row in schedule], color="tab:orange", alpha=0.7)
+        for schedule in schedules:
+            lr_axis.plot([row[0] for row in schedule], [row[1] for row in schedule], color="tab:orange", alpha=0.7)
         lr_axis.set_ylabel("learning rate", color="tab:orange")
     figure.tight_layout()
     figure.savefig(out_file, dpi=120)
@@ -228,7 +231,8 @@ def plot_accuracy(results_dir: str | Path, out_file: str | Path) -> None:
     connection = connect(results_dir)
     rows = connection.execute(
         "SELECT r.method, r.bits, r.delta_q_loss, a.mean_rel_drop, a.mean_abs_drop FROM results r "
-        "JOIN accuracy_summary a USING (run, checkpoint, quantization) ORDER BY r.bits, r.method").fetchall() \
+        "JOIN accuracy_summary a USING (run, checkpoint, quantization) WHERE a.mean_rel_drop IS NOT NULL "
+        "ORDER BY r.bits, r.method").fetchall() \
         if "accuracy_summary" in _tables(connection) else []
     if not rows:
         _empty(out_file, "no task accuracy (config `accuracy`) to compare")
@@ -242,7 +246,7 @@ def plot_accuracy(results_dir: str | Path, out_file: str | Path) -> None:
                 continue
             style = {"marker": "osD^v"[methods.index(method) % 5], "color": BITS_COLORS.get(width, "black"),
                      "alpha": 0.75, "s": 22, "label": f"{method} {width}-bit"}
-            relative.scatter([100 * row[2] for row in series], [100 * (row[3] or 0) for row in series], **style)
+            relative.scatter([100 * row[2] for row in series], [100 * row[3] for row in series], **style)
             absolute.scatter([100 * row[2] for row in series], [100 * row[4] for row in series], **style)
     relative.set_ylabel("relative accuracy drop (%)\n(acc_fp − acc_q) / (1 − acc_fp)")
     absolute.set_ylabel("absolute accuracy drop (points)")

@@ -68,22 +68,38 @@ CANNED_VIEWS = {
           ON parent.run = avg.parent_run AND parent.checkpoint = avg.parent_checkpoint
          AND parent.quantization = avg.quantization
         WHERE avg.source = 'averaged'"""),
+    # cooldowns: each branch's end against the checkpoint it branched from, and against the parent run at the same
+    # step where it has one (equal tokens, no decay: the controlled comparison of the paper's cooldown experiment)
+    "cooldown_effect": (("results",), """
+        SELECT c.run AS cooldown, c.checkpoint, c.parent_run AS run, c.parent_checkpoint AS branch, c.quantization,
+               c.method, c.bits, p.step AS branch_step, c.step,
+               p.loss_fp AS loss_fp_branch, c.loss_fp AS loss_fp_cooled, c.loss_fp - p.loss_fp AS loss_fp_change,
+               p.delta_q_loss AS delta_q_loss_branch, c.delta_q_loss AS delta_q_loss_cooled,
+               c.delta_q_loss - p.delta_q_loss AS delta_q_loss_change,
+               same.loss_fp AS loss_fp_undecayed, same.delta_q_loss AS delta_q_loss_undecayed
+        FROM results AS c
+        JOIN results AS p ON p.run = c.parent_run AND p.checkpoint = c.parent_checkpoint
+         AND p.quantization = c.quantization
+        LEFT JOIN results AS same ON same.run = c.parent_run AND same.step = c.step
+         AND same.quantization = c.quantization
+        WHERE c.source = 'cooldown'"""),
     # accuracy of each quantized model against its fp checkpoint, per task / metric / filter: the absolute drop
     # and rel_drop = (acc_fp - acc_q) / (1 - acc_fp), the relative increase of the error rate (ΔQ L's analogue)
     "accuracy_drop": (("accuracy",), """
         SELECT q.run, q.checkpoint, q.step, q.tokens, q.lr, q.phase, q.source, q.quantization, q.method, q.bits,
                q.task, q.metric, q.filter, fp.value AS acc_fp, q.value AS acc_q, fp.value - q.value AS abs_drop,
-               (fp.value - q.value) / nullif(1 - fp.value, 0) AS rel_drop, q.samples
+               (fp.value - q.value) / nullif(1 - fp.value, 0) AS rel_drop, q.samples, q.configured
         FROM accuracy AS q JOIN accuracy AS fp
           ON fp.run = q.run AND fp.checkpoint = q.checkpoint AND fp.quantization IS NULL
          AND fp.task = q.task AND fp.metric = q.metric AND fp.filter = q.filter
         WHERE q.quantization IS NOT NULL"""),
-    # the drops averaged over tasks, one headline metric per task (acc, else acc_norm), per quantized model
+    # the drops averaged over the configured tasks (a group such as mmlu once, by its own score), one headline
+    # metric per task (acc, else acc_norm), per quantized model
     "accuracy_summary": (("accuracy",), """
         WITH headline AS (
             SELECT *, row_number() OVER (PARTITION BY run, checkpoint, quantization, task
                                          ORDER BY metric = 'acc' DESC, metric) AS pick
-            FROM accuracy_drop WHERE metric IN ('acc', 'acc_norm') AND filter = 'none')
+            FROM accuracy_drop WHERE metric IN ('acc', 'acc_norm') AND filter = 'none' AND configured IS NOT false)
         SELECT run, checkpoint, any_value(step) AS step, any_value(tokens) AS tokens, any_value(phase) AS phase,
                quantization, any_value(method) AS method, any_value(bits) AS bits, count(*) AS tasks,
                avg(acc_fp) AS mean_acc_fp, avg(acc_q) AS mean_acc_q, avg(abs_drop) AS mean_abs_drop,

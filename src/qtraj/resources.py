@@ -20,6 +20,11 @@ FIXED_GB = 4.0  # CUDA context, kernels, batches
 RUNTIME = {"evaluate_fp": (15, 1.5), "quantize": (30, 6.0), "evaluate_quantized": (20, 2.5), "train": (120, 1500.0)}
 
 
+# Minutes lm-eval adds to an evaluation job with registered tasks (the paper's 12 at 5-shot: ~100k requests,
+# mmlu and hellaswag the bulk); local tasks are a few hundred items and fit in the floor.
+ACCURACY_RUNTIME = (30, 20.0)
+
+
 def llama_parameters(model: dict, vocab_size: int) -> int:
     """Parameter count of a LlamaConfig (`model` settings): what sizes a trained run's jobs."""
     hidden, heads, layers = model["hidden_size"], model["num_attention_heads"], model["num_hidden_layers"]
@@ -34,10 +39,11 @@ def gpus_needed(step: str, parameters: float, gpu_memory_gb: float) -> int:
     return max(1, math.ceil(need_gb / gpu_memory_gb))
 
 
-def job_resources(step: str, parameters: float | None, settings: dict) -> dict:
+def job_resources(step: str, parameters: float | None, settings: dict, lm_eval_tasks: bool = False) -> dict:
     """Resources of one job of `step` on a model of `parameters` (None: a micro model trained here, CPU only).
 
-    `settings` is the config's `resources` block: gpu_memory_gb (per GPU) and cpus_per_gpu.
+    `settings` is the config's `resources` block: gpu_memory_gb (per GPU) and cpus_per_gpu. `lm_eval_tasks`:
+    evaluation jobs also score registered lm-eval tasks, which takes longer than the loss.
     """
     if parameters is None or step not in MODEL_COPIES:
         return {"gpu": 0, "mem_mb": 4000, "runtime": 30}
@@ -48,4 +54,10 @@ def job_resources(step: str, parameters: float | None, settings: dict) -> dict:
     # tasks_per_gpu 0: one process drives all the job's GPUs (device_map="auto"); the Slurm plugin would otherwise
     # start one task per GPU, i.e. run the same job several times side by side
     return {"gpu": gpus, "cpus_per_gpu": settings["cpus_per_gpu"], "tasks_per_gpu": 0,
-            "mem_mb": int(host_gb * 1024), "runtime": int(floor + per_billion * parameters / 1e9)}
+            "mem_mb": int(host_gb * 1024), "runtime": int(floor + per_billion * parameters / 1e9)
+            + (_accuracy_minutes(parameters) if lm_eval_tasks and step.startswith("evaluate") else 0)}
+
+
+def _accuracy_minutes(parameters: float) -> int:
+    floor, per_billion = ACCURACY_RUNTIME
+    return int(floor + per_billion * parameters / 1e9)

@@ -123,7 +123,8 @@ ACCURACY_SCHEMA = pa.schema([
     pa.field("method", pa.string()),
     pa.field("bits", pa.int32()),
     pa.field("group_size", pa.int32()),
-    pa.field("task", pa.string(), nullable=False),  # lm-eval task (a group's subtasks each have their own rows)
+    pa.field("task", pa.string(), nullable=False),  # lm-eval task or group (a group's subtasks have rows too)
+    pa.field("configured", pa.bool_()),  # named in the config (false: a subtask of a configured group)
     pa.field("metric", pa.string(), nullable=False),  # acc, acc_norm, ... (lm-eval's "metric,filter" key, split)
     pa.field("filter", pa.string()),  # lm-eval's filter; "none" for multiple-choice log-likelihood tasks
     pa.field("value", pa.float64()),
@@ -207,8 +208,6 @@ def aggregate(inputs: dict[str, list[str]], output_dir: str | Path) -> dict[str,
             check_finite(table, ["weight_error", "recon_error"])
         if name == "sharpness":
             check_finite(table, ["top_eigenvalue"])
-        if name == "accuracy":
-            check_finite(table, ["value"])
         table = table.sort_by([(key, "ascending") for key in sort_keys[name]])
         write_parquet_atomically(table, Path(output_dir) / f"{name}.parquet")
         counts[name] = table.num_rows

@@ -19,19 +19,21 @@ from qtraj.query import connect
 DECAY_SQL = """
     SELECT e.run, e.quantization, e.bits, e.checkpoint_before, e.checkpoint_after, e.loss_fp_change,
            e.delta_q_loss_before, e.delta_q_loss_after, e.delta_q_loss_change,
-           e.delta_q_loss_before - previous.delta_q_loss AS stable_change
-    FROM decay_effect e JOIN results now ON now.run = e.run AND now.checkpoint = e.checkpoint_before
+           e.delta_q_loss_before - previous.delta_q_loss AS stable_change,
+           printf('%s lr=%g wd=%g', trained.schedule, trained.peak_lr, trained.weight_decay) AS setting
+    FROM decay_effect e JOIN runs trained ON trained.run = e.run
+    JOIN results now ON now.run = e.run AND now.checkpoint = e.checkpoint_before
          AND now.quantization = e.quantization
     LEFT JOIN results previous ON previous.run = e.run AND previous.quantization = e.quantization
          AND previous.step = (SELECT max(step) FROM results p WHERE p.run = e.run AND p.quantization = e.quantization
                               AND p.step < now.step)
-    WHERE e.run IN (SELECT trained.run FROM runs AS trained)
     ORDER BY e.quantization, e.run"""
 
 AVERAGING_SQL = """
-    SELECT average, run, quantization, bits, checkpoint, loss_fp_change, delta_q_loss_parent, delta_q_loss_average,
-           delta_q_loss_change
-    FROM averaging_effect a
+    SELECT average, a.run, quantization, bits, checkpoint, loss_fp_change, delta_q_loss_parent, delta_q_loss_average,
+           delta_q_loss_change,
+           coalesce(printf('%s lr=%g wd=%g', trained.schedule, trained.peak_lr, trained.weight_decay), a.run) AS setting
+    FROM averaging_effect a LEFT JOIN runs trained ON trained.run = a.run
     WHERE step = (SELECT max(step) FROM averaging_effect b WHERE b.average = a.average)
     ORDER BY quantization, average"""
 
@@ -40,6 +42,7 @@ AVERAGING_SQL = """
 class Effect:
     name: str
     quantization: str
+    setting: str  # the runs' settings apart from the seed: effects are pooled over seeds only
     values: list[float]  # the effect per seed (run or average)
     holds: bool  # every seed shows it
 
@@ -60,15 +63,16 @@ def measure(results_dir: str | Path) -> tuple[list[dict], list[dict], list[Effec
     decay = _rows(connection, DECAY_SQL) if {"decay_effect", "runs"} <= views else []
     averaging = _rows(connection, AVERAGING_SQL) if "averaging_effect" in views else []
     effects = []
-    for quantization in sorted({row["quantization"] for row in decay}):
-        rows = [row for row in decay if row["quantization"] == quantization]
-        effects.append(Effect("decay: fp loss change", quantization, [row["loss_fp_change"] for row in rows],
+    for quantization, setting in sorted({(row["quantization"], row["setting"]) for row in decay}):
+        rows = [row for row in decay if (row["quantization"], row["setting"]) == (quantization, setting)]
+        effects.append(Effect("decay: fp loss change", quantization, setting, [row["loss_fp_change"] for row in rows],
                               all(row["loss_fp_change"] < 0 for row in rows)))
-        effects.append(Effect("decay: ΔQ L change", quantization, [row["delta_q_loss_change"] for row in rows],
+        effects.append(Effect("decay: ΔQ L change", quantization, setting,
+                              [row["delta_q_loss_change"] for row in rows],
                               all(row["delta_q_loss_change"] > 0 for row in rows)))
-    for quantization in sorted({row["quantization"] for row in averaging}):
-        rows = [row for row in averaging if row["quantization"] == quantization]
-        effects.append(Effect("LAWA: ΔQ L change vs newest", quantization,
+    for quantization, setting in sorted({(row["quantization"], row["setting"]) for row in averaging}):
+        rows = [row for row in averaging if (row["quantization"], row["setting"]) == (quantization, setting)]
+        effects.append(Effect("LAWA: ΔQ L change vs newest", quantization, setting,
                               [row["delta_q_loss_change"] for row in rows],
                               all(row["delta_q_loss_change"] < 0 for row in rows)))
     return decay, averaging, effects
@@ -90,9 +94,9 @@ def report(results_dir: str | Path) -> str:
     for row in averaging:
         lines.append(f"  {row['average']:<22}{row['quantization']:<14}{row['loss_fp_change']:>+12.4f}"
                      f"{100 * row['delta_q_loss_parent']:>13.3f}{100 * row['delta_q_loss_average']:>14.3f}")
-    lines.append("Effects (mean ± half-range over seeds; holds = every seed shows it):")
+    lines.append("Effects per setting (mean ± half-range over its seeds; holds = every seed shows it):")
     for effect in effects:
-        lines.append(f"  {effect.name:<30}{effect.quantization:<14}{effect.summary():<32}"
+        lines.append(f"  {effect.name:<30}{effect.quantization:<14}{effect.setting:<26}{effect.summary():<32}"
                      f"{'holds' if effect.holds else 'DOES NOT HOLD'}")
     if not effects:
         lines.append("  nothing to check: the dataset has no run with a decay phase and no averages")

@@ -152,7 +152,7 @@ def fetch_lm_eval_tasks(names: list[str], out_file: str) -> None:
     compute nodes without network find them; writes how many test items each task has."""
     from qtraj.accuracy import load_tasks
 
-    tasks = load_tasks({}, names, num_fewshot=0, fewshot_seed=0)
+    tasks = load_tasks({}, names, num_fewshot=0, fewshot_seed=0)["tasks"]
     counts = {name: len(task.eval_docs) for name, task in sorted(tasks.items())}
     Path(out_file).write_text(json.dumps(counts, indent=2) + "\n")
     log.info("lm-eval tasks in the cache: %s", counts)
@@ -171,7 +171,8 @@ def _task_accuracy(model, checkpoint_dir: str, accuracy: dict, task_files: dict[
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, trust_remote_code=trusts_remote_code(checkpoint_dir))
     tasks = load_tasks(task_files, accuracy["lm_eval_tasks"], accuracy["num_fewshot"], accuracy["fewshot_seed"])
-    rows = flatten_results(evaluate_accuracy(model, tokenizer, tasks, accuracy["batch_size"], accuracy["limit"]))
+    rows = flatten_results(evaluate_accuracy(model, tokenizer, tasks, accuracy["batch_size"], accuracy["limit"]),
+                           configured=[*task_files, *accuracy["lm_eval_tasks"]])
     seconds = time.perf_counter() - started
     for row in rows:
         row.update(num_fewshot=accuracy["num_fewshot"], accuracy_seconds=seconds,

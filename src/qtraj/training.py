@@ -108,12 +108,14 @@ def cool_down(spec: TrainingSpec, parent_dir: str | Path, train_tokens: np.ndarr
             "saved with training state. Delete the run's checkpoints and rerun its training job (the config's "
             "cooldowns make it save the state at every branch step)")
     device = pick_device()
-    state = torch.load(state_file, weights_only=True, map_location=device)
+    # on the CPU: load_state_dict moves the moments to the parameters' device and keeps AdamW's step counters
+    # on the CPU, where it expects them
+    state = torch.load(state_file, weights_only=True, map_location="cpu")
     model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32).to(device)
     optimizer = make_optimizer(model, parent.lr or spec.schedule.peak_lr, spec.weight_decay)
     optimizer.load_state_dict(state["optimizer"])
     generator = torch.Generator()  # data order is drawn on the CPU, whatever the model's device
-    generator.set_state(state["generator"].cpu())
+    generator.set_state(state["generator"])
     start, start_lr = int(state["step"]), parent.lr
     end = start + length
 
@@ -143,7 +145,9 @@ def _train_steps(spec: TrainingSpec, model, optimizer, generator: torch.Generato
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = sample_batch(stream, spec.seq_len, spec.batch_size, generator).to(device)
-        loss = _next_token_loss(model, batch)
+        # bf16 autocast on GPUs (fp32 master weights and optimizer); CPU runs stay in fp32, bit-reproducible
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = _next_token_loss(model, batch)
         if not math.isfinite(loss.item()):
             raise TrainingDivergedError(
                 f"run {spec.run!r}: training loss became {loss.item()} at step {step} (lr={lr:.3g}). "
