@@ -43,8 +43,8 @@ def local_slurm(tmp_path_factory):
 
 def small_config(path: Path, corpus: Path, results_dir: Path) -> Path:
     config = yaml.safe_load((REPO_ROOT / "tests" / "configs" / "tiny.yaml").read_text())
-    # one run, two methods, no averages or sharpness: the job count below is the plan
-    config.update(results_dir=str(results_dir), runs={"wsd": {"schedule": "wsd"}}, averages={},
+    # one run, two methods, no averages, cooldowns or sharpness: the job count below is the plan
+    config.update(results_dir=str(results_dir), runs={"wsd": {"schedule": "wsd"}}, averages={}, cooldowns={},
                   sharpness={"runs": False},
                   quantizations={"rtn-w4g16": config["quantizations"]["rtn-w4g16"],
                                  "bnb-int8": config["quantizations"]["bnb-int8"]})
