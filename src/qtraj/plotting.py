@@ -150,8 +150,10 @@ def plot_loss(results_dir: str | Path, out_file: str | Path) -> None:
     for index, run in enumerate(sorted({row[0] for row in rows})):
         series = [row for row in rows if row[0] == run]
         styles = {"averaged": "--", "cooldown": ":"}
-        axis.plot([row[2] for row in series], [row[3] for row in series], marker="o", markersize=3,
-                  linestyle=styles.get(series[0][1], "-"), color=f"C{index % 10}", label=run)
+        # a trajectory of one checkpoint (an average at the end only) is a point: draw it large enough to see
+        axis.plot([row[2] for row in series], [row[3] for row in series], marker="o" if len(series) > 1 else "D",
+                  markersize=3 if len(series) > 1 else 7, linestyle=styles.get(series[0][1], "-"),
+                  color=f"C{index % 10}", label=run)
     axis.set_xlabel("tokens seen")
     axis.set_ylabel("validation loss, full precision (nats)")
     axis.set_title("Validation loss along training", fontsize=10)
@@ -192,8 +194,8 @@ def plot_lr(results_dir: str | Path, out_file: str | Path) -> None:
 
 def plot_averaging(results_dir: str | Path, out_file: str | Path) -> None:
     """Weight averaging against none: ΔQ L of each averaged checkpoint and of the newest checkpoint it averages,
-    against tokens; one panel per bit width, colour per quantization config, solid = no averaging, dashed =
-    averaged, marker per average."""
+    against tokens; one panel per bit width, colour per quantization config, solid line / filled marker = no
+    averaging, dashed / hollow = averaged, marker shape per average."""
     connection = connect(results_dir)
     rows = connection.execute(
         "SELECT average, run, quantization, bits, tokens, delta_q_loss_parent, delta_q_loss_average "
@@ -212,11 +214,11 @@ def plot_averaging(results_dir: str | Path, out_file: str | Path) -> None:
                 if not series:
                     continue
                 color, marker = f"C{quantizations.index(quantization) % 10}", "osD^v"[number % 5]
-                tokens = [row[4] for row in series]
-                axis.plot(tokens, [100 * row[5] for row in series], color=color, marker=marker, markersize=3,
+                tokens, size = [row[4] for row in series], 3 if len(series) > 1 else 7
+                axis.plot(tokens, [100 * row[5] for row in series], color=color, marker=marker, markersize=size,
                           linestyle="-", label=f"{quantization} · {series[0][1]}")
-                axis.plot(tokens, [100 * row[6] for row in series], color=color, marker=marker, markersize=3,
-                          linestyle="--", label=f"{quantization} · {average}")
+                axis.plot(tokens, [100 * row[6] for row in series], color=color, marker=marker, markersize=size,
+                          linestyle="--", markerfacecolor="none", label=f"{quantization} · {average}")
         axis.set_title(f"{width}-bit")
         axis.set_xlabel("tokens seen (newest checkpoint averaged)")
         axis.grid(alpha=0.3)
