@@ -69,22 +69,34 @@ def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
         "plot_loss", "plot_lr", "plot_sharpness", "plot_averaging", "plot_accuracy"}
 
 
-@pytest.mark.parametrize(("experiment", "expected"), [
-    ("lr-sweep", {"train_lr1e-2-seed1": 1, "evaluate_fp": 40}),
-    ("schedules", {"train_constant": 1, "evaluate_fp": 16}),
-    ("weight-decay", {"train_wd0.3": 1, "evaluate_fp": 12}),
-    ("cooldowns", {"train_constant": 1, "cooldown": 5, "evaluate_fp": 8 + 5}),
-    ("methods", {"quantize": 4 * 7, "evaluate_quantized": 4 * 9}),
-    ("science-longer", {"average_checkpoints": 6, "sharpness": 0}),
-    ("lr-sweep-160m", {"train_lr3e-3": 1, "average_checkpoints": 16, "fetch_lm_eval_tasks": 1}),
-])
-def test_experiment_configs_plan_their_grids(tmp_path, experiment, expected):
-    config = yaml.safe_load((REPO_ROOT / "config" / "experiments" / f"{experiment}.yaml").read_text())
+def experiment_config(name: str, tmp_path: Path) -> Path:
+    config = yaml.safe_load((REPO_ROOT / "config" / "experiments" / f"{name}.yaml").read_text())
     config["corpus"]["path"] = str(REPO_ROOT / "data" / "corpus" / "sotu.jsonl.xz")  # the 160M one brings its own
     config["results_dir"] = str(tmp_path / "results")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    rules = [rule for rule, _ in planned_jobs(snakemake("--dry-run", "--cores", "2", "--configfile",
-                                                        str(tmp_path / "config.yaml"), workdir=tmp_path).stdout)]
+    return tmp_path / "config.yaml"
+
+
+@pytest.mark.parametrize(("experiment", "checkpoints"), [
+    ("lr-sweep", 10 * 4), ("schedules", 4 * 4), ("weight-decay", 3 * 4), ("methods", 4),
+    ("science-longer", 2 * 4 + 2 * 3),
+])
+def test_experiment_configs_hold_their_grids(tmp_path, experiment, checkpoints):
+    from qtraj.config import checkpoints_of, load_config, trajectories
+
+    config = load_config(experiment_config(experiment, tmp_path))
+    assert sum(len(checkpoints_of(config, run)) for run in trajectories(config)) == checkpoints
+
+
+# the two whose DAGs use rules the default does not: cooldown jobs, and lm-eval tasks fetched on the submit host
+@pytest.mark.parametrize(("experiment", "expected"), [
+    ("cooldowns", {"train_constant": 1, "cooldown": 5, "evaluate_fp": 8 + 5}),
+    ("lr-sweep-160m", {"train_lr3e-3": 1, "average_checkpoints": 16, "fetch_lm_eval_tasks": 1}),
+])
+def test_experiment_configs_plan_their_jobs(tmp_path, experiment, expected):
+    config = experiment_config(experiment, tmp_path)
+    rules = [rule for rule, _ in planned_jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(config),
+                                                        workdir=tmp_path).stdout)]
     assert {rule: rules.count(rule) for rule in expected} == expected
 
 
