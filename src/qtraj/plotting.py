@@ -138,6 +138,17 @@ def _bits_panels(rows: list[tuple], bits_index: int, width: float = 4.2, height:
     return figure, list(zip(axes[0], bits, strict=True))
 
 
+def _finish_bits_panels(figure, panels, xlabel: str, out_file: str | Path) -> None:
+    """Titles, x labels, grids and legends of per-bit-width ΔQ L panels (from _bits_panels), then save."""
+    for axis, width in panels:
+        axis.set_title(f"{width}-bit")
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+    panels[0][0].set_ylabel("ΔQ L (%)")
+    _save(figure, out_file)
+
+
 def plot_loss(results_dir: str | Path, out_file: str | Path) -> None:
     """Full-precision validation loss against tokens seen, one line per trajectory (averages dashed)."""
     connection = connect(results_dir)
@@ -184,12 +195,7 @@ def plot_lr(results_dir: str | Path, out_file: str | Path) -> None:
                     axis.scatter([row[3] for row in series], [100 * row[4] for row in series], s=22, alpha=0.8,
                                  marker=markers[runs.index(run) % len(markers)], color=f"C{methods.index(method)}",
                                  label=f"{method} · {run}")
-        axis.set_title(f"{width}-bit")
-        axis.set_xlabel("learning rate at the checkpoint")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=6)
-    panels[0][0].set_ylabel("ΔQ L (%)")
-    _save(figure, out_file)
+    _finish_bits_panels(figure, panels, "learning rate at the checkpoint", out_file)
 
 
 def plot_averaging(results_dir: str | Path, out_file: str | Path) -> None:
@@ -219,12 +225,7 @@ def plot_averaging(results_dir: str | Path, out_file: str | Path) -> None:
                           linestyle="-", label=f"{quantization} · {series[0][1]}")
                 axis.plot(tokens, [100 * row[6] for row in series], color=color, marker=marker, markersize=size,
                           linestyle="--", markerfacecolor="none", label=f"{quantization} · {average}")
-        axis.set_title(f"{width}-bit")
-        axis.set_xlabel("tokens seen (newest checkpoint averaged)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=6)
-    panels[0][0].set_ylabel("ΔQ L (%)")
-    _save(figure, out_file)
+    _finish_bits_panels(figure, panels, "tokens seen (newest checkpoint averaged)", out_file)
 
 
 def plot_accuracy(results_dir: str | Path, out_file: str | Path) -> None:
