@@ -11,7 +11,9 @@ from qtraj.config import (
     checkpoints_of,
     data_settings,
     data_source,
+    is_external,
     is_family,
+    is_local,
     quant_spec,
     run_settings,
     stores_quantized_model,
@@ -20,7 +22,8 @@ from qtraj.config import (
     validation_text,
 )
 from qtraj.checkpoints import checkpoint_name
-from qtraj.families import configured_family, revision_of
+from qtraj.families import configured_family, revision_of, selected_revisions
+from qtraj.local import selected_checkpoints
 from qtraj.resources import job_resources, llama_parameters
 
 validate_config(config)
@@ -29,6 +32,7 @@ RESULTS = config["results_dir"]
 LOGS = f"{RESULTS}/logs"
 RUNS = list(config["runs"])  # trained here
 FAMILIES = list(config["families"])  # from the hub
+LOCAL = list(config["local"])  # checkpoint folders on disk
 TRAJECTORIES = trajectories(config)
 QUANTIZATIONS = list(config["quantizations"])
 SPLITS = ["train", "validation", "calibration"]
@@ -40,6 +44,7 @@ def alternatives(names):
 
 
 FAMILY_PATTERN = alternatives(FAMILIES)
+LOCAL_PATTERN = alternatives(LOCAL)
 AVERAGE_PATTERN = alternatives(config["averages"])
 COOLDOWN_PATTERN = alternatives(config["cooldowns"])
 
@@ -56,7 +61,7 @@ def tokens_file(split):
 
     def path(wildcards):
         source = data_source(config, wildcards.run)
-        if is_family(config, source):
+        if is_external(config, source):  # tokenized with its own tokenizer
             return f"{RESULTS}/data/tokens/{source}/{split}.npy"
         return f"{RESULTS}/data/tokens/{split}.npy"
 
@@ -103,6 +108,8 @@ def resource(step, key, run=None):
         source = data_source(config, run or wildcards.run)
         if is_family(config, source):
             parameters = configured_family(config, source)["parameters"]
+        elif is_local(config, source):
+            parameters = config["local"][source]["parameters"]
         elif config["resources"]["trained_on_gpu"]:
             parameters = llama_parameters(
                 config["model"], config["tokenizer"]["vocab_size"]
@@ -136,8 +143,14 @@ def downloaded_checkpoint(path):
 
 
 def tokenizer_source(family_slug):
+    """Where a family's tokenizer comes from: the repo the family file names, else the first selected revision's
+    own (checkpoint repos need not have a `main`; a remote-code family's revisions are pinned to commits)."""
     family = configured_family(config, family_slug)
-    source = family["tokenizer"] or {"repo": family["repo"], "revision": "main"}
+    first = selected_revisions(config, family_slug)[0]
+    source = family["tokenizer"] or {
+        "repo": family["repo"],
+        "revision": first.commit or first.revision,
+    }
     return {
         **source,
         "trust_remote_code": family["trust_remote_code"],
@@ -148,6 +161,32 @@ def tokenizer_source(family_slug):
 def training_settings(run):
     """A run's merged training settings plus the model architecture: the params of its training job."""
     return {**run_settings(config, run), "model": config["model"]}
+
+
+def local_checkpoint(wildcards):
+    """Input function: the folder on disk a local trajectory's checkpoint is read from."""
+    return f"{config['local'][wildcards.run]['path']}/{wildcards.checkpoint}"
+
+
+def local_checkpoint_facts(wildcards):
+    """Params function: what the link job records about a local checkpoint (its step, tokens, LR, phase)."""
+    from dataclasses import asdict
+
+    from qtraj.local import checkpoint_info
+
+    entry = config["local"][wildcards.run]
+    revision = next(
+        r
+        for r in selected_checkpoints(config, wildcards.run)
+        if r.revision == wildcards.checkpoint
+    )
+    return asdict(checkpoint_info(wildcards.run, entry, revision))
+
+
+def local_tokenizer(wildcards):
+    """Input function: a local trajectory's tokenizer is its first selected checkpoint's own."""
+    first = selected_checkpoints(config, wildcards.run)[0].revision
+    return f"{config['local'][wildcards.run]['path']}/{first}"
 
 
 def checkpoint_dirs(run):
@@ -210,7 +249,7 @@ def sharpness_tables():
         run
         for run in TRAJECTORIES
         if config["sharpness"][
-            "families" if is_family(config, data_source(config, run)) else "runs"
+            "families" if is_external(config, data_source(config, run)) else "runs"
         ]
     ]
     return [

@@ -36,7 +36,8 @@ FAMILY_B = {
 def hub_setup(tmp_path_factory, trained_checkpoint, corpus_lines):
     root = tmp_path_factory.mktemp("hub")
     cache = root / "hf" / "hub"
-    for revision in ("step30-tokens0B", "step60-tokens0B", "main"):
+    # only step branches, no `main` (like SmolLM3's checkpoint repo): the tokenizer comes from a selected revision
+    for revision in ("step30-tokens0B", "step60-tokens0B"):
         add_model_folder(cache, "qtraj-test/tiny-a", revision, trained_checkpoint)
     for revision in ("ckpt_000", "ckpt_001", "main"):  # B's own revisions lack a tokenizer: it has its own repo
         add_model_folder(cache, "qtraj-test/tiny-b", revision, trained_checkpoint,

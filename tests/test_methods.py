@@ -133,11 +133,12 @@ def test_method_files_must_implement_the_step_their_storage_needs():
 @pytest.mark.parametrize("bits", [3, 4])
 def test_gptq_reconstruction_error_is_at_most_rtn_on_every_layer(quantized, trained_checkpoint, calibration_file,
                                                                  bits):
-    from qtraj.layer_errors import capture_inputs, layer_errors, quantizable_linears
+    from qtraj.layer_errors import capture_inputs, layer_errors
+    from qtraj.methods.base import quantized_modules
 
     fp = load_causal_lm(trained_checkpoint)
     blocks = token_blocks(np.load(calibration_file), CALIBRATION["seq_len"], CALIBRATION["num_samples"])
-    inputs = capture_inputs(fp, list(quantizable_linears(fp)), blocks, 8, max_rows=blocks.size)
+    inputs = capture_inputs(fp, list(quantized_modules(fp)), blocks, 8, max_rows=blocks.size)
     assert all(x.shape == (blocks.size, x.shape[1]) for x in inputs.values())
     gptq = {e.layer: e for e in layer_errors(fp, load_causal_lm(quantized[("gptq", bits)]), inputs)}
     rtn = {e.layer: e for e in layer_errors(fp, load_causal_lm(quantized[("rtn", bits)]), inputs)}
@@ -160,9 +161,8 @@ def test_bitsandbytes_models_are_evaluated_through_bitsandbytes(tmp_path, traine
     model, info = load_quantized_model(trained_checkpoint, trained_checkpoint, spec, torch.device("cpu"))
     layer = model.model.layers[0].mlp.down_proj
     assert type(layer).__name__ == layer_class
+    dequantized_weight = get_method("bnb").dequantized_weight
     if bits == 4:  # NF4 / FP4: at most 16 code values, scaled per block of 64 weights
-        from qtraj.layer_errors import dequantized_weight
-
         before_forward = dequantized_weight(layer)
         blocks_of_64 = before_forward.reshape(-1, 64)
         assert max(len(torch.unique(block)) for block in blocks_of_64) <= 16
@@ -200,12 +200,13 @@ def test_awq_is_stored_in_the_checkpoints_basis_on_its_grid_and_beats_rtn(tmp_pa
     # llm-compressor's own (folded) model, quantized the same way in this process
     folded = load_causal_lm(trained_checkpoint)
     calibration = token_blocks(np.load(calibration_file), CALIBRATION["seq_len"], CALIBRATION["num_samples"])
+    keys = list(folded.state_dict())
     with _no_pinned_memory_without_cuda():
         oneshot(model=folded, recipe=[AWQModifier(n_grid=10), QuantizationModifier(
             config_groups=engine.weight_scheme(spec_of("awq-w4g16", "awq")), ignore=["lm_head"])],
             **engine.calibration_kwargs(trained_checkpoint, calibration))
     reference = load_causal_lm(trained_checkpoint)
-    reference.load_state_dict(engine.fake_quant_state_dict(folded))
+    reference.load_state_dict(engine.fake_quant_state_dict(folded, keys))
     assert cross_entropy(reference, blocks, 8).loss == pytest.approx(losses["awq"], rel=1e-5)
 
     scales = load_file(str(tmp_path / "awq" / SMOOTHING_FILE))
@@ -238,9 +239,10 @@ def test_fake_quant_folder_scores_like_the_engines_own_compressed_model(tmp_path
     spec = QuantSpec(name="gptq-w4g16", method="gptq", bits=4, group_size=16)
     calibration = token_blocks(np.load(calibration_file), 64, 16)
     model = load_causal_lm(trained_checkpoint)
+    keys = list(model.state_dict())
     oneshot(model=model, recipe=GPTQModifier(config_groups=engine.weight_scheme(spec), ignore=["lm_head"]),
             **engine.calibration_kwargs(trained_checkpoint, calibration))
-    engine.save_fake_quant(model, trained_checkpoint, tmp_path / "fake")
+    engine.save_state(engine.fake_quant_state_dict(model, keys), trained_checkpoint, tmp_path / "fake")
     model.save_pretrained(str(tmp_path / "native"), save_compressed=True)  # packs the weights in place
     native = AutoModelForCausalLM.from_pretrained(str(tmp_path / "native"), dtype=torch.float32).eval()
     assert "quantization_config" in native.config.to_dict()

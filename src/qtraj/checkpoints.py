@@ -34,7 +34,7 @@ class CheckpointInfo:
     step: int | None  # None where a revision does not say (e.g. a final `main` soup)
     tokens: int | None
     lr: float | None
-    phase: str  # warmup / stable / decay / anneal / post-training
+    phase: str | None  # warmup / stable / decay / anneal / post-training; None where no schedule is known
     source: str  # "trained", "cooldown", "averaged", "hub" or "local"
     repo: str | None = None  # hub checkpoints: repo id, revision and the commit it resolved to
     revision: str | None = None
@@ -42,6 +42,7 @@ class CheckpointInfo:
     # what it derives from: a cooldown's branch point; an average's newest checkpoint (a soup's last ingredient)
     parent_run: str | None = None
     parent_checkpoint: str | None = None
+    path: str | None = None  # local checkpoints: the folder they were read from
 
 
 def checkpoint_name(step: int) -> str:
@@ -50,7 +51,10 @@ def checkpoint_name(step: int) -> str:
 
 
 def write_checkpoint_info(folder: str | Path, info: CheckpointInfo) -> None:
-    Path(folder, METADATA_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
+    path = Path(folder, METADATA_FILE)
+    if path.is_symlink():  # never write through a link into a hub cache or someone's checkpoint folder
+        path.unlink()
+    path.write_text(json.dumps(asdict(info), indent=2) + "\n")
 
 
 def read_checkpoint_info(folder: str | Path) -> CheckpointInfo:

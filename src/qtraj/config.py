@@ -94,10 +94,11 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     if not isinstance(config, dict):
         raise ConfigError("the configuration must be a mapping of keys to values")
     _validate(config, schema)
-    if not config["runs"] and not config["families"]:
-        raise ConfigError("the config has neither `runs` (models trained here) nor `families` (hub checkpoints); "
-                          "add at least one")
+    if not config["runs"] and not config["families"] and not config["local"]:
+        raise ConfigError("the config has neither `runs` (models trained here), `families` (hub checkpoints) nor "
+                          "`local` (checkpoint folders on disk); add at least one")
     _check_families(config)
+    _check_local(config)
     _check_averages(config)
     reserved = set(SUMMARY_FIGURE_NAMES) & set(trajectories(config))
     if reserved:
@@ -118,7 +119,48 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
             method().check(QuantSpec(**quant_spec(config, name)))
         except ValueError as error:
             raise ConfigError(f"config key '{where}': {error}") from error
+    _check_architectures(config, methods)
     return config
+
+
+# The model class of the micro models trained here (qtraj.training builds a LlamaForCausalLM).
+TRAINED_ARCHITECTURE = "LlamaForCausalLM"
+
+
+def architecture_of(config: dict, source: str) -> str | None:
+    """The model class of a run, family or local trajectory, as far as it is known before any job runs: trained
+    runs are Llama; a family file says it; a local folder's first checkpoint says it in its config.json."""
+    if source in config["runs"]:
+        return TRAINED_ARCHITECTURE
+    if is_family(config, source):
+        from qtraj.families import configured_family
+
+        return configured_family(config, source)["architecture"] or None
+    if is_local(config, source):
+        import json
+
+        from qtraj.local import selected_checkpoints
+
+        first = Path(config["local"][source]["path"]) / selected_checkpoints(config, source)[0].revision
+        if (first / "config.json").is_file():
+            return (json.loads((first / "config.json").read_text()).get("architectures") or [None])[0]
+    return None
+
+
+def _check_architectures(config: dict, methods: dict) -> None:
+    """Refuse a quantization whose engine cannot run an architecture of the config, before any job starts."""
+    from qtraj.methods import QuantSpec
+
+    sources = list(config["runs"]) + list(config["families"]) + list(config["local"])
+    for source in sources:
+        architecture = architecture_of(config, source)
+        if architecture is None:
+            continue
+        for name, entry in config["quantizations"].items():
+            try:
+                methods[entry["method"]]().check_architecture(QuantSpec(**quant_spec(config, name)), architecture)
+            except ValueError as error:
+                raise ConfigError(f"config key 'quantizations.{name}' on {source!r}: {error}") from error
 
 
 def _check_families(config: dict) -> None:
@@ -131,8 +173,18 @@ def _check_families(config: dict) -> None:
         selected_revisions(config, slug)  # loads and validates the family file, resolves the selector
 
 
+def _check_local(config: dict) -> None:
+    from qtraj.local import selected_checkpoints
+
+    for name in config["local"]:
+        if name in config["runs"] or name in config["families"]:
+            raise ConfigError(f"config key 'local.{name}': '{name}' is also a run or family; results are keyed by "
+                              "that name, so rename one of them")
+        selected_checkpoints(config, name)  # finds the folders, resolves the selector
+
+
 def _check_cooldowns(config: dict) -> None:
-    taken = set(config["runs"]) | set(config["families"]) | set(config["averages"])
+    taken = set(config["runs"]) | set(config["families"]) | set(config["local"]) | set(config["averages"])
     for name, spec in config["cooldowns"].items():
         where = f"config key 'cooldowns.{name}"
         if name in taken:
@@ -148,7 +200,7 @@ def _check_cooldowns(config: dict) -> None:
 
 
 def _check_averages(config: dict) -> None:
-    sources = set(config["runs"]) | set(config["families"]) | set(config["cooldowns"])
+    sources = set(config["runs"]) | set(config["families"]) | set(config["local"]) | set(config["cooldowns"])
     for name, spec in config["averages"].items():
         where = f"config key 'averages.{name}"
         if name in sources:
@@ -226,13 +278,23 @@ def cooldown_branches(config: dict, name: str) -> dict[str, int]:
 
 
 def trajectories(config: dict) -> list[str]:
-    """Every trajectory of the config: trained runs, hub families, cooldowns, then averages (the `run` column of
-    every table)."""
-    return list(config["runs"]) + list(config["families"]) + list(config["cooldowns"]) + list(config["averages"])
+    """Every trajectory of the config: trained runs, hub families, local folders, cooldowns, then averages (the
+    `run` column of every table)."""
+    return (list(config["runs"]) + list(config["families"]) + list(config["local"]) + list(config["cooldowns"])
+            + list(config["averages"]))
 
 
 def is_family(config: dict, name: str) -> bool:
     return name in config["families"]
+
+
+def is_local(config: dict, name: str) -> bool:
+    return name in config["local"]
+
+
+def is_external(config: dict, name: str) -> bool:
+    """Checkpoints made elsewhere (hub families, local folders): their own tokenizer, no training here."""
+    return is_family(config, name) or is_local(config, name)
 
 
 def data_source(config: dict, run: str) -> str:
@@ -272,14 +334,18 @@ def checkpoints_of(config: dict, run: str) -> list[str]:
         from qtraj.families import selected_revisions
 
         return [revision.revision for revision in selected_revisions(config, run)]
+    if is_local(config, run):
+        from qtraj.local import selected_checkpoints
+
+        return [revision.revision for revision in selected_checkpoints(config, run)]
     if run in config["cooldowns"]:
         return list(cooldown_branches(config, run))
     return [checkpoint_name(step) for step in checkpoint_steps(config, run)]
 
 
 def data_settings(config: dict, run: str) -> dict:
-    """The calibration, evaluation and accuracy settings of a trajectory: the carried corpus's for trained runs,
-    the hub text's for families."""
+    """The calibration, evaluation and accuracy settings of a trajectory: the carried corpus's for trained runs
+    and local folders, the hub text's for families."""
     source = config["hub_data"] if is_family(config, data_source(config, run)) else config
     return {kind: source[kind] for kind in ("calibration", "evaluation", "accuracy")}
 

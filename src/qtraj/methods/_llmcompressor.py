@@ -3,10 +3,14 @@
 llm-compressor (vLLM's maintained successor of AutoGPTQ-style tooling) runs on CPU and implements GPTQ,
 AWQ and plain round-to-nearest over the same compressed-tensors quantization grid, so methods that go
 through it differ only in the algorithm, never in how scales and zero points are defined.
+
+Which modules it quantizes is qtraj's decision (`QuantizationMethod.quantized_modules`): every other linear is
+passed as `ignore`, and what llm-compressor actually quantized is checked against that set afterwards.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +18,12 @@ import torch
 
 from qtraj.checkpoints import copy_non_weight_files, trusts_remote_code
 from qtraj.evaluation import load_causal_lm, pick_device
-from qtraj.methods.base import QuantSpec
+from qtraj.methods.base import QuantizationMethod, QuantSpec
 
 
 def weight_scheme(spec: QuantSpec) -> dict:
-    """compressed-tensors `config_groups` for integer weight-only quantization of every Linear layer."""
+    """compressed-tensors `config_groups` for integer weight-only quantization of Linear layers (those not
+    ignored: see `ignored_linears`)."""
     weights = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric}
     if spec.group_size is None:
         weights["strategy"] = "channel"
@@ -27,18 +32,32 @@ def weight_scheme(spec: QuantSpec) -> dict:
     return {"group_0": {"targets": ["Linear"], "weights": weights}}
 
 
-def check_group_size(model: torch.nn.Module, spec: QuantSpec) -> None:
+def ignored_linears(model: torch.nn.Module, quantized: dict[str, torch.nn.Module]) -> list[str]:
+    """The exact names of the linears qtraj does not quantize (the output head, whatever its name): llm-compressor's
+    `ignore` list, so its own defaults never decide."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name not in quantized]
+
+
+def check_group_size(quantized: dict[str, torch.nn.Module], spec: QuantSpec) -> None:
     if spec.group_size is None:
         return
-    from qtraj.layer_errors import quantizable_linears
-
-    for name, module in quantizable_linears(model).items():
+    for name, module in quantized.items():
         if module.in_features % spec.group_size:
             raise ValueError(
                 f"quantization {spec.name!r}: group_size {spec.group_size} does not divide the "
                 f"{module.in_features} input features of layer {name!r}; choose a group size that divides "
                 "the model's hidden and intermediate sizes (or null for per-channel)"
             )
+
+
+def check_same_modules(expected: set[str], quantized: set[str], engine: str) -> None:
+    """Refuse an engine run that quantized other modules than qtraj decided (a silent difference in what is
+    measured between engines or architectures)."""
+    if expected != quantized:
+        missing, extra = sorted(expected - quantized), sorted(quantized - expected)
+        raise RuntimeError(f"{engine} quantized other modules than qtraj asked for: left out {missing[:5]} "
+                           f"({len(missing)} in all), also quantized {extra[:5]} ({len(extra)} in all)")
 
 
 def calibration_dataset(blocks: np.ndarray):
@@ -48,21 +67,30 @@ def calibration_dataset(blocks: np.ndarray):
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]})
 
 
-def run_oneshot(checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, recipe,
-                calibration_blocks: np.ndarray | None, transform=None) -> None:
-    """Quantize with an llm-compressor recipe (modifiers) and save the dequantized weights as a model folder.
+Recipe = Callable[[list[str]], object]
+Transform = Callable[[dict, torch.nn.Module, dict], dict]
 
+
+def run_oneshot(method: QuantizationMethod, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, recipe: Recipe,
+                calibration_blocks: np.ndarray | None, transform: Transform | None = None) -> None:
+    """Quantize with an llm-compressor recipe and save the dequantized weights as a model folder.
+
+    `recipe(ignore)` builds the modifiers given the names of the linears to leave alone.
     `transform(fake_quant_state, model, original_state)` may rewrite the state before it is saved (AWQ uses it
     to express its smoothed weights in the checkpoint's own basis).
     """
     from llmcompressor import oneshot
 
     model = load_causal_lm(checkpoint_dir, pick_device())
-    check_group_size(model, spec)
+    quantized = method.quantized_modules(model)
+    check_group_size(quantized, spec)
+    keys = list(model.state_dict())
     original = None if transform is None else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     kwargs = {} if calibration_blocks is None else calibration_kwargs(checkpoint_dir, calibration_blocks)
-    oneshot(model=model, recipe=recipe, **kwargs)
-    state = fake_quant_state_dict(model)
+    # llm-compressor re-reads the model's config from its folder; remote-code families need the same trust there
+    kwargs["trust_remote_code_model"] = trusts_remote_code(checkpoint_dir)
+    oneshot(model=model, recipe=recipe(ignored_linears(model, quantized)), **kwargs)
+    state = fake_quant_state_dict(model, keys, expected=set(quantized))
     if transform is not None:
         state = transform(state, model, original)
     save_state(state, checkpoint_dir, out_dir)
@@ -83,39 +111,43 @@ def calibration_kwargs(checkpoint_dir: Path, calibration_blocks: np.ndarray) -> 
     )
 
 
+def quantized_by_llmcompressor(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The modules llm-compressor attached a weight quantization to."""
+    return {name: module for name, module in model.named_modules()
+            if getattr(getattr(module, "quantization_scheme", None), "weights", None) is not None
+            and hasattr(module, "weight_scale")}
+
+
 @torch.no_grad()
-def fake_quant_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every quantized weight replaced by its dequantized grid value.
+def fake_quant_state_dict(model: torch.nn.Module, keys: list[str],
+                          expected: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The model's original state (`keys`, as before quantization) with every quantized weight replaced by its
+    dequantized grid value; biases, norms, embeddings and head as they are.
 
     GPTQ leaves weights already on the grid; RTN (QuantizationModifier) only attaches scales, so the
     weights are passed through compressed-tensors' own `fake_quantize` with those scales — idempotent for
-    weights already on the grid. The quantization parameters themselves are dropped, leaving a plain model.
+    weights already on the grid. The quantization parameters llm-compressor added are not in `keys`, so they
+    are left out, leaving a plain model.
     """
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-    state = {}
-    quantized_params = set()
-    for name, module in model.named_modules():
-        args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
-        if args is None or not hasattr(module, "weight_scale"):
-            continue
-        prefix = f"{name}." if name else ""
-        zero_point = getattr(module, "weight_zero_point", None)
-        dequantized = fake_quantize(module.weight, module.weight_scale, zero_point, args,
-                                    global_scale=getattr(module, "weight_global_scale", None))
-        state[f"{prefix}weight"] = dequantized.detach().to(module.weight.dtype).cpu().contiguous()
-        quantized_params.update(f"{prefix}{param}" for param, _ in module.named_parameters(recurse=False))
-        quantized_params.update(f"{prefix}{buffer}" for buffer, _ in module.named_buffers(recurse=False))
-    if not state:
+    quantized = quantized_by_llmcompressor(model)
+    if not quantized:
         raise RuntimeError("llm-compressor quantized no layer; check the method's targets")
-    for key, value in model.state_dict().items():
-        if key not in quantized_params:
-            state[key] = value.detach().cpu().contiguous()
+    if expected is not None:
+        check_same_modules(expected, set(quantized), "llm-compressor")
+    current = model.state_dict()
+    absent = [key for key in keys if key not in current]
+    if absent:
+        raise RuntimeError(f"llm-compressor removed parameters from the model: {absent[:5]}")
+    state = {key: current[key].detach().cpu().contiguous() for key in keys}
+    for name, module in quantized.items():
+        prefix = f"{name}." if name else ""
+        args = module.quantization_scheme.weights
+        dequantized = fake_quantize(module.weight, module.weight_scale, getattr(module, "weight_zero_point", None),
+                                    args, global_scale=getattr(module, "weight_global_scale", None))
+        state[f"{prefix}weight"] = dequantized.detach().to(module.weight.dtype).cpu().contiguous()
     return state
-
-
-def save_fake_quant(model: torch.nn.Module, checkpoint_dir: Path, out_dir: Path) -> None:
-    save_state(fake_quant_state_dict(model), checkpoint_dir, out_dir)
 
 
 def save_state(state: dict[str, torch.Tensor], checkpoint_dir: Path, out_dir: Path) -> None:
@@ -125,4 +157,3 @@ def save_state(state: dict[str, torch.Tensor], checkpoint_dir: Path, out_dir: Pa
     # huggingface_hub's saver shards large models and drops tied duplicates (embeddings / lm_head),
     # writing the same layout `save_pretrained` would.
     save_torch_state_dict(state, str(out_dir))
-

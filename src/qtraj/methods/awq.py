@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from qtraj.methods import _llmcompressor as engine
 from qtraj.methods.base import QuantizationMethod, QuantSpec, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -49,6 +49,14 @@ class AWQ(QuantizationMethod):
     engines = ("llmcompressor",)
     needs_calibration = True
     supported_bits = (3, 4)
+    # llm-compressor 0.14 smooths through per-architecture mappings (AWQ_MAPPING_REGISTRY) and falls back to
+    # Llama's for a class it does not list; these have no such modules (no input_layernorm / no q_proj), so its
+    # mapping resolution fails, and Apertus's up -> down smoothing through xIELU would not preserve the function
+    unsupported_architectures = {"llmcompressor": {
+        "GPTNeoXForCausalLM": "no AWQ mappings for GPT-NeoX's fused query_key_value",
+        "Olmo2ForCausalLM": "no AWQ mappings for OLMo-2's post-norm blocks",
+        "ApertusForCausalLM": "no AWQ mappings for Apertus's xIELU MLP",
+    }}
     options_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -60,22 +68,27 @@ class AWQ(QuantizationMethod):
         },
     }
 
-
-    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
-                 calibration_blocks: np.ndarray | None) -> None:
+    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibration_blocks) -> None:
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
+        from qtraj.methods import _llmcompressor as engine
+
         if calibration_blocks is None:
             raise ValueError(f"quantization {spec.name!r}: AWQ needs calibration data")
-        recipe = [
-            AWQModifier(n_grid=spec.options.get("n_grid", 20), duo_scaling=spec.options.get("duo_scaling", True)),
-            QuantizationModifier(config_groups=engine.weight_scheme(spec), ignore=["lm_head"]),
-        ]
+        options = self.options(spec)
+
+        def recipe(ignore):
+            # AWQModifier only smooths (what it smooths comes from its per-architecture mappings); which modules are
+            # quantized is the QuantizationModifier's `ignore`
+            return [AWQModifier(n_grid=options["n_grid"], duo_scaling=options["duo_scaling"]),
+                    QuantizationModifier(config_groups=engine.weight_scheme(spec), ignore=ignore)]
+
+        def transform(state, model, original):
+            return unfold_smoothing(state, self.quantized_modules(model), original, out_dir)
+
         with _no_pinned_memory_without_cuda():
-            engine.run_oneshot(checkpoint_dir, out_dir, spec, recipe, calibration_blocks,
-                               transform=lambda state, model, original: unfold_smoothing(state, model, original,
-                                                                                         out_dir))
+            engine.run_oneshot(self, checkpoint_dir, out_dir, spec, recipe, calibration_blocks, transform=transform)
 
 
 SMOOTHING_FILE = "awq_smoothing.safetensors"
@@ -84,6 +97,8 @@ SMOOTHING_FILE = "awq_smoothing.safetensors"
 def smoothing_scales(smoothed: torch.Tensor, original: torch.Tensor, iterations: int = 20):
     """(row, column) factors with smoothed = diag(1 / row) · original · diag(column), fitted by alternating
     least squares (AWQ's folding is exactly such a rank-one rescaling of each weight). Raises if it is not."""
+    import torch
+
     weight, target = original.double(), smoothed.double()
     row_inverse = torch.ones(weight.shape[0], dtype=torch.float64)
     column = torch.ones(weight.shape[1], dtype=torch.float64)
@@ -101,22 +116,18 @@ def smoothing_scales(smoothed: torch.Tensor, original: torch.Tensor, iterations:
     return 1.0 / row_inverse, column
 
 
-def unfold_smoothing(state: dict, model, original: dict, out_dir: Path) -> dict:
-    """The fake-quant state in the checkpoint's basis: quantized weights with AWQ's scales taken back out, every
-    other tensor (norms included) as in the checkpoint."""
+def unfold_smoothing(state: dict, quantized: dict, original: dict, out_dir: Path) -> dict:
+    """The fake-quant state in the checkpoint's basis: the `quantized` modules' weights with AWQ's scales taken back
+    out, every other tensor (norms and biases included) as in the checkpoint."""
     from safetensors.torch import save_file
 
-    from qtraj.layer_errors import quantizable_linears
-
     unfolded, scales = dict(original), {}
-    for name, module in quantizable_linears(model).items():
+    for name, module in quantized.items():
         key = f"{name}.weight"
         row, column = smoothing_scales(module.weight.detach().cpu(), original[key])
         quantized = state[key].double()
         unfolded[key] = (row[:, None] * quantized / column[None, :]).to(state[key].dtype).contiguous()
         scales[f"{name}.row"], scales[f"{name}.column"] = row.float(), column.float()
-    for key, value in state.items():  # anything quantized that is not a plain linear weight stays as quantized
-        unfolded.setdefault(key, value)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(scales, str(out_dir / SMOOTHING_FILE))
     return unfolded

@@ -1,12 +1,20 @@
-"""The interface every quantization method implements, and the registry that finds them."""
+"""The interface every quantization method implements, the registry that finds them, and qtraj's one decision of
+which modules a method quantizes.
+
+Nothing here imports torch or an engine at module level: Snakemake imports the method files to validate a
+config while it builds the DAG, and each engine costs seconds of start-up.
+"""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 METHODS: dict[str, type[QuantizationMethod]] = {}
 
@@ -30,6 +38,38 @@ class QuantSpec:
                 "symmetric": self.symmetric, "options": dict(self.options), "engine": self.engine}
 
 
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's output projection, asked of the model (GPT-NeoX calls it `embed_out`, Llama `lm_head`)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise RuntimeError(f"{type(model).__name__} does not name its output head (get_output_embeddings() is None), "
+                           "so qtraj cannot keep it out of quantization; it needs a causal LM class that does")
+    return head
+
+
+def quantized_modules(model: torch.nn.Module, excluded: tuple[str, ...] = ()) -> dict[str, torch.nn.Module]:
+    """Every `nn.Linear` of the model except its output head and the modules named in `excluded`, by module path.
+
+    Input embeddings are `nn.Embedding`s and never match. A tied head is the same module object however it is
+    reached, so it is excluded by identity, never by name.
+    """
+    import torch
+
+    head = output_head(model)
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head and name not in excluded}
+
+
+def options_with_defaults(schema: dict, options: dict) -> dict:
+    """`options` with the `default:` of every property the schema declares and the options leave out: the schema
+    is the one place a method writes its defaults (config validation fills them the same way)."""
+    filled = dict(options)
+    for name, prop in schema.get("properties", {}).items():
+        if name not in filled and "default" in prop:
+            filled[name] = copy.deepcopy(prop["default"])
+    return filled
+
+
 class QuantizationMethod:
     """A post-training quantization method, of one of two kinds (`storage`):
 
@@ -39,6 +79,9 @@ class QuantizationMethod:
     - "load-time": the engine quantizes while loading (bitsandbytes); `load` returns the quantized model from
       the full-precision checkpoint inside the evaluation job, so its own kernels are scored and no quantized
       copy is ever written.
+
+    Whatever the engine, the modules it quantizes are `quantized_modules(model)` (every linear but the output
+    head), which each engine is told or checked against, and which the per-layer errors compare.
     """
 
     name: ClassVar[str]
@@ -49,6 +92,9 @@ class QuantizationMethod:
     supported_bits: ClassVar[tuple[int, ...]]
     storage: ClassVar[str] = "fake-quant"  # or "load-time" (see the class docstring)
     options_schema: ClassVar[dict] = {"type": "object", "additionalProperties": False, "properties": {}}
+    # engine -> architectures (model classes, as in a family file's `architecture`) it cannot quantize, with why;
+    # checked when the config is validated, so no job starts that must fail
+    unsupported_architectures: ClassVar[dict[str, dict[str, str]]] = {}
 
     @property
     def stores_model(self) -> bool:
@@ -63,6 +109,10 @@ class QuantizationMethod:
     def engine_of(self, spec: QuantSpec) -> str:
         return spec.engine or self.engines[0]
 
+    def options(self, spec: QuantSpec) -> dict:
+        """The spec's options with the method's defaults (from `options_schema`) filled in."""
+        return options_with_defaults(self.options_schema, spec.options)
+
     def check(self, spec: QuantSpec) -> None:
         """Refuse settings the method cannot honour (raise ValueError naming the fix); called at config time."""
         if spec.bits not in self.supported_bits:
@@ -70,6 +120,25 @@ class QuantizationMethod:
         if self.engine_of(spec) not in self.engines:
             raise ValueError(f"method {spec.method!r} runs on engines {', '.join(self.engines)}, "
                              f"not {spec.engine!r}")
+
+    def check_architecture(self, spec: QuantSpec, architecture: str) -> None:
+        """Refuse an architecture the spec's engine cannot quantize (ValueError naming an alternative)."""
+        engine = self.engine_of(spec)
+        why = self.unsupported_architectures.get(engine, {}).get(architecture)
+        if why is not None:
+            others = [other for other in self.engines
+                      if other != engine and architecture not in self.unsupported_architectures.get(other, {})]
+            fix = f"use engine: {others[0]}" if others else "leave this quantization out for it"
+            raise ValueError(f"{self.name} through {engine} cannot quantize {architecture} ({why}); {fix}")
+
+    def quantized_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """The modules this method quantizes in `model` (every linear but the output head)."""
+        return quantized_modules(model)
+
+    def dequantized_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        """The weight a quantized module effectively multiplies by, as a float tensor. Fake-quant models hold it
+        as their plain weight; a load-time method whose layers pack their weights overrides this."""
+        return module.weight.detach().float()
 
     def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
                  calibration_blocks: np.ndarray | None) -> None:

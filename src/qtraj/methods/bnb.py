@@ -8,6 +8,8 @@ repacks 4-bit weights in place at the first CPU forward pass).
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 
 from qtraj.methods.base import QuantizationMethod, QuantSpec, register
@@ -42,20 +44,60 @@ class BitsAndBytes(QuantizationMethod):
 
     def load(self, checkpoint_dir: Path, spec: QuantSpec, device):
         import torch
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import BitsAndBytesConfig
 
-        options = spec.options
+        from qtraj.evaluation import load_causal_lm, model_skeleton
+        from qtraj.methods._llmcompressor import check_same_modules
+
+        options = self.options(spec)
+        skeleton = model_skeleton(checkpoint_dir)
+        expected = set(self.quantized_modules(skeleton))
+        # transformers' own default skips the output head *and the last module*, whatever it is; qtraj names the
+        # linears to skip itself (exact names: the patterns are regular expressions matched as prefixes)
+        skip = [f"{re.escape(name)}$" for name, module in skeleton.named_modules()
+                if isinstance(module, torch.nn.Linear) and name not in expected]
         if spec.bits == 8:
-            config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=options.get("int8_threshold", 6.0))
+            config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=options["int8_threshold"],
+                                        llm_int8_skip_modules=skip)
         else:
             config = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=options.get("quant_type", "nf4"),
-                bnb_4bit_use_double_quant=options.get("double_quant", False),
+                load_in_4bit=True, bnb_4bit_quant_type=options["quant_type"],
+                bnb_4bit_use_double_quant=options["double_quant"], llm_int8_skip_modules=skip,
                 bnb_4bit_compute_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
-        from qtraj.checkpoints import trusts_remote_code
         from qtraj.evaluation import device_map
 
-        model = AutoModelForCausalLM.from_pretrained(
-            str(checkpoint_dir), quantization_config=config, device_map=device_map(device),
-            trust_remote_code=trusts_remote_code(checkpoint_dir))
-        return model.eval()
+        model = load_causal_lm(checkpoint_dir, device, quantization_config=config, device_map=device_map(device))
+        check_same_modules(expected, set(quantized_by_bitsandbytes(model)), "bitsandbytes")
+        return model
+
+    def dequantized_weight(self, module):
+        """The weight a bitsandbytes layer computes with, read from its packed format."""
+        import bitsandbytes.functional as bnb_functional
+        import torch
+
+        weight = module.weight
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is not None:  # 4-bit (NF4 / FP4)
+            data = weight.data
+            if getattr(quant_state, "packing_format_for_cpu", False):
+                # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a layer's 4-bit weights for its CPU kernel at
+                # the first forward pass. Its inverse restores the codes (on copies: it mutates what it is given)
+                # but not the block scales, which the kernel keeps transposed in bf16: those are what it computes
+                # with.
+                packed_absmax = quant_state.absmax
+                data, quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
+                    data.clone(), copy.deepcopy(quant_state))
+                quant_state.absmax = packed_absmax.T.reshape(-1).float()
+                quant_state.nested = False
+            return bnb_functional.dequantize_4bit(data, quant_state).float()
+        if weight.dtype == torch.int8 and getattr(module, "state", None) is not None:  # LLM.int8
+            scale = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+            return weight.data.float() * scale.float().unsqueeze(1) / 127.0
+        raise RuntimeError(f"{type(module).__name__} is not a bitsandbytes layer qtraj can read")
+
+
+def quantized_by_bitsandbytes(model) -> dict:
+    import bitsandbytes as bnb
+
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))}

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from qtraj.methods import _llmcompressor as engine
 from qtraj.methods.base import QuantizationMethod, QuantSpec, register
 
 
@@ -32,6 +29,10 @@ class GPTQ(QuantizationMethod):
                                                "(GPTQModel's default: true)"},
         },
     }
+    unsupported_architectures = {
+        # GPTQModel 7.6 has no model definition for these model types (gptqmodel/models/auto.py MODEL_MAP)
+        "gptqmodel": {},
+    }
 
     def check(self, spec: QuantSpec) -> None:
         super().check(spec)
@@ -39,23 +40,22 @@ class GPTQ(QuantizationMethod):
         if "true_sequential" in spec.options and self.engine_of(spec) != "gptqmodel":
             raise ValueError("option true_sequential needs engine: gptqmodel (llm-compressor has no such switch)")
 
-    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
-                 calibration_blocks: np.ndarray | None) -> None:
+    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibration_blocks) -> None:
         if calibration_blocks is None:
             raise ValueError(f"quantization {spec.name!r}: GPTQ needs calibration data")
+        options = self.options(spec)
         if self.engine_of(spec) == "gptqmodel":
             from qtraj.methods._gptqmodel import quantize_gptq
 
-            quantize_gptq(checkpoint_dir, out_dir, spec, calibration_blocks)
+            quantize_gptq(self, checkpoint_dir, out_dir, spec, options, calibration_blocks)
             return
         from llmcompressor.modifiers.gptq import GPTQModifier
 
-        options = spec.options
-        modifier = GPTQModifier(
-            config_groups=engine.weight_scheme(spec),
-            ignore=["lm_head"],
-            dampening_frac=options.get("dampening", 0.01),
-            block_size=options.get("block_size", 128),
-            actorder=options.get("actorder", "static"),
-        )
-        engine.run_oneshot(checkpoint_dir, out_dir, spec, modifier, calibration_blocks)
+        from qtraj.methods import _llmcompressor as engine
+
+        def recipe(ignore):
+            return GPTQModifier(config_groups=engine.weight_scheme(spec), ignore=ignore,
+                                dampening_frac=options["dampening"], block_size=options["block_size"],
+                                actorder=options["actorder"])
+
+        engine.run_oneshot(self, checkpoint_dir, out_dir, spec, recipe, calibration_blocks)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from qtraj.methods import _llmcompressor as engine
 from qtraj.methods.base import QuantizationMethod, QuantSpec, register
 
 
@@ -17,10 +14,12 @@ class RoundToNearest(QuantizationMethod):
     needs_calibration = False
     supported_bits = (2, 3, 4, 8)
 
-
-    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
-                 calibration_blocks: np.ndarray | None) -> None:
+    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibration_blocks) -> None:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        modifier = QuantizationModifier(config_groups=engine.weight_scheme(spec), ignore=["lm_head"])
-        engine.run_oneshot(checkpoint_dir, out_dir, spec, modifier, calibration_blocks=None)
+        from qtraj.methods import _llmcompressor as engine
+
+        def recipe(ignore):
+            return QuantizationModifier(config_groups=engine.weight_scheme(spec), ignore=ignore)
+
+        engine.run_oneshot(self, checkpoint_dir, out_dir, spec, recipe, calibration_blocks=None)

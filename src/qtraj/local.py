@@ -1,0 +1,141 @@
+"""Trajectories from checkpoint folders on disk: a researcher's own training run, read in place.
+
+A `local:` entry of the config names a folder with one Hugging Face model folder per checkpoint (what
+`save_pretrained` or the HF Trainer writes: `step1000/`, `checkpoint-500/`, ...) and says how a subfolder maps to a
+step: a name pattern with `{step}`, else the folder's own `trainer_state.json` (`global_step`) or
+`qtraj_checkpoint.json`. The LR schedule, when given, fills the LR and phase columns as for hub families.
+
+The workflow never writes into these folders: each job gets a folder of links to the checkpoint's allow-listed
+files (weights, configs, tokenizer) in the results tree, with qtraj's metadata written beside them, and deleting
+that folder (`temp()`) removes links only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from fnmatch import fnmatch
+from pathlib import Path
+
+from qtraj.checkpoints import CheckpointInfo, write_checkpoint_info
+from qtraj.config import ConfigError
+from qtraj.families import Revision, revision_lr_and_phase, select_revisions
+
+# What a checkpoint folder contributes: weights, configs and tokenizer; never code, optimizer state or qtraj's own
+# metadata (which qtraj writes itself, from the config alone).
+LINKED_FILES = ("*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt",
+                "*.jinja")
+NOT_LINKED = ("qtraj_*", "trainer_state.json", "optimizer*", "scheduler*", "rng_state*", "training_args*")
+PICKLE_WEIGHTS = "pytorch_model*.bin"
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """`step{step}` -> a regex with a `step` group; any other text matches literally, `*` any characters."""
+    parts = re.split(r"(\{step\}|\*)", pattern)
+    body = "".join({"{step}": r"(?P<step>\d+)", "*": ".*"}.get(part, re.escape(part)) for part in parts)
+    return re.compile(f"^{body}$")
+
+
+def _step_from_metadata(folder: Path) -> tuple[int | None, int | None]:
+    """(step, tokens) a checkpoint folder records about itself: qtraj's metadata, else the HF Trainer's state."""
+    qtraj = folder / "qtraj_checkpoint.json"
+    if qtraj.is_file():
+        data = json.loads(qtraj.read_text())
+        return data.get("step"), data.get("tokens")
+    trainer = folder / "trainer_state.json"
+    if trainer.is_file():
+        return json.loads(trainer.read_text()).get("global_step"), None
+    return None, None
+
+
+def discover_checkpoints(name: str, entry: dict) -> list[Revision]:
+    """The checkpoints of a local trajectory in training order: the `checkpoints` the entry lists, else the
+    subfolders of `path` whose names match `pattern`. Errors name the config key and what was found."""
+    where = f"config key 'local.{name}"
+    per_step = entry["tokens_per_step"]
+    if entry["checkpoints"]:
+        found = [Revision(item["name"], item.get("step"), item.get("tokens"), "pretraining")
+                 for item in entry["checkpoints"]]
+        found = [r if r.tokens is not None or r.step is None or per_step is None
+                 else Revision(r.revision, r.step, r.step * per_step, r.stage) for r in found]
+    else:
+        root = Path(entry["path"])
+        if not root.is_dir():
+            raise ConfigError(f"{where}.path': {root} is not a folder; point it at the folder that holds one "
+                              "subfolder per checkpoint (or list them under `checkpoints`)")
+        regex = _pattern_regex(entry["pattern"])
+        found = []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            match = regex.match(folder.name)
+            if not match:
+                continue
+            step, tokens = _step_from_metadata(folder)
+            if "step" in match.groupdict():
+                step = int(match["step"])
+            if tokens is None and step is not None and per_step is not None:
+                tokens = step * per_step
+            found.append(Revision(folder.name, step, tokens, "pretraining"))
+        if not found:
+            names = sorted(p.name for p in root.iterdir() if p.is_dir())[:8]
+            raise ConfigError(f"{where}.pattern': no subfolder of {root} matches {entry['pattern']!r} "
+                              f"(subfolders: {', '.join(names) or 'none'})")
+    bad = [r.revision for r in found if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.revision)]
+    if bad:
+        raise ConfigError(f"{where}': checkpoint folder names must be letters, digits, . _ - (not {bad[:3]})")
+    found.sort(key=lambda r: (r.step is None, r.step or 0, r.revision))
+    return [Revision(r.revision, r.step, r.tokens, r.stage, None, index) for index, r in enumerate(found)]
+
+
+def selected_checkpoints(config: dict, name: str) -> list[Revision]:
+    """The checkpoints of local trajectory `name` that its `select` picks (at least one, or an error)."""
+    entry = config["local"][name]
+    try:
+        picked = select_revisions(discover_checkpoints(name, entry), entry["select"])
+    except ConfigError as error:
+        if str(error).startswith("config key"):
+            raise
+        raise ConfigError(f"config key 'local.{name}.select': {error}") from error
+    if not picked:
+        raise ConfigError(f"config key 'local.{name}.select' picks no checkpoint of {entry['path']}; widen it")
+    return picked
+
+
+def schedule_family(entry: dict) -> dict | None:
+    """The entry's schedule in a family file's shape (qtraj.families computes LR and phase from it)."""
+    if entry["schedule"] is None:
+        return None
+    schedule = {"warmup_steps": 0, "decay_start_step": None, "final_lr": 0.0, **entry["schedule"]}
+    return {"schedule": schedule, "stages": {"pretraining": "pretraining"}}
+
+
+def checkpoint_info(name: str, entry: dict, revision: Revision) -> CheckpointInfo:
+    family = schedule_family(entry)
+    lr, phase = (None, None) if family is None else revision_lr_and_phase(family, revision)
+    folder = Path(entry["path"]) / revision.revision
+    return CheckpointInfo(run=name, checkpoint=revision.revision, step=revision.step, tokens=revision.tokens, lr=lr,
+                          phase=phase, source="local", path=str(folder.resolve()))
+
+
+def link_checkpoint(source: str | Path, out_dir: str | Path, info: CheckpointInfo, allow_pickle: bool = False) -> int:
+    """Make `out_dir` a qtraj checkpoint folder of links to `source`'s weights, configs and tokenizer (nothing is
+    copied, nothing in `source` is written) plus qtraj's metadata; returns how many files were linked."""
+    source, out_dir = Path(source), Path(out_dir)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint folder {source} has no config.json: it is not a Hugging Face model "
+                                "folder (save it with save_pretrained, or fix `path`/`pattern` of its local entry)")
+    patterns = LINKED_FILES + ((PICKLE_WEIGHTS,) if allow_pickle else ())
+    files = [item for item in sorted(source.iterdir()) if item.is_file()
+             and any(fnmatch(item.name, pattern) for pattern in patterns)
+             and not any(fnmatch(item.name, pattern) for pattern in NOT_LINKED)]
+    if not any(item.suffix == ".safetensors" or fnmatch(item.name, PICKLE_WEIGHTS) for item in files):
+        pickle = any(source.glob(PICKLE_WEIGHTS))
+        raise FileNotFoundError(
+            f"checkpoint folder {source} holds no safetensors weights"
+            + ("; it has pickle weights (pytorch_model*.bin), which can run code when loaded: set "
+               "`allow_pickle: true` in its local entry if you trust them, or re-save with safe_serialization"
+               if pickle else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in files:
+        (out_dir / item.name).symlink_to(item.resolve())
+    write_checkpoint_info(out_dir, info)
+    return len(files)

@@ -1,0 +1,218 @@
+"""Every architecture of the model catalog through the hub-family path, on tiny random-initialised models.
+
+Per architecture: two revisions in a local hub cache (offline, the real huggingface_hub code), the family's own
+tokenizer, fp evaluation with accuracy and sharpness, then every engine that can run it (RTN, GPTQ through
+llm-compressor and GPTQModel, AWQ, bitsandbytes) through the same step functions the workflow's jobs call. What
+must hold everywhere: finite rows; GPTQ's reconstruction error at most RTN's on every layer; the head, the
+embeddings and every bias bit-identical to the checkpoint; the layer-error table naming exactly the
+architecture's decoder linears. Engines that cannot run an architecture are refused by the config check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from qtraj import steps
+from qtraj.config import ConfigError, validate_config
+from qtraj.evaluation import load_causal_lm
+from qtraj.families import expand_revisions, load_family
+from qtraj.methods import get_method
+from qtraj.methods.base import options_with_defaults
+from tests.architectures import (
+    ARCHITECTURES,
+    DECODER_LAYERS_PATH,
+    DECODER_LINEARS,
+    REMOTE_ARCHITECTURE,
+    save_tiny_checkpoint,
+)
+from tests.hub_cache import add_model_folder, fake_commit
+
+REVISIONS = ("step100", "step200")
+CALIBRATION = {"num_samples": 8, "seq_len": 64}
+EVALUATION = {"seq_len": 64, "max_blocks": 8, "batch_size": 8}
+ACCURACY = {"local_tasks": {"continuation": {}}, "lm_eval_tasks": [], "num_fewshot": 0, "fewshot_seed": 0,
+            "limit": None, "batch_size": 16}
+SHARPNESS = {"blocks": 2, "seq_len": 32, "batch_size": 2, "iterations": 4, "tolerance": 0.1, "seed": 0}
+# (name, method, bits, group size, engine); bnb 4-bit blocks are fixed at 64
+QUANTIZATIONS = [
+    ("rtn-w4g32", "rtn", 4, 32, "llmcompressor"),
+    ("gptq-w4g32", "gptq", 4, 32, "llmcompressor"),
+    ("gptq-w4g32-gptqmodel", "gptq", 4, 32, "gptqmodel"),
+    ("awq-w4g32", "awq", 4, 32, "llmcompressor"),
+    ("bnb-int8", "bnb", 8, None, "bitsandbytes"),
+    ("bnb-nf4", "bnb", 4, 64, "bitsandbytes"),
+]
+
+
+def slug(architecture: str) -> str:
+    return architecture.removesuffix("ForCausalLM").lower()
+
+
+def family_of(architecture: str) -> dict:
+    repo = f"qtraj-test/tiny-{slug(architecture)}"
+    remote = architecture == REMOTE_ARCHITECTURE
+    return {
+        "name": f"tiny {architecture}", "repo": repo, "parameters": 2e5, "architecture": architecture,
+        "trust_remote_code": remote, "tokens_per_step": 4096,
+        "schedule": {"type": "cosine", "peak_lr": 1e-3, "warmup_steps": 10, "total_steps": 200},
+        "stages": {"pretraining": "pretraining"},
+        # remote code runs only from pinned commits
+        "revisions": [{"revision": name, "step": int(name.removeprefix("step")), "tokens": 4096 * int(name[4:]),
+                       "stage": "pretraining", **({"commit": fake_commit(repo, name)} if remote else {})}
+                      for name in REVISIONS],
+    }
+
+
+def spec_of(name, method, bits, group_size, engine) -> dict:
+    """The params a quantize / evaluate job gets (config validation fills the method's option defaults)."""
+    options = options_with_defaults(get_method(method).options_schema, {})
+    return {"name": name, "method": method, "bits": bits, "group_size": group_size, "symmetric": True,
+            "options": options, "engine": engine}
+
+
+def supported(method: str, engine: str, architecture: str) -> bool:
+    return architecture not in get_method(method).unsupported_architectures.get(engine, {})
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, tokenizer_dir, token_stream, corpus_lines):
+    """A local hub cache with two revisions of every architecture, the token files and the local task."""
+    from huggingface_hub import constants
+    from transformers import dynamic_module_utils
+
+    root = tmp_path_factory.mktemp("architectures")
+    cache = root / "hub"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        # remote code is imported from a modules cache: keep it inside the test's folder
+        patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(root / "modules"))
+        patch.delenv("HF_TOKEN", raising=False)
+        for architecture in ARCHITECTURES:
+            family = family_of(architecture)
+            previous = None
+            for index, revision in enumerate(REVISIONS):
+                folder = root / "made" / slug(architecture) / revision
+                save_tiny_checkpoint(architecture, folder, tokenizer_dir, seed=index, perturb_from=previous)
+                add_model_folder(cache, family["repo"], revision, folder)
+                previous = folder
+        np.save(root / "validation.npy", token_stream[:20_000])
+        np.save(root / "calibration.npy", token_stream[-20_000:])
+        validation_text = root / "validation.jsonl"
+        validation_text.write_text("\n".join(corpus_lines[40:46]) + "\n")
+        steps.build_task(str(validation_text), "continuation",
+                         {"kind": "continuation", "items": 24, "context_words": 8, "choice_words": 3, "choices": 4,
+                          "seed": 0}, str(root / "continuation.jsonl"))
+        yield root
+
+
+def run_family(root, architecture):
+    """The jobs of one family, in the order the workflow runs them; returns the rows they wrote."""
+    family_file = root / "families" / f"{slug(architecture)}.yaml"
+    family_file.parent.mkdir(exist_ok=True)
+    family_file.write_text(yaml.safe_dump(family_of(architecture)))
+    family = load_family(family_file)
+    revisions = expand_revisions(family)
+    out = root / "results" / slug(architecture)
+    tokenizer = out / "tokenizer"
+    steps.download_tokenizer({"repo": family["repo"], "revision": revisions[0].commit or revisions[0].revision,
+                              "trust_remote_code": family["trust_remote_code"], "gated": False}, str(tokenizer))
+    tasks = {"continuation": str(root / "continuation.jsonl")}
+    rows = {"fp": [], "results": [], "layers": {}, "accuracy": []}
+    for revision in revisions:
+        checkpoint = out / "checkpoints" / revision.revision
+        steps.download_checkpoint(slug(architecture), family, revision, str(tokenizer), str(checkpoint))
+        steps.evaluate_fp(str(checkpoint), str(root / "validation.npy"), EVALUATION,
+                          str(out / f"fp-{revision.revision}.parquet"), ACCURACY, tasks,
+                          str(out / f"acc-{revision.revision}.parquet"))
+        rows["fp"] += pq.read_table(out / f"fp-{revision.revision}.parquet").to_pylist()
+        rows["accuracy"] += pq.read_table(out / f"acc-{revision.revision}.parquet").to_pylist()
+    last = out / "checkpoints" / revisions[-1].revision
+    steps.sharpness(str(last), str(root / "validation.npy"), SHARPNESS, str(out / "sharpness.parquet"))
+    rows["sharpness"] = pq.read_table(out / "sharpness.parquet").to_pylist()
+    for name, method, bits, group_size, engine in QUANTIZATIONS:
+        if not supported(method, engine, architecture):
+            continue
+        spec = spec_of(name, method, bits, group_size, engine)
+        model_dir = last
+        if get_method(method).stores_model:
+            model_dir = out / "quantized" / name
+            steps.quantize(str(last), str(model_dir), spec, str(root / "calibration.npy"), CALIBRATION)
+        steps.evaluate_quantized(str(model_dir), str(last), spec, str(out / f"fp-{revisions[-1].revision}.parquet"),
+                                 str(root / "validation.npy"), str(root / "calibration.npy"), EVALUATION, CALIBRATION,
+                                 str(out / f"q-{name}.parquet"), str(out / f"layers-{name}.parquet"))
+        rows["results"] += pq.read_table(out / f"q-{name}.parquet").to_pylist()
+        rows["layers"][name] = pq.read_table(out / f"layers-{name}.parquet").to_pylist()
+    return rows, out
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_engine_measures_every_architecture_correctly(hub, architecture):
+    rows, out = run_family(hub, architecture)  # the hub fixture keeps the cache offline and in its folder
+
+    assert [row["checkpoint"] for row in rows["fp"]] == list(REVISIONS)
+    assert all(np.isfinite(row["loss_fp"]) for row in rows["fp"])
+    assert {row["task"] for row in rows["accuracy"]} == {"continuation"}
+    assert np.isfinite(rows["sharpness"][0]["top_eigenvalue"])
+    expected_engines = [q for q in QUANTIZATIONS if supported(q[1], q[4], architecture)]
+    assert [row["quantization"] for row in rows["results"]] == [q[0] for q in expected_engines]
+    for row in rows["results"]:
+        assert np.isfinite(row["loss_q"]) and np.isfinite(row["delta_q_loss"]), row["quantization"]
+        assert row["engine"] == dict((q[0], q[4]) for q in QUANTIZATIONS)[row["quantization"]]
+
+    # the layer errors name exactly the architecture's decoder linears, for every engine
+    layers = DECODER_LAYERS_PATH[architecture]
+    decoder_linears = {f"{layers}.{index}.{suffix}" for index in range(2) for suffix in DECODER_LINEARS[architecture]}
+    for name, table in rows["layers"].items():
+        assert {row["layer"] for row in table} == decoder_linears, name
+        assert all(np.isfinite(row["recon_error"]) and row["weight_error"] > 0 for row in table), name
+
+    # GPTQ's whole point: no layer reconstructs its inputs worse than round-to-nearest on the same grid
+    rtn = {row["layer"]: row["recon_error"] for row in rows["layers"]["rtn-w4g32"]}
+    gptq = {row["layer"]: row["recon_error"] for row in rows["layers"]["gptq-w4g32"]}
+    assert all(gptq[layer] <= rtn[layer] * (1 + 1e-6) for layer in rtn), {k: (gptq[k], rtn[k]) for k in rtn}
+
+    # head, embeddings, norms and biases of every stored model are the checkpoint's, bit for bit (the job checks
+    # it too; this reads the stored files themselves)
+    fp = load_causal_lm(out / "checkpoints" / REVISIONS[-1])
+    quantized = get_method("rtn").quantized_modules(fp)
+    for folder in sorted((out / "quantized").iterdir()):
+        model = load_causal_lm(folder)
+        fp_state, q_state = fp.state_dict(), model.state_dict()
+        untouched = [key for key in fp_state if key.removesuffix(".weight") not in quantized or
+                     not key.endswith(".weight")]
+        assert untouched and all(torch.equal(fp_state[key], q_state[key]) for key in untouched), folder.name
+        assert torch.equal(fp.get_output_embeddings().weight, model.get_output_embeddings().weight)
+        assert torch.equal(fp.get_input_embeddings().weight, model.get_input_embeddings().weight)
+        assert all(not torch.equal(fp_state[f"{name}.weight"], q_state[f"{name}.weight"]) for name in quantized)
+
+
+def test_biases_survive_quantization(hub):
+    """GPT-NeoX (Pythia) has biased linears: RTN's stored model must keep them (it used to save them as zeros)."""
+    folder = hub / "results" / "gptneox" / "quantized" / "rtn-w4g32"
+    if not folder.exists():
+        pytest.skip("runs after the GPT-NeoX matrix case")
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    fp = load_file(str(hub / "results" / "gptneox" / "checkpoints" / REVISIONS[-1] / "model.safetensors"))
+    biases = [key for key in fp if key.endswith(".bias") and "layers" in key]
+    assert biases and all(torch.equal(state[key], fp[key]) and fp[key].abs().sum() > 0 for key in biases)
+
+
+@pytest.mark.parametrize(("architecture", "quantization"), [
+    ("GPTNeoXForCausalLM", {"method": "awq", "bits": 4, "group_size": 32}),
+    ("Olmo2ForCausalLM", {"method": "awq", "bits": 4, "group_size": 32}),
+])
+def test_an_engine_that_cannot_run_an_architecture_is_refused_before_any_job(tmp_path, architecture, quantization):
+    families = tmp_path / "families"
+    families.mkdir()
+    (families / "tiny.yaml").write_text(yaml.safe_dump(family_of(architecture)))
+    config = {"families_dir": str(families), "families": {"tiny": {}}, "quantizations": {"q": quantization}}
+    with pytest.raises(ConfigError, match=rf"quantizations.q' on 'tiny': awq through llmcompressor cannot quantize "
+                                          rf"{architecture}"):
+        validate_config(config)
