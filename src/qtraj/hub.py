@@ -185,7 +185,7 @@ def _download(repo: str, ref: str, family: dict, out_dir: Path) -> str:
 
 
 def download_tokenizer(repo: str, revision: str, out_dir: str | Path, trust_remote_code: bool = False,
-                       gated: bool = False) -> None:
+                       gated: bool = False, named: bool = True) -> None:
     """Save the tokenizer of `repo@revision` as a plain folder (through transformers, which uses the hub cache)."""
     import re
 
@@ -199,10 +199,11 @@ def download_tokenizer(repo: str, revision: str, out_dir: str | Path, trust_remo
                                                   token=hub_token())
     except Exception as error:
         # transformers wraps the hub's GatedRepoError in an OSError; the family file knows whether it is gated
-        raise HubError(f"the family's tokenizer (from {repo}@{revision}) cannot be had: "
-                       f"{_explain(error, repo, revision, gated=gated)}. Without a `tokenizer:` entry the family "
-                       "takes its first selected revision's own; set `tokenizer: {repo: ..., revision: ...}` in the "
-                       "family file to take it from elsewhere") from error
+        where = ("the family file's `tokenizer:` entry names it" if named else
+                 "the family file names no `tokenizer:`, so the first selected revision's own is used")
+        raise HubError(f"the family's tokenizer (from {repo}@{revision}; {where}) cannot be had: "
+                       f"{_explain(error, repo, revision, gated=gated)}. Set `tokenizer: {{repo: ..., revision: ...}}` "
+                       "in the family file to take it from a repo that has one") from error
     tokenizer.save_pretrained(str(out_dir))
     if trust_remote_code:
         Path(out_dir, REMOTE_CODE_MARKER).write_text(f"{repo}@{revision}\n")

@@ -91,7 +91,8 @@ def check_unquantized_unchanged(fp_model: torch.nn.Module, quantized_model: torc
     if differences:
         raise RuntimeError(f"{what}: {len(differences)} tensors that quantization must leave alone differ from the "
                            f"full-precision checkpoint: {', '.join(differences[:8])}. The quantization engine or "
-                           "qtraj's storing of its result changed them; its numbers would be wrong")
+                           "qtraj's storing of its result changed them, so its numbers would be wrong: delete the "
+                           "quantized folder and rerun; if it repeats, report it with the engine's version")
 
 
 # How far a layer's output may stray from its dequantized weight times its input: kernels that quantize

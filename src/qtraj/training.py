@@ -20,7 +20,7 @@ from qtraj.checkpoints import (
     read_checkpoint_info,
     write_checkpoint_info,
 )
-from qtraj.evaluation import pick_device
+from qtraj.evaluation import check_loading_info, pick_device
 from qtraj.schedules import Schedule, decayed_lr, lr_at, phase_at
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,10 @@ def cool_down(spec: TrainingSpec, parent_dir: str | Path, train_tokens: np.ndarr
     # on the CPU: load_state_dict moves the moments to the parameters' device and keeps AdamW's step counters
     # on the CPU, where it expects them
     state = torch.load(state_file, weights_only=True, map_location="cpu")
-    model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32).to(device)
+    model, loading = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32,
+                                                          output_loading_info=True)
+    check_loading_info(parent_dir, loading)  # a branch resumed from half-initialised weights would train on quietly
+    model = model.to(device)
     optimizer = make_optimizer(model, parent.lr or spec.schedule.peak_lr, spec.weight_decay)
     optimizer.load_state_dict(state["optimizer"])
     generator = torch.Generator()  # data order is drawn on the CPU, whatever the model's device

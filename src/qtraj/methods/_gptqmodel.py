@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from qtraj.checkpoints import copy_non_weight_files
-from qtraj.methods.base import QuantizationMethod, QuantSpec
+from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules
 
 # GPTQModel sizes a CPU worker pool from the machine and fails on 2-core machines unless told (seen with 7.6).
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
@@ -71,23 +71,24 @@ def save_dequantized(model: torch.nn.Module, expected: set[str], checkpoint_dir:
     """The checkpoint's own state with each quantized layer's weight replaced by what GPTQModel's kernel computes
     with. Everything else comes from the checkpoint, not from GPTQModel's model: its saved checkpoint holds the
     unquantized tensors (embeddings, norms, head, biases) rounded to fp16, which would add a non-quantization
-    error to every number measured (seen with 7.6: all of them differed)."""
+    error to every number measured (seen with 7.6: all of them differed).
+
+    The checkpoint is read in its stored dtype and each weight replaced in place, so host memory stays near one
+    copy of the model (bf16 for the paper's checkpoints) plus one layer."""
     from huggingface_hub import save_torch_state_dict
 
     from qtraj.evaluation import load_causal_lm
-    from qtraj.methods._llmcompressor import check_same_modules
 
-    dequantized = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):
-            # GPTQModel returns [in_features, out_features]; nn.Linear stores [out, in].
-            dequantized[f"{name}.weight"] = module.dequantize_weight().T.contiguous().cpu()
-    if not dequantized:
+    packed = {name: module for name, module in model.named_modules()
+              if hasattr(module, "dequantize_weight") and hasattr(module, "qweight")}
+    if not packed:
         raise RuntimeError("GPTQModel quantized no layer")
-    check_same_modules(expected, {key.removesuffix(".weight") for key in dequantized}, "GPTQModel")
-    reference = load_causal_lm(checkpoint_dir, torch.device("cpu"))
-    state = {key: value.detach().contiguous() for key, value in reference.state_dict().items()}
-    for key, weight in dequantized.items():
-        state[key] = weight.to(state[key].dtype)
+    check_same_modules(expected, set(packed), "GPTQModel")
+    reference = load_causal_lm(checkpoint_dir, torch.device("cpu"), dtype="auto")
+    state = reference.state_dict()
+    for name, module in packed.items():
+        key = f"{name}.weight"
+        # GPTQModel returns [in_features, out_features]; nn.Linear stores [out, in]
+        state[key] = module.dequantize_weight().T.to(device="cpu", dtype=state[key].dtype).contiguous()
     copy_non_weight_files(checkpoint_dir, out_dir)
     save_torch_state_dict(state, str(out_dir))

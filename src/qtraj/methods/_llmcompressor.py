@@ -18,7 +18,7 @@ import torch
 
 from qtraj.checkpoints import copy_non_weight_files, trusts_remote_code
 from qtraj.evaluation import load_causal_lm, pick_device
-from qtraj.methods.base import QuantizationMethod, QuantSpec
+from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules
 
 
 def weight_scheme(spec: QuantSpec) -> dict:
@@ -49,15 +49,6 @@ def check_group_size(quantized: dict[str, torch.nn.Module], spec: QuantSpec) -> 
                 f"{module.in_features} input features of layer {name!r}; choose a group size that divides "
                 "the model's hidden and intermediate sizes (or null for per-channel)"
             )
-
-
-def check_same_modules(expected: set[str], quantized: set[str], engine: str) -> None:
-    """Refuse an engine run that quantized other modules than qtraj decided (a silent difference in what is
-    measured between engines or architectures)."""
-    if expected != quantized:
-        missing, extra = sorted(expected - quantized), sorted(quantized - expected)
-        raise RuntimeError(f"{engine} quantized other modules than qtraj asked for: left out {missing[:5]} "
-                           f"({len(missing)} in all), also quantized {extra[:5]} ({len(extra)} in all)")
 
 
 def calibration_dataset(blocks: np.ndarray):

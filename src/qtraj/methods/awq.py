@@ -125,8 +125,8 @@ def unfold_smoothing(state: dict, quantized: dict, original: dict, out_dir: Path
     for name, module in quantized.items():
         key = f"{name}.weight"
         row, column = smoothing_scales(module.weight.detach().cpu(), original[key])
-        quantized = state[key].double()
-        unfolded[key] = (row[:, None] * quantized / column[None, :]).to(state[key].dtype).contiguous()
+        quantized_weight = state[key].double()
+        unfolded[key] = (row[:, None] * quantized_weight / column[None, :]).to(state[key].dtype).contiguous()
         scales[f"{name}.row"], scales[f"{name}.column"] = row.float(), column.float()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(scales, str(out_dir / SMOOTHING_FILE))

@@ -47,8 +47,8 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-def quantized_modules(model: torch.nn.Module, excluded: tuple[str, ...] = ()) -> dict[str, torch.nn.Module]:
-    """Every `nn.Linear` of the model except its output head and the modules named in `excluded`, by module path.
+def quantized_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every `nn.Linear` of the model except its output head, by module path.
 
     Input embeddings are `nn.Embedding`s and never match. A tied head is the same module object however it is
     reached, so it is excluded by identity, never by name.
@@ -57,7 +57,18 @@ def quantized_modules(model: torch.nn.Module, excluded: tuple[str, ...] = ()) ->
 
     head = output_head(model)
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head and name not in excluded}
+            if isinstance(module, torch.nn.Linear) and module is not head}
+
+
+def check_same_modules(expected: set[str], quantized: set[str], engine: str) -> None:
+    """Refuse an engine run that quantized other modules than qtraj decided (a silent difference in what is
+    measured between engines or architectures)."""
+    if expected != quantized:
+        missing, extra = sorted(expected - quantized), sorted(quantized - expected)
+        raise RuntimeError(f"{engine} quantized other modules than qtraj asked for: left out {missing[:5]} "
+                           f"({len(missing)} in all), also quantized {extra[:5]} ({len(extra)} in all). The engine "
+                           "decides by its own rules for this architecture; pin the engine version qtraj was tested "
+                           "with (requirements.lock) or use another engine for this model")
 
 
 def options_with_defaults(schema: dict, options: dict) -> dict:
@@ -128,7 +139,8 @@ class QuantizationMethod:
         if why is not None:
             others = [other for other in self.engines
                       if other != engine and architecture not in self.unsupported_architectures.get(other, {})]
-            fix = f"use engine: {others[0]}" if others else "leave this quantization out for it"
+            fix = (f"use engine: {others[0]}" if others else
+                   "evaluate that trajectory and this quantization in separate configs")
             raise ValueError(f"{self.name} through {engine} cannot quantize {architecture} ({why}); {fix}")
 
     def quantized_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:

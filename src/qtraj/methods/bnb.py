@@ -12,7 +12,7 @@ import copy
 import re
 from pathlib import Path
 
-from qtraj.methods.base import QuantizationMethod, QuantSpec, register
+from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules, register
 
 
 @register
@@ -47,7 +47,6 @@ class BitsAndBytes(QuantizationMethod):
         from transformers import BitsAndBytesConfig
 
         from qtraj.evaluation import load_causal_lm, model_skeleton
-        from qtraj.methods._llmcompressor import check_same_modules
 
         options = self.options(spec)
         skeleton = model_skeleton(checkpoint_dir)
@@ -93,7 +92,8 @@ class BitsAndBytes(QuantizationMethod):
         if weight.dtype == torch.int8 and getattr(module, "state", None) is not None:  # LLM.int8
             scale = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
             return weight.data.float() * scale.float().unsqueeze(1) / 127.0
-        raise RuntimeError(f"{type(module).__name__} is not a bitsandbytes layer qtraj can read")
+        raise RuntimeError(f"{type(module).__name__} is not a bitsandbytes layer qtraj can read; teach "
+                           "BitsAndBytes.dequantized_weight its format before trusting weight errors")
 
 
 def quantized_by_bitsandbytes(model) -> dict:

@@ -29,10 +29,6 @@ class GPTQ(QuantizationMethod):
                                                "(GPTQModel's default: true)"},
         },
     }
-    unsupported_architectures = {
-        # GPTQModel 7.6 has no model definition for these model types (gptqmodel/models/auto.py MODEL_MAP)
-        "gptqmodel": {},
-    }
 
     def check(self, spec: QuantSpec) -> None:
         super().check(spec)
