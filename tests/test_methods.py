@@ -307,3 +307,18 @@ def test_a_quantized_model_whose_unquantized_tensors_changed_is_refused(quantize
         model.model.layers[1].post_attention_layernorm.weight.mul_(1 + 2**-10)
     with pytest.raises(RuntimeError, match=r"broken: 1 tensors .* differ .*: model.layers.1.post_attention_layernorm"):
         check_unquantized_unchanged(fp, model, names, "broken")
+
+
+def test_gptqmodel_leaves_the_hugging_face_caches_alone():
+    """Importing GPTQModel 7.6 points HF_HOME and friends at a temp folder; the quantize job's later downloads
+    and child processes must still use the user's cache."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; before = dict(os.environ); from qtraj.methods._gptqmodel import import_gptqmodel; "
+            "import_gptqmodel(); print(sorted(k for k in set(os.environ) | set(before) "
+            "if k.startswith(('HF_', 'TRANSFORMERS')) and os.environ.get(k) != before.get(k)))")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS"))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -24,6 +24,26 @@ from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules
 # GPTQModel sizes a CPU worker pool from the machine and fails on 2-core machines unless told (seen with 7.6).
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
 
+# Importing GPTQModel 7.6 points the Hugging Face caches at a temp folder (its dependency tokenicer sets HF_HOME,
+# HF_HUB_CACHE, TRANSFORMERS_CACHE and HF_MODULES_CACHE when HF_HOME is unset), which every later download and
+# every child process would then use instead of the user's cache; qtraj puts them back.
+CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE")
+
+
+def import_gptqmodel():
+    """The gptqmodel module, imported without changing the process's Hugging Face cache settings."""
+    before = {name: os.environ.get(name) for name in CACHE_VARIABLES}
+    try:
+        import gptqmodel
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return gptqmodel
+
+
 # llm-compressor's act-order names -> GPTQModel's switches. GPTQModel's group-aware reordering (its default)
 # keeps groups contiguous like llm-compressor's "static" order; "weight"/"group" are classic desc_act.
 ACTORDER = {
@@ -38,7 +58,8 @@ def quantize_gptq(method: QuantizationMethod, checkpoint_dir: Path, out_dir: Pat
                   calibration_blocks: np.ndarray) -> None:
     """GPTQ through GPTQModel with the method's `options` (defaults filled); GPTQModel decides from its own model
     definitions which modules it quantizes, so the result is checked against qtraj's `quantized_modules`."""
-    from gptqmodel import GPTQModel, QuantizeConfig
+    gptqmodel = import_gptqmodel()
+    GPTQModel, QuantizeConfig = gptqmodel.GPTQModel, gptqmodel.QuantizeConfig  # noqa: N806 - the library's names
 
     from qtraj.checkpoints import trusts_remote_code
     from qtraj.evaluation import device_map, model_skeleton, pick_device
