@@ -138,6 +138,10 @@ def save_tokenizer(name: str, folder: str | Path, out_dir: str | Path) -> None:
     """Save the tokenizer found in `folder` as a plain tokenizer folder, or say which key to set."""
     from transformers import AutoTokenizer
 
+    if not Path(folder).is_dir():  # else transformers would take the path for a hub repo id and go online
+        raise FileNotFoundError(f"local trajectory {name!r}: the tokenizer folder {folder} does not exist (yet); "
+                                f"for checkpoints a rule makes, name it as `tokenizer:` in local.{name} so the "
+                                "workflow makes it first")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as error:
