@@ -1,7 +1,9 @@
 # Config validation, look-ups and target builders. Every rule file after this one holds only rules.
 import os
-
 import re
+import sys
+
+from snakemake.exceptions import WorkflowError
 
 from qtraj.config import (
     branch_steps,
@@ -15,6 +17,7 @@ from qtraj.config import (
     is_family,
     is_local,
     quant_spec,
+    read_yaml,
     run_settings,
     stores_quantized_model,
     trajectories,
@@ -22,10 +25,13 @@ from qtraj.config import (
     validation_text,
 )
 from qtraj.checkpoints import checkpoint_name
-from qtraj.families import configured_family, revision_of, selected_revisions
+from qtraj.families import checkpoint_source, configured_family, selected_revisions
 from qtraj.local import local_revision_of, parameter_count as local_parameter_count, selected_checkpoints
 from qtraj.resources import job_resources, llama_parameters
 
+# Snakemake reads --configfile itself and keeps the last of duplicate keys; read each again, strictly.
+for configfile_path in workflow.configfiles:
+    read_yaml(configfile_path)
 validate_config(config)
 
 RESULTS = config["results_dir"]
@@ -306,7 +312,39 @@ def summary_figures():
     return names
 
 
+def per_job_results():
+    """Every per-job Parquet file of the config: the durable record. Named as targets so that a missing one is
+    rebuilt whatever Snakemake's metadata says (a copied results directory, a lost .snakemake/, a deleted file);
+    otherwise a dataset newer than its inputs would hide the gap."""
+    return (
+        fp_evals()
+        + quantized_evals()
+        + layer_error_tables()
+        + accuracy_tables()
+        + sharpness_tables()
+        + training_logs()
+    )
+
+
+def check_results_readable():
+    """Before any job: an unreadable dataset file (derived from the per-job files, cheap to rebuild) is removed so
+    that the aggregate runs again; an unreadable per-job result stops the workflow naming it and the fix, so that
+    nothing computed is deleted behind the user's back and no figure is redrawn from a broken dataset."""
+    from qtraj.results import unreadable_parquet_files
+
+    for path in unreadable_parquet_files(dataset_tables()):
+        print(f"qtraj: {path} is unreadable; removed, the aggregate rebuilds it", file=sys.stderr)
+        os.remove(path)
+    broken = unreadable_parquet_files(per_job_results())
+    if broken:
+        raise WorkflowError(
+            "unreadable per-job result files (delete each and rerun: only its job is computed again):\n"
+            + "\n".join(f"  rm '{path}'" for path in broken)
+        )
+
+
 def all_targets():
+    check_results_readable()
     figures = [f"{RESULTS}/figures/{run}.png" for run in TRAJECTORIES]
     figures += [f"{RESULTS}/figures/{name}.png" for name in summary_figures()]
-    return dataset_tables() + figures
+    return per_job_results() + dataset_tables() + figures

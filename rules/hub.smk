@@ -16,8 +16,7 @@ rule download_checkpoint:
     conda:
         "../envs/qtraj.yaml"
     params:
-        family=lambda wildcards: configured_family(config, wildcards.run),
-        revision=lambda wildcards: revision_of(
+        source=lambda wildcards: checkpoint_source(
             config, wildcards.run, wildcards.checkpoint
         ),
     script:

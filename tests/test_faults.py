@@ -88,3 +88,126 @@ def test_an_unreadable_dataset_file_is_named_with_how_to_rebuild_it(dataset):
     (dataset / "dataset" / "results.parquet").write_bytes(b"not parquet")
     with pytest.raises(DatasetError, match=r"results.parquet cannot be read.*--forcerun aggregate"):
         connect(dataset)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return cache
+
+
+def test_a_cached_snapshot_cannot_switch_on_remote_code(hub_cache, tmp_path, trained_checkpoint):
+    """A hostile repo: its config maps the model class to its own module (which would leave a file behind) and it
+    ships a file named like qtraj's trust marker; the family file says nothing about remote code."""
+    import json
+
+    from qtraj.evaluation import LoadError, load_causal_lm
+    from qtraj.families import Revision, load_family
+    from qtraj.hub import download_checkpoint
+    from tests.hub_cache import add_model_folder
+    from tests.test_families import WSD_FAMILY, write_family
+
+    evidence = tmp_path / "remote-code-ran"
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    for item in trained_checkpoint.iterdir():
+        (hostile / item.name).write_bytes(item.read_bytes())
+    config = json.loads((hostile / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "m.EvilForCausalLM", "AutoConfig": "m.EvilConfig"}
+    (hostile / "config.json").write_text(json.dumps(config))
+    (hostile / "m.py").write_text(f"open({str(evidence)!r}, 'w').write('ran')\n"
+                                  "from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as "
+                                  "EvilForCausalLM\n")
+    (hostile / "qtraj_trust_remote_code").write_text("")
+    add_model_folder(hub_cache, "qtraj-test/wsd", "step950-special", hostile)
+    # add_model_folder leaves qtraj_* files out; put the marker into the snapshot as a hostile repo would
+    from tests.hub_cache import add_to_hub_cache
+
+    add_to_hub_cache(hub_cache, "qtraj-test/wsd", "step950-special",
+                     {"qtraj_trust_remote_code": hostile / "qtraj_trust_remote_code"})
+    family = load_family(write_family(tmp_path / "families", "wsd", WSD_FAMILY))
+    out = tmp_path / "checkpoints" / "wsd" / "step950-special"
+    download_checkpoint("wsd", family, Revision("step950-special", 950, 950_000, "pretrain"), out)
+    assert not (out / "m.py").exists() and not (out / "qtraj_trust_remote_code").exists()
+    with pytest.raises(LoadError, match=r"needs its own Python code.*trust_remote_code: true.*pinned `commit:`"):
+        load_causal_lm(out)
+    assert not evidence.exists()
+
+
+def test_a_download_never_writes_into_the_hub_cache(hub_cache, tmp_path, trained_checkpoint):
+    from qtraj.families import Revision, load_family
+    from qtraj.hub import download_checkpoint
+    from tests.hub_cache import add_model_folder
+    from tests.test_families import WSD_FAMILY, write_family
+
+    add_model_folder(hub_cache, "qtraj-test/wsd", "step950-special", trained_checkpoint)
+    before = digest(hub_cache)
+    family = load_family(write_family(tmp_path / "families", "wsd", WSD_FAMILY))
+    out = tmp_path / "checkpoints" / "wsd" / "step950-special"
+    download_checkpoint("wsd", family, Revision("step950-special", 950, 950_000, "pretrain"), out)
+    assert (out / "qtraj_checkpoint.json").is_file() and not (out / "qtraj_checkpoint.json").is_symlink()
+    assert digest(hub_cache) == before
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    from qtraj.config import ConfigError, load_config
+
+    path = write(tmp_path / "c.yaml", "quantizations:\n  q: {method: rtn, bits: 4}\nruns:\n  wsd: {seed: 0}\n"
+                                      "  wsd: {seed: 1}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: key 'wsd' is written twice in one mapping \(lines 4 and 5\)"):
+        load_config(path)
+
+
+def test_a_yaml_syntax_error_names_its_line(tmp_path):
+    from qtraj.config import ConfigError, load_config
+
+    path = write(tmp_path / "c.yaml", "quantizations:\n  q: {method: rtn, bits: 4\nruns: {}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line 3, column \d+: not valid YAML"):
+        load_config(path)
+
+
+def test_a_duplicate_key_in_a_family_file_is_refused(tmp_path):
+    from qtraj.config import ConfigError
+    from qtraj.families import load_family
+
+    path = write(tmp_path / "f.yaml", "name: x\nrepo: a/b\nname: y\n")
+    with pytest.raises(ConfigError, match=r"family file .*f.yaml: key 'name' is written twice"):
+        load_family(path)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"quantizations": {"q": {"method": "rtn", "bits": 4, "group_size": 48}}},
+     r"'quantizations.q.group_size': 48 does not divide the trained models' model.hidden_size 128"),
+    ({"runs": {"wsd": {"steps": 10, "checkpoints": 20}}},
+     r"'runs.wsd.checkpoints': 20 checkpoints cannot be saved in 10 steps"),
+])
+def test_impossible_settings_fail_before_any_job_naming_the_key(change, message):
+    from qtraj.config import ConfigError, validate_config
+
+    config = {"quantizations": {"q": {"method": "rtn", "bits": 4, "group_size": 32}}, "runs": {"wsd": {}}, **change}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_result_files_respect_the_umask(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o027)
+    try:
+        path = tmp_path / "r.parquet"
+        results.write_rows([quantized_row()], results.QUANTIZED_EVAL_SCHEMA, path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # group-readable, as the umask allows

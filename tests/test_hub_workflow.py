@@ -152,3 +152,27 @@ def test_kept_checkpoints_let_a_new_quantization_plan_only_its_jobs(family_a_run
     rules = sorted({rule for rule, _ in jobs if not rule.startswith("plot_")} - {"aggregate", "all"})
     assert rules == ["evaluate_quantized", "quantize"], rules
     assert all("rtn-w3g16" in output for rule, output in jobs if rule in ("quantize", "evaluate_quantized"))
+
+
+def test_editing_a_family_file_reruns_only_what_the_edit_changes(family_a_run):
+    """A job's params hold only its own revision's facts: notes or a new revision in the family file rerun nothing
+    that exists (issue: the whole family dict used to be a param of every download)."""
+    root, families, env = family_a_run
+    config = hub_config(root, families, ["tiny-a"])
+    family_file = families / "tiny-a.yaml"
+    original = family_file.read_text()
+    try:
+        family_file.write_text(yaml.safe_dump({**FAMILY_A, "notes": "edited: a note about the checkpoints"}))
+        assert not work_planned(run(root, config, env, "--dry-run").stdout)
+        more = {**FAMILY_A, "revision_ranges": [{**FAMILY_A["revision_ranges"][0], "stop": 90}]}
+        family_file.write_text(yaml.safe_dump(more))
+        planned = work_planned(run(root, config, env, "--dry-run").stdout)
+        assert planned and all("step90" in output for _, output in planned), planned
+    finally:
+        family_file.write_text(original)
+
+
+def work_planned(dry_run_output: str) -> list[tuple[str, str]]:
+    """The jobs of a dry run that compute something (not the cheap aggregate and figures)."""
+    return [(rule, output) for rule, output in planned_jobs(dry_run_output)
+            if rule not in ("aggregate", "all") and not rule.startswith("plot_")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -320,3 +321,43 @@ def test_python_code_is_ruff_clean():
     result = subprocess.run([str(Path(sys.executable).parent / "ruff"), "check", "src", "scripts", "tests", "bench"],
                             cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_a_lost_per_job_result_is_computed_again(tiny_run):
+    """Per-job files are the durable record: one deleted (or never copied along) is planned again, with the dataset
+    built on it, while every other result stays."""
+    workdir, config, results_dir = tiny_run
+    lost = results_dir / "evals" / "quantized" / "wsd" / "step000040" / "gptq-w3g16.parquet"
+    saved, times = lost.read_bytes(), lost.stat()
+    lost.unlink()
+    try:
+        jobs = planned_jobs(snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir).stdout)
+        work = {(rule, output) for rule, output in jobs if rule in ("quantize", "evaluate_quantized", "evaluate_fp")}
+        assert any(rule == "evaluate_quantized" and str(lost) in output for rule, output in work), work
+        assert all("gptq-w3g16" in output for _, output in work), work
+    finally:  # as it was, for the tests after this one
+        lost.write_bytes(saved)
+        os.utime(lost, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def test_an_unreadable_result_is_named_or_rebuilt_before_any_job(tiny_run):
+    """A truncated per-job file stops the workflow naming it and the fix (nothing deleted); a broken dataset file is
+    derived data: it is removed and the aggregate planned again. Last in this module: it leaves the dataset to be
+    rebuilt."""
+    workdir, config, results_dir = tiny_run
+    job_file = results_dir / "evals" / "fp" / "wsd" / "step000020.parquet"
+    saved, times = job_file.read_bytes(), job_file.stat()
+    job_file.write_bytes(saved[: len(saved) // 2])
+    try:
+        result = snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir, check=False)
+        assert result.returncode != 0 and f"rm '{job_file}'" in result.stderr, result.stderr[-2000:]
+        assert (results_dir / "dataset" / "results.parquet").is_file()
+    finally:
+        job_file.write_bytes(saved)
+        os.utime(job_file, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+    dataset_file = results_dir / "dataset" / "results.parquet"
+    dataset_file.write_bytes(b"garbage")
+    result = snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir)
+    assert "unreadable; removed" in result.stderr
+    assert [rule for rule, _ in planned_jobs(result.stdout) if rule == "aggregate"] == ["aggregate"]

@@ -40,6 +40,37 @@ def _with_defaults(validator_class):
 DefaultFillingValidator = _with_defaults(jsonschema.Draft202012Validator)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping: PyYAML (and so Snakemake) keeps the
+    last silently, so `runs: {wsd: ..., wsd: ...}` would drop a run without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} is written twice in one mapping (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> object:
+    """A YAML file read strictly: duplicate keys refused and syntax errors reported with their line, both naming
+    the file."""
+    try:
+        return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
+    except OSError as error:
+        raise ConfigError(f"{path} cannot be read: {error.strerror or error}") from None
+
+
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
@@ -106,6 +137,13 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     sort_keys_in_place(config)
     for run in config["runs"]:
         _validate(run_settings(config, run), schema["$defs"]["training"], ("runs", run))
+        settings = run_settings(config, run)
+        if settings["checkpoints"] > settings["steps"]:
+            key = "checkpoints" if "checkpoints" in config["runs"][run] else "training.checkpoints"
+            where = f"runs.{run}.checkpoints" if key == "checkpoints" else key
+            raise ConfigError(f"config key '{where}': {settings['checkpoints']} checkpoints cannot be saved in "
+                              f"{settings['steps']} steps (run {run!r}); save at most one per step")
+    _check_group_sizes(config)
     _check_cooldowns(config)
     methods = discover()
     for name, entry in config["quantizations"].items():
@@ -171,6 +209,22 @@ def _check_families(config: dict) -> None:
             raise ConfigError(f"'{slug}' is both a trained run and a family; results are keyed by that name, so "
                               "rename one of them")
         selected_revisions(config, slug)  # loads and validates the family file, resolves the selector
+
+
+def _check_group_sizes(config: dict) -> None:
+    """The trained models' sizes are in the config: a group size that does not divide a linear layer's input
+    features fails here rather than in the first quantize job."""
+    if not config["runs"]:
+        return
+    widths = {"model.hidden_size": config["model"]["hidden_size"],
+              "model.intermediate_size": config["model"]["intermediate_size"]}
+    for name, entry in config["quantizations"].items():
+        group = entry["group_size"]
+        for key, width in widths.items():
+            if group is not None and width % group:
+                raise ConfigError(f"config key 'quantizations.{name}.group_size': {group} does not divide the "
+                                  f"trained models' {key} {width}, which a linear layer takes as input features; "
+                                  "choose a divisor (or null for one scale per output channel)")
 
 
 def _check_local(config: dict) -> None:
@@ -248,11 +302,7 @@ def sort_keys_in_place(config: dict) -> dict:
 
 
 def load_config(path: str | Path) -> dict:
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    return validate_config(config or {})
+    return validate_config(read_yaml(path) or {})
 
 
 def run_settings(config: dict, run: str) -> dict:

@@ -67,6 +67,7 @@ def load_causal_lm(folder: str | Path, device: torch.device | None = None, **kwa
 
     placement = device_map(device)
     options = {"dtype": dtype, **({"device_map": "auto"} if placement == "auto" else {}), **kwargs}
+    refuse_untrusted_code(folder)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(folder), trust_remote_code=trusts_remote_code(folder), output_loading_info=True, **options)
@@ -79,6 +80,20 @@ def load_causal_lm(folder: str | Path, device: torch.device | None = None, **kwa
     if placement != "auto" and "quantization_config" not in kwargs:
         model = model.to(device)
     return model.eval()
+
+
+def refuse_untrusted_code(folder: str | Path) -> None:
+    """A folder whose config asks for its own Python code (`auto_map`) loads only where qtraj decided to trust it
+    (a hub family whose file sets trust_remote_code with a pinned commit); say so instead of transformers' prompt."""
+    import json
+
+    from qtraj.checkpoints import trusts_remote_code
+
+    config = Path(folder, "config.json")
+    if config.is_file() and "auto_map" in json.loads(config.read_text()) and not trusts_remote_code(folder):
+        raise LoadError(f"the model folder {folder} needs its own Python code (config.json has an auto_map), which "
+                        "qtraj runs only for hub families whose family file sets `trust_remote_code: true` with a "
+                        "pinned `commit:` for every revision used; review the code, then set both")
 
 
 def model_skeleton(folder: str | Path):

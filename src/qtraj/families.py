@@ -10,9 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from qtraj.config import REPO_ROOT, ConfigError, _validate, load_schema
+from qtraj.config import REPO_ROOT, ConfigError, _validate, load_schema, read_yaml
 from qtraj.schedules import Schedule, lr_at, phase_at
 
 FAMILY_SCHEMA_PATH = REPO_ROOT / "config" / "schemas" / "family.schema.yaml"
@@ -45,11 +43,9 @@ _LOADED: dict[tuple, dict] = {}
 
 def _read_family(path: Path) -> dict:
     try:
-        family = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"family file {path} is not valid YAML: {error}") from error
-    except OSError as error:
-        raise ConfigError(f"family file {path} cannot be read: {error}") from error
+        family = read_yaml(path)
+    except ConfigError as error:
+        raise ConfigError(f"family file {error}") from None
     if not isinstance(family, dict):
         raise ConfigError(f"family file {path} must be a mapping of keys to values")
     try:
@@ -193,6 +189,23 @@ def selected_revisions(config: dict, slug: str) -> list[Revision]:
     if not picked:
         raise ConfigError(f"config key 'families.{slug}.select' picks no revision of {family['repo']}; widen it")
     return picked
+
+
+# the keys of a family file that change what a download job produces (the rest is documentation or other revisions)
+DOWNLOAD_KEYS = ("repo", "trust_remote_code", "allow_pickle", "gated")
+
+
+def checkpoint_source(config: dict, slug: str, name: str) -> dict:
+    """The params of one revision's download job: the family's download settings, the revision itself (without its
+    position in the family's list) and the LR and phase its rows carry. Nothing else of the family file, so that
+    adding a revision, editing `notes:` or reordering the file reruns no existing job."""
+    from dataclasses import asdict
+
+    family = configured_family(config, slug)
+    revision = revision_of(config, slug, name)
+    lr, phase = revision_lr_and_phase(family, revision)
+    return {"family": {key: family[key] for key in DOWNLOAD_KEYS},
+            "revision": {**asdict(revision), "index": 0}, "lr": lr, "phase": phase}
 
 
 def revision_of(config: dict, slug: str, name: str) -> Revision:

@@ -119,11 +119,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def download_checkpoint(slug: str, family: dict, revision: Revision, out_dir: str | Path,
-                        tokenizer_dir: str | Path | None = None) -> CheckpointInfo:
+                        tokenizer_dir: str | Path | None = None,
+                        lr_and_phase: tuple[float | None, str | None] | None = None) -> CheckpointInfo:
     """Make `out_dir` a qtraj checkpoint folder holding `revision` of the family's repo.
 
     Checkpoint repos that keep their tokenizer elsewhere (SmolLM3's) get the family's tokenizer copied in, so
-    every checkpoint folder is a complete model folder that calibration can tokenize with.
+    every checkpoint folder is a complete model folder that calibration can tokenize with. `family` needs only
+    `repo`, `trust_remote_code`, `allow_pickle` and `gated` when `lr_and_phase` is given (the workflow passes no more,
+    so that editing anything else in a family file reruns nothing).
     """
     repo, ref = family["repo"], revision.commit or revision.revision
     if family["trust_remote_code"] and revision.commit is None:
@@ -154,7 +157,7 @@ def download_checkpoint(slug: str, family: dict, revision: Revision, out_dir: st
                 shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
     if family["trust_remote_code"]:
         (out_dir / REMOTE_CODE_MARKER).write_text(f"{repo}@{commit}\n")
-    lr, phase = revision_lr_and_phase(family, revision)
+    lr, phase = lr_and_phase if lr_and_phase is not None else revision_lr_and_phase(family, revision)
     info = CheckpointInfo(run=slug, checkpoint=revision.revision, step=revision.step, tokens=revision.tokens,
                           lr=lr, phase=phase, source="hub", repo=repo, revision=revision.revision, commit=commit)
     write_checkpoint_info(out_dir, info)

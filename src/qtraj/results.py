@@ -154,10 +154,19 @@ def write_parquet_atomically(table: pa.Table, path: str | Path) -> None:
     os.close(handle)
     try:
         pq.write_table(table, temporary)
+        # mkstemp makes the file private (0600); results are shared like any file the user writes, so the
+        # umask decides (group members on a cluster can read them)
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
 
 
 def rows_to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
@@ -183,6 +192,29 @@ def read_tables(paths: Iterable[str | Path], schema: pa.Schema) -> pa.Table:
                 table = table.append_column(field, pa.nulls(len(table), field.type))
         tables.append(table.select(schema.names).cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def unreadable_parquet_files(paths: Iterable[str | Path]) -> list[str]:
+    """The existing files among `paths` that cannot be Parquet: a truncated write, an overwrite with something
+    else. Checks the magic bytes at both ends only, so it is cheap enough to run on every workflow start."""
+    broken = []
+    for path in map(Path, paths):
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(4)
+                handle.seek(-4, os.SEEK_END)
+                tail = handle.read(4)
+        except FileNotFoundError:
+            continue
+        except OSError:  # shorter than 8 bytes, or unreadable
+            broken.append(str(path))
+            continue
+        if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+            broken.append(str(path))
+    return broken
 
 
 def check_finite(table: pa.Table, columns: Iterable[str]) -> None:

@@ -87,10 +87,14 @@ def cool_down(run: str, settings: dict, cooldown: dict, parent_dir: str, train_t
              rows[-1]["train_loss"])
 
 
-def download_checkpoint(slug: str, family: dict, revision, tokenizer_dir: str, out_dir: str) -> None:
+def download_checkpoint(slug: str, source: dict, tokenizer_dir: str, out_dir: str) -> None:
+    """One revision of a hub family: `source` holds only what changes the result (qtraj.families.checkpoint_source),
+    so that adding a revision or editing notes in the family file reruns nothing else."""
+    from qtraj.families import Revision
     from qtraj.hub import download_checkpoint as download
 
-    info = download(slug, family, revision, out_dir, tokenizer_dir)
+    revision = Revision(**source["revision"])
+    info = download(slug, source["family"], revision, out_dir, tokenizer_dir, (source["lr"], source["phase"]))
     log.info("%s %s: step %s, tokens %s, phase %s, commit %s", slug, info.checkpoint, info.step, info.tokens,
              info.phase, info.commit)
 
