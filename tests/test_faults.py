@@ -211,3 +211,16 @@ def test_result_files_respect_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # group-readable, as the umask allows
+
+
+def test_trained_checkpoints_carry_the_tokenizers_own_special_ids(trained_checkpoint):
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(trained_checkpoint))
+    config = json.loads((trained_checkpoint / "config.json").read_text())
+    generation = json.loads((trained_checkpoint / "generation_config.json").read_text())
+    assert tokenizer.eos_token_id is not None
+    for settings in (config, generation):
+        assert (settings["bos_token_id"], settings["eos_token_id"]) == (tokenizer.bos_token_id, tokenizer.eos_token_id)

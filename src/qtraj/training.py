@@ -42,11 +42,14 @@ class TrainingSpec:
     seed: int
 
 
-def build_model(model_config: dict, vocab_size: int, seed: int):
+def build_model(model_config: dict, tokenizer, seed: int):
+    """A fresh Llama for `tokenizer`: its vocabulary and its own bos / eos ids (LlamaConfig's defaults, 1 and 2,
+    are ordinary tokens of qtraj's BPE and would be saved into config.json and generation_config.json)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, **model_config)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **model_config)
     return LlamaForCausalLM(config)
 
 
@@ -73,7 +76,7 @@ def train(spec: TrainingSpec, train_tokens: np.ndarray, tokenizer_dir: str | Pat
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model = build_model(spec.model, len(tokenizer), spec.seed).to(pick_device())
+    model = build_model(spec.model, tokenizer, spec.seed).to(pick_device())
     optimizer = make_optimizer(model, spec.schedule.peak_lr, spec.weight_decay)
     generator = torch.Generator().manual_seed(spec.seed)
     tokens_per_step = spec.batch_size * spec.seq_len
