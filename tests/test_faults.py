@@ -224,3 +224,56 @@ def test_trained_checkpoints_carry_the_tokenizers_own_special_ids(trained_checkp
     assert tokenizer.eos_token_id is not None
     for settings in (config, generation):
         assert (settings["bos_token_id"], settings["eos_token_id"]) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
+def nan_checkpoint(trained_checkpoint: Path, out: Path) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(trained_checkpoint, out)
+    state = load_file(str(out / "model.safetensors"))
+    state["model.norm.weight"][3] = float("nan")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_nan_weights_stop_the_quantize_job_naming_the_checkpoint(tmp_path, trained_checkpoint):
+    from qtraj.evaluation import LoadError
+    from qtraj.methods import QuantSpec
+    from qtraj.quantization import quantize_checkpoint
+
+    broken = nan_checkpoint(trained_checkpoint, tmp_path / "step000060")
+    spec = QuantSpec(name="rtn-w4g16", method="rtn", bits=4, group_size=16)
+    with pytest.raises(LoadError, match=r"step000060 holds NaN or infinite weights in 1 tensors \(model.norm.weight\)"
+                                        r".*delete it and rerun"):
+        quantize_checkpoint(broken, tmp_path / "out", spec, None, {"num_samples": 4, "seq_len": 16})
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_broken_checkpoint_from_the_hub_cache_says_which_cache_entry_to_delete(hub_cache, tmp_path,
+                                                                                 trained_checkpoint):
+    from qtraj.evaluation import LoadError, load_causal_lm
+    from qtraj.families import Revision, load_family
+    from qtraj.hub import download_checkpoint
+    from tests.hub_cache import add_model_folder
+    from tests.test_families import WSD_FAMILY, write_family
+
+    add_model_folder(hub_cache, "qtraj-test/wsd", "step950-special", nan_checkpoint(trained_checkpoint,
+                                                                                    tmp_path / "nan"))
+    family = load_family(write_family(tmp_path / "families", "wsd", WSD_FAMILY))
+    out = tmp_path / "checkpoints" / "wsd" / "step950-special"
+    download_checkpoint("wsd", family, Revision("step950-special", 950, 950_000, "pretrain"), out)
+    with pytest.raises(LoadError, match=r"links into the local hub cache .*models--qtraj-test--wsd.*hf cache delete"):
+        load_causal_lm(out)
+
+
+def test_a_cached_revision_without_a_tokenizer_is_reported_as_such(hub_cache, tmp_path, trained_checkpoint):
+    from qtraj.hub import HubError, download_tokenizer
+    from tests.hub_cache import add_model_folder
+
+    add_model_folder(hub_cache, "qtraj-test/wsd", "step100", trained_checkpoint,
+                     skip=("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))
+    with pytest.raises(HubError, match=r"step100' of qtraj-test/wsd is in the local hub cache but has no tokenizer "
+                                       r"files.*set `tokenizer:"):
+        download_tokenizer("qtraj-test/wsd", "step100", tmp_path / "tokenizer")

@@ -73,13 +73,34 @@ def load_causal_lm(folder: str | Path, device: torch.device | None = None, **kwa
             str(folder), trust_remote_code=trusts_remote_code(folder), output_loading_info=True, **options)
     except Exception as error:  # safetensors, OSError, config errors: all mean this folder is unusable
         raise RuntimeError(
-            f"could not load the model folder {folder}: {type(error).__name__}: {error}. If the folder is "
-            "incomplete or corrupt, delete it and rerun so the pipeline rebuilds it"
+            f"could not load the model folder {folder}: {type(error).__name__}: {error}. {how_to_replace(folder)}"
         ) from error
     check_loading_info(folder, info)
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:  # every number computed from it would be NaN or meaningless: stop at the first job that loads it
+        raise LoadError(f"the model folder {folder} holds NaN or infinite weights in {len(broken)} tensors "
+                        f"({', '.join(broken[:5])}). {how_to_replace(folder)}")
     if placement != "auto" and "quantization_config" not in kwargs:
         model = model.to(device)
     return model.eval()
+
+
+def how_to_replace(folder: str | Path) -> str:
+    """What to delete so that a broken model folder is rebuilt: the folder itself, or, when its files are links
+    into a local Hugging Face hub cache or someone's checkpoint folder, the files they point to (deleting only the
+    links would bring back the same bad files)."""
+    folder = Path(folder)
+    linked = sorted({str(item.resolve()) for item in folder.iterdir() if item.is_symlink()}) if folder.is_dir() else []
+    if not linked:
+        return "If it is incomplete or corrupt, delete it and rerun so the pipeline rebuilds it"
+    cached = [path for path in linked if "/blobs/" in path]
+    if cached:
+        repo_dir = Path(cached[0]).parent.parent
+        return (f"Its files are links into the local hub cache ({repo_dir}): delete that revision from the cache "
+                f"(`hf cache delete`, or the blobs {', '.join(cached[:3])}), then rerun so it is downloaded again")
+    return (f"Its files are links to {Path(linked[0]).parent}, which qtraj never modifies: replace the checkpoint "
+            "there (or leave it out of the config's selection), then rerun")
 
 
 def refuse_untrusted_code(folder: str | Path) -> None:

@@ -91,6 +91,20 @@ def _cached_snapshot(repo: str, ref: str, patterns: list[str]) -> Path | None:
     return folder if has_weights and (folder / "config.json").is_file() else None
 
 
+def _cached_files(repo: str, ref: str) -> set[str] | None:
+    """The file names of `repo@ref` in the local hub cache, or None when the cache does not have that revision."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo, revision=ref, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+    except Exception:  # an unusual cache layout: let transformers' own lookup speak
+        return None
+    return {item.name for item in folder.iterdir()}
+
+
 def _file_patterns(family: dict, pickle: bool) -> list[str]:
     """The files of a checkpoint qtraj takes: weights, configs, tokenizer; remote code and pickle weights only
     where the family allows them (and, for pickle, only where `pickle` asks for them)."""
@@ -197,6 +211,12 @@ def download_tokenizer(repo: str, revision: str, out_dir: str | Path, trust_remo
     if trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", revision):
         raise HubError(f"{repo} needs trust_remote_code, so its tokenizer must come from a pinned commit: set "
                        f"`tokenizer: {{repo: {repo}, revision: <40-hex sha>}}` in the family file")
+    cached = _cached_files(repo, revision)
+    if cached is not None and not any(name in cached for name in TOKENIZER_FILES[:2]):
+        # offline, transformers would report this as "not in the cache", which sends users looking for a download
+        raise HubError(f"revision {revision!r} of {repo} is in the local hub cache but has no tokenizer files "
+                       f"({', '.join(sorted(cached)[:8])}); set `tokenizer: {{repo: ..., revision: ...}}` in the "
+                       "family file to a repo that has one")
     try:
         tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision, trust_remote_code=trust_remote_code,
                                                   token=hub_token())
