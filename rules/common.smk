@@ -327,14 +327,20 @@ def per_job_results():
 
 
 def check_results_readable():
-    """Before any job: an unreadable dataset file (derived from the per-job files, cheap to rebuild) is removed so
-    that the aggregate runs again; an unreadable per-job result stops the workflow naming it and the fix, so that
-    nothing computed is deleted behind the user's back and no figure is redrawn from a broken dataset."""
+    """Before any job (in the main process only: cluster jobs re-read this file): an unreadable dataset file, derived
+    from the per-job files, is moved aside so that the aggregate rebuilds it; an unreadable per-job result stops the
+    workflow naming it and the fix, so that nothing computed is deleted behind the user's back and no figure is
+    redrawn from a broken dataset."""
     from qtraj.results import unreadable_parquet_files
 
+    if not workflow.is_main_process:
+        return
     for path in unreadable_parquet_files(dataset_tables()):
-        print(f"qtraj: {path} is unreadable; removed, the aggregate rebuilds it", file=sys.stderr)
-        os.remove(path)
+        os.replace(path, f"{path}.unreadable")
+        print(
+            f"qtraj: {path} is unreadable; moved to {path}.unreadable, the aggregate rebuilds it",
+            file=sys.stderr,
+        )
     broken = unreadable_parquet_files(per_job_results())
     if broken:
         raise WorkflowError(

@@ -50,7 +50,32 @@ WRITES_AND_ESCAPES = [
     "SELECT * FROM read_parquet('{dataset}/results.parquet')",
     "CREATE TABLE x AS SELECT 1",
     "SELECT 1; DROP TABLE results",
+    "/**/ EXPLAIN ANALYZE CREATE OR REPLACE VIEW error_by_phase AS SELECT 42 AS run",
+    "-- a comment\nEXPLAIN ANALYZE DROP TABLE results",
+    "/* c */ EXPLAIN ANALYZE INSERT INTO results (run, checkpoint, quantization) VALUES ('x', 'y', 'z')",
 ]
+
+
+@pytest.mark.parametrize("sql", [
+    "CREATE OR REPLACE VIEW error_by_phase AS SELECT 42 AS run",
+    "INSERT INTO results (run, checkpoint, quantization) VALUES ('x', 'y', 'z')",
+    "DROP TABLE results",
+    "COPY results TO '{outside}/stolen.csv'",
+    "ATTACH '{outside}/other.db' AS other",
+    "SET enable_external_access = true",
+    "SELECT * FROM read_csv('{outside}/secret.csv')",
+])
+def test_the_connection_itself_refuses_writes_without_the_statement_filter(dataset, tmp_path, sql):
+    """The statement filter is a courtesy: the connection `qtraj query` gets is read-only and can open no file."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_text("a,b\n1,2\n")
+    connection = connect(dataset)
+    with pytest.raises(duckdb.Error):
+        connection.execute(sql.format(outside=outside)).fetchall()
+    assert sorted(path.name for path in outside.iterdir()) == ["secret.csv"]
+    assert connection.execute("SELECT count(*) FROM results").fetchall() == [(1,)]
+    assert connection.execute("SELECT count(*) FROM error_by_phase WHERE run = 'wsd'").fetchall() == [(1,)]
 
 
 @pytest.mark.parametrize("sql", WRITES_AND_ESCAPES)
@@ -264,7 +289,8 @@ def test_a_broken_checkpoint_from_the_hub_cache_says_which_cache_entry_to_delete
     family = load_family(write_family(tmp_path / "families", "wsd", WSD_FAMILY))
     out = tmp_path / "checkpoints" / "wsd" / "step950-special"
     download_checkpoint("wsd", family, Revision("step950-special", 950, 950_000, "pretrain"), out)
-    with pytest.raises(LoadError, match=r"links into the local hub cache .*models--qtraj-test--wsd.*hf cache delete"):
+    with pytest.raises(LoadError, match=r"links into the local hub cache .*models--qtraj-test--wsd.*`hf cache rm "
+                                        r"[0-9a-f]{40}`"):
         load_causal_lm(out)
 
 
@@ -277,3 +303,14 @@ def test_a_cached_revision_without_a_tokenizer_is_reported_as_such(hub_cache, tm
     with pytest.raises(HubError, match=r"step100' of qtraj-test/wsd is in the local hub cache but has no tokenizer "
                                        r"files.*set `tokenizer:"):
         download_tokenizer("qtraj-test/wsd", "step100", tmp_path / "tokenizer")
+
+
+def test_the_workflow_refuses_a_configfile_with_a_key_written_twice(tmp_path):
+    """Snakemake reads --configfile itself and would keep the second `wsd` silently."""
+    from tests.test_workflow import snakemake
+
+    path = write(tmp_path / "c.yaml", "quantizations:\n  q: {method: rtn, bits: 4, group_size: 32}\nruns:\n"
+                                      "  wsd: {seed: 0}\n  wsd: {seed: 1}\n")
+    result = snakemake("--cores", "1", "--dry-run", "--configfile", str(path), workdir=tmp_path, check=False)
+    output = result.stdout + result.stderr  # Snakemake prints a Snakefile error on stdout
+    assert result.returncode != 0 and "key 'wsd' is written twice in one mapping (lines 4 and 5)" in output

@@ -57,6 +57,8 @@ def averaging_plan(spec: dict, source_checkpoints: list[str]) -> dict[str, tuple
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from qtraj.evaluation import check_finite_weights
+
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
         "model.safetensors"]
@@ -66,6 +68,7 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no {name}: averaging needs safetensors checkpoints")
         state.update(load_file(str(path)))
+    check_finite_weights(folder, state)  # an average of a NaN checkpoint would be NaN, and rebuilt so forever
     return state
 
 

@@ -143,7 +143,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
             where = f"runs.{run}.checkpoints" if key == "checkpoints" else key
             raise ConfigError(f"config key '{where}': {settings['checkpoints']} checkpoints cannot be saved in "
                               f"{settings['steps']} steps (run {run!r}); save at most one per step")
-    _check_group_sizes(config)
+    _check_group_sizes(config, discover())
     _check_cooldowns(config)
     methods = discover()
     for name, entry in config["quantizations"].items():
@@ -211,7 +211,7 @@ def _check_families(config: dict) -> None:
         selected_revisions(config, slug)  # loads and validates the family file, resolves the selector
 
 
-def _check_group_sizes(config: dict) -> None:
+def _check_group_sizes(config: dict, methods: dict) -> None:
     """The trained models' sizes are in the config: a group size that does not divide a linear layer's input
     features fails here rather than in the first quantize job."""
     if not config["runs"]:
@@ -220,6 +220,8 @@ def _check_group_sizes(config: dict) -> None:
               "model.intermediate_size": config["model"]["intermediate_size"]}
     for name, entry in config["quantizations"].items():
         group = entry["group_size"]
+        if entry["method"] in methods and not methods[entry["method"]].groups_along_inputs:
+            continue
         for key, width in widths.items():
             if group is not None and width % group:
                 raise ConfigError(f"config key 'quantizations.{name}.group_size': {group} does not divide the "

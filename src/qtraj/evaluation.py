@@ -76,14 +76,30 @@ def load_causal_lm(folder: str | Path, device: torch.device | None = None, **kwa
             f"could not load the model folder {folder}: {type(error).__name__}: {error}. {how_to_replace(folder)}"
         ) from error
     check_loading_info(folder, info)
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if broken:  # every number computed from it would be NaN or meaningless: stop at the first job that loads it
-        raise LoadError(f"the model folder {folder} holds NaN or infinite weights in {len(broken)} tensors "
-                        f"({', '.join(broken[:5])}). {how_to_replace(folder)}")
+    check_finite_weights(folder, model.state_dict())
     if placement != "auto" and "quantization_config" not in kwargs:
         model = model.to(device)
     return model.eval()
+
+
+def check_finite_weights(folder: str | Path, state: dict) -> None:
+    """Refuse NaN or infinite weights: every number computed from them would be NaN or meaningless, so the first
+    job that reads a checkpoint stops, naming it."""
+    broken = [name for name, tensor in state.items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise LoadError(f"the model folder {folder} holds NaN or infinite weights in {len(broken)} tensors "
+                        f"({', '.join(broken[:5])}). {how_to_replace(folder)}")
+
+
+def check_finite_files(folder: str | Path) -> None:
+    """`check_finite_weights` over a folder's safetensors files, one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                check_finite_weights(folder, {key: handle.get_tensor(key)})
 
 
 def how_to_replace(folder: str | Path) -> str:
@@ -97,10 +113,24 @@ def how_to_replace(folder: str | Path) -> str:
     cached = [path for path in linked if "/blobs/" in path]
     if cached:
         repo_dir = Path(cached[0]).parent.parent
-        return (f"Its files are links into the local hub cache ({repo_dir}): delete that revision from the cache "
-                f"(`hf cache delete`, or the blobs {', '.join(cached[:3])}), then rerun so it is downloaded again")
+        snapshot = next((item.readlink().parent.name for item in folder.iterdir() if item.is_symlink()
+                         and "/snapshots/" in str(item.readlink())), None)
+        commit = snapshot or _commit_of(folder) or "<the revision's commit>"
+        return (f"Its files are links into the local hub cache ({repo_dir}): remove that revision from the cache "
+                f"(`hf cache rm {commit}`), then rerun so it is downloaded again")
     return (f"Its files are links to {Path(linked[0]).parent}, which qtraj never modifies: replace the checkpoint "
             "there (or leave it out of the config's selection), then rerun")
+
+
+def _commit_of(folder: Path) -> str | None:
+    import json
+
+    from qtraj.checkpoints import METADATA_FILE
+
+    try:
+        return json.loads((folder / METADATA_FILE).read_text()).get("commit")
+    except (OSError, ValueError):
+        return None
 
 
 def refuse_untrusted_code(folder: str | Path) -> None:
@@ -111,7 +141,12 @@ def refuse_untrusted_code(folder: str | Path) -> None:
     from qtraj.checkpoints import trusts_remote_code
 
     config = Path(folder, "config.json")
-    if config.is_file() and "auto_map" in json.loads(config.read_text()) and not trusts_remote_code(folder):
+    try:
+        settings = json.loads(config.read_text()) if config.is_file() else {}
+    except ValueError as error:
+        raise LoadError(f"the model folder {folder} has a config.json that is not valid JSON ({error}). "
+                        f"{how_to_replace(folder)}") from error
+    if "auto_map" in settings and not trusts_remote_code(folder):
         raise LoadError(f"the model folder {folder} needs its own Python code (config.json has an auto_map), which "
                         "qtraj runs only for hub families whose family file sets `trust_remote_code: true` with a "
                         "pinned `commit:` for every revision used; review the code, then set both")

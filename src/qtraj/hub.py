@@ -166,8 +166,8 @@ def download_checkpoint(slug: str, family: dict, revision: Revision, out_dir: st
                        "`allow_pickle: true` in the family file if you trust it")
     if tokenizer_dir is not None and not any((out_dir / name).exists() for name in TOKENIZER_FILES[:2]):
         for name in TOKENIZER_FILES:
-            # never over an existing entry: a linked one points into the shared hub cache
-            if (Path(tokenizer_dir) / name).is_file() and not (out_dir / name).exists():
+            # never over an existing entry, even a dangling link: a linked one points into the shared hub cache
+            if (Path(tokenizer_dir) / name).is_file() and not os.path.lexists(out_dir / name):
                 shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
     if family["trust_remote_code"]:
         (out_dir / REMOTE_CODE_MARKER).write_text(f"{repo}@{commit}\n")
@@ -211,8 +211,8 @@ def download_tokenizer(repo: str, revision: str, out_dir: str | Path, trust_remo
     if trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", revision):
         raise HubError(f"{repo} needs trust_remote_code, so its tokenizer must come from a pinned commit: set "
                        f"`tokenizer: {{repo: {repo}, revision: <40-hex sha>}}` in the family file")
-    cached = _cached_files(repo, revision)
-    if cached is not None and not any(name in cached for name in TOKENIZER_FILES[:2]):
+    cached = _cached_files(repo, revision) if _offline() else None
+    if cached is not None and not any(name in cached for name in TOKENIZER_FILES[:2] + ("tokenizer.model",)):
         # offline, transformers would report this as "not in the cache", which sends users looking for a download
         raise HubError(f"revision {revision!r} of {repo} is in the local hub cache but has no tokenizer files "
                        f"({', '.join(sorted(cached)[:8])}); set `tokenizer: {{repo: ..., revision: ...}}` in the "

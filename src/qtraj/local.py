@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from fnmatch import fnmatch
@@ -213,7 +214,7 @@ def link_checkpoint(source: str | Path, out_dir: str | Path, info: CheckpointInf
         (out_dir / item.name).symlink_to(item.resolve())
     if tokenizer_dir is not None and not any((out_dir / name).exists() for name in TOKENIZER_MARKERS):
         for item in Path(tokenizer_dir).iterdir():
-            if item.is_file() and not (out_dir / item.name).exists():
+            if item.is_file() and not os.path.lexists(out_dir / item.name):
                 shutil.copy2(item, out_dir / item.name)
     write_checkpoint_info(out_dir, info)
     return len(files)

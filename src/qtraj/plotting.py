@@ -30,7 +30,7 @@ def plot_trajectory(results_dir: str | Path, run: str, out_file: str | Path) -> 
     Checkpoints without a token count (a family's final `main` soup, say) have no place on the axis and are
     left out, which the title says.
     """
-    connection = connect(results_dir)
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
     rows = connection.execute(
         "SELECT method, bits, quantization, tokens, delta_q_loss FROM results WHERE run = ? AND tokens IS NOT NULL "
         "ORDER BY method, bits, tokens", [run]).fetchall()
@@ -86,7 +86,7 @@ def plot_trajectory(results_dir: str | Path, run: str, out_file: str | Path) -> 
 def plot_sharpness(results_dir: str | Path, out_file: str | Path) -> None:
     """ΔQ L against the top Hessian eigenvalue of the checkpoint, one panel per bit width, colour per quantization
     config, marker per trajectory."""
-    connection = connect(results_dir)
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
     tables = {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
     rows = connection.execute(
         "SELECT r.run, r.quantization, r.bits, s.top_eigenvalue, r.delta_q_loss FROM results r "
@@ -151,7 +151,7 @@ def _finish_bits_panels(figure, panels, xlabel: str, out_file: str | Path) -> No
 
 def plot_loss(results_dir: str | Path, out_file: str | Path) -> None:
     """Full-precision validation loss against tokens seen, one line per trajectory (averages dashed)."""
-    connection = connect(results_dir)
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
     rows = connection.execute(
         "SELECT run, source, tokens, loss_fp FROM fp_evals WHERE tokens IS NOT NULL ORDER BY run, tokens").fetchall()
     if not rows:
@@ -176,7 +176,7 @@ def plot_loss(results_dir: str | Path, out_file: str | Path) -> None:
 def plot_lr(results_dir: str | Path, out_file: str | Path) -> None:
     """ΔQ L against the learning rate at the checkpoint (the paper: quantization error grows as the LR is decayed),
     one panel per bit width, colour per method, marker per trajectory."""
-    connection = connect(results_dir)
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
     rows = connection.execute(
         "SELECT run, method, bits, lr, delta_q_loss FROM results WHERE lr IS NOT NULL "
         "ORDER BY bits, method, run, lr").fetchall()
@@ -202,7 +202,7 @@ def plot_averaging(results_dir: str | Path, out_file: str | Path) -> None:
     """Weight averaging against none: ΔQ L of each averaged checkpoint and of the newest checkpoint it averages,
     against tokens; one panel per bit width, colour per quantization config, solid line / filled marker = no
     averaging, dashed / hollow = averaged, marker shape per average."""
-    connection = connect(results_dir)
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
     rows = connection.execute(
         "SELECT average, run, quantization, bits, tokens, delta_q_loss_parent, delta_q_loss_average "
         "FROM averaging_effect WHERE tokens IS NOT NULL ORDER BY bits, quantization, average, tokens").fetchall() \
@@ -231,7 +231,7 @@ def plot_averaging(results_dir: str | Path, out_file: str | Path) -> None:
 def plot_accuracy(results_dir: str | Path, out_file: str | Path) -> None:
     """Loss degradation (ΔQ L) against accuracy degradation (relative increase of the task error rate, averaged
     over tasks), one point per quantized model; colour = bits, marker = method."""
-    connection = connect(results_dir)
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
     rows = connection.execute(
         "SELECT r.method, r.bits, r.delta_q_loss, a.mean_rel_drop, a.mean_abs_drop FROM results r "
         "JOIN accuracy_summary a USING (run, checkpoint, quantization) WHERE a.mean_rel_drop IS NOT NULL "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -129,14 +132,15 @@ def dataset_dir(results_dir: str | Path) -> Path:
     return Path(results_dir) / "dataset"
 
 
-def connect(results_dir: str | Path = "results") -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection holding the dataset's tables, with one view per canned question, that can
-    open no file at all.
+def connect(results_dir: str | Path = "results", read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with one view or table per dataset file and one view per canned question.
 
-    The tables are read into memory first, then the connection loses all file access and its configuration is
-    locked: no statement (COPY, ATTACH, EXPLAIN ANALYZE of either, read_csv of another file, INSTALL/LOAD) can read
-    or write a file, whatever a filter of statement kinds would have missed; a DROP or CREATE only changes this
-    throwaway connection. The dataset is small (one row per job or layer), so memory is not a concern.
+    read_only (what `qtraj query` and `query()` get): the tables are copied into a database file in a private
+    temporary folder, which is then opened read-only, with no file access and a locked configuration. So no
+    statement — COPY, ATTACH, EXPLAIN ANALYZE of a write, read_csv of another file, CREATE OR REPLACE VIEW,
+    INSERT, INSTALL/LOAD — can read or write a file or change a table or view, whatever a filter of statement
+    kinds would miss. The copy lives on disk, not in memory. read_only=False is for qtraj's own SQL (figures,
+    the science check): lazy views over the Parquet files, nothing copied.
     """
     directory = dataset_dir(results_dir).resolve()
     present = {view: directory / name for view, name in DATASET_FILES.items() if (directory / name).is_file()}
@@ -145,11 +149,30 @@ def connect(results_dir: str | Path = "results") -> duckdb.DuckDBPyConnection:
             f"no results dataset in {directory}: run the workflow first (`make run`, or `snakemake --cores 2` "
             "with your config), or point --results-dir at the results_dir of your config"
         )
-    connection = duckdb.connect(":memory:")
+    if not read_only:
+        connection = duckdb.connect(":memory:")
+        _create_tables(connection, present, directory, views=True)
+        return connection
+    scratch = Path(tempfile.mkdtemp(prefix="qtraj-query-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    database = scratch / "dataset.duckdb"
+    with duckdb.connect(str(database)) as writer:
+        _create_tables(writer, present, directory, views=False)
+    return duckdb.connect(str(database), read_only=True, config={
+        "enable_external_access": False, "temp_directory": str(scratch / "spill"), "lock_configuration": True})
+
+
+def _create_tables(connection: duckdb.DuckDBPyConnection, present: dict[str, Path], directory: Path,
+                   views: bool) -> None:
+    """The dataset's tables (copied, or views over the files) and the canned views over them."""
     for table, path in present.items():
         try:
             # the Python API takes the path as a value: no quoting of paths into SQL
-            connection.read_parquet(str(path), union_by_name=True).create(table)
+            relation = connection.read_parquet(str(path), union_by_name=True)
+            if views:
+                relation.create_view(table)
+            else:
+                relation.create(table)
         except duckdb.Error as error:
             raise DatasetError(
                 f"the dataset file {path} cannot be read ({type(error).__name__}: {error}); it is rebuilt from the "
@@ -162,11 +185,8 @@ def connect(results_dir: str | Path = "results") -> duckdb.DuckDBPyConnection:
                 # a dataset aggregated by an older qtraj lacks a column this view reads: the tables still work,
                 # and the view says what to do when it is used
                 message = (f"view {view} needs columns that {directory} lacks (aggregated by an older qtraj): "
-                           "rebuild it with `snakemake --cores 2 --forcerun aggregate`")
+                           "rebuild it with `snakemake --cores 2 --forcerun aggregate`").replace("'", "''")
                 connection.execute(f"CREATE VIEW {view} AS SELECT error('{message}')")
-    connection.execute("SET enable_external_access = false")
-    connection.execute("SET lock_configuration = true")
-    return connection
 
 
 def run_query(connection: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
@@ -184,12 +204,14 @@ def run_query(connection: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBP
     return connection.sql(statements[-1].query)
 
 
-EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s+(?:ANALY[SZ]E\s+|\(.*?\)\s*)?", re.IGNORECASE | re.DOTALL)
+# EXPLAIN, after any comments, with its ANALYZE or (options)
+EXPLAIN_PREFIX = re.compile(r"^(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*EXPLAIN\s+(?:ANALY[SZ]E\s+|\(.*?\)\s*)?",
+                            re.IGNORECASE | re.DOTALL)
 
 
 def _statement_kind(connection: duckdb.DuckDBPyConnection, statement) -> duckdb.StatementType:
-    """A statement's type, looking through EXPLAIN (EXPLAIN ANALYZE executes what it explains). The connection
-    cannot open files anyway (`connect`); this keeps its tables and views as they are, too."""
+    """A statement's type, looking through EXPLAIN (EXPLAIN ANALYZE executes what it explains): a clear refusal
+    before the read-only database (`connect`) would refuse it anyway."""
     if statement.type != duckdb.StatementType.EXPLAIN:
         return statement.type
     inner = connection.extract_statements(EXPLAIN_PREFIX.sub("", statement.query, count=1))

@@ -154,6 +154,8 @@ def write_parquet_atomically(table: pa.Table, path: str | Path) -> None:
     os.close(handle)
     try:
         pq.write_table(table, temporary)
+        with open(temporary, "rb") as handle:  # on disk before the rename: a node failure leaves old or new, whole
+            os.fsync(handle.fileno())
         # mkstemp makes the file private (0600); results are shared like any file the user writes, so the
         # umask decides (group members on a cluster can read them)
         os.chmod(temporary, 0o666 & ~current_umask())
@@ -164,7 +166,15 @@ def write_parquet_atomically(table: pa.Table, path: str | Path) -> None:
 
 
 def current_umask() -> int:
-    mask = os.umask(0)  # the only way to read it; set back at once
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which races with
+    threads creating files); Linux reports it in /proc/self/status."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting it, and set it back at once
     os.umask(mask)
     return mask
 
@@ -199,19 +209,22 @@ PARQUET_MAGIC = b"PAR1"
 
 def unreadable_parquet_files(paths: Iterable[str | Path]) -> list[str]:
     """The existing files among `paths` that cannot be Parquet: a truncated write, an overwrite with something
-    else. Checks the magic bytes at both ends only, so it is cheap enough to run on every workflow start."""
+    else. Checks the size and the magic bytes at both ends only, so it is cheap enough to run on every workflow
+    start. A file this process may not read is not reported: that is a permission to ask for, not a broken result
+    (PermissionError propagates)."""
     broken = []
     for path in map(Path, paths):
         try:
-            with path.open("rb") as handle:
-                head = handle.read(4)
-                handle.seek(-4, os.SEEK_END)
-                tail = handle.read(4)
+            size = path.stat().st_size
         except FileNotFoundError:
             continue
-        except OSError:  # shorter than 8 bytes, or unreadable
+        if size < 12:  # magic, footer length, magic: nothing shorter is a Parquet file
             broken.append(str(path))
             continue
+        with path.open("rb") as handle:
+            head = handle.read(4)
+            handle.seek(-4, os.SEEK_END)
+            tail = handle.read(4)
         if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
             broken.append(str(path))
     return broken

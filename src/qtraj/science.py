@@ -58,7 +58,7 @@ def _rows(connection, sql: str) -> list[dict]:
 
 def measure(results_dir: str | Path) -> tuple[list[dict], list[dict], list[Effect]]:
     """(decay rows, averaging rows, effects per quantization): an effect holds when every seed shows it."""
-    connection = connect(results_dir)
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
     views = {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
     decay = _rows(connection, DECAY_SQL) if {"decay_effect", "runs"} <= views else []
     averaging = _rows(connection, AVERAGING_SQL) if "averaging_effect" in views else []

@@ -20,7 +20,7 @@ from qtraj.checkpoints import (
     read_checkpoint_info,
     write_checkpoint_info,
 )
-from qtraj.evaluation import check_loading_info, pick_device
+from qtraj.evaluation import check_finite_weights, check_loading_info, pick_device
 from qtraj.schedules import Schedule, decayed_lr, lr_at, phase_at
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ def cool_down(spec: TrainingSpec, parent_dir: str | Path, train_tokens: np.ndarr
     model, loading = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32,
                                                           output_loading_info=True)
     check_loading_info(parent_dir, loading)  # a branch resumed from half-initialised weights would train on quietly
+    check_finite_weights(parent_dir, model.state_dict())
     model = model.to(device)
     optimizer = make_optimizer(model, parent.lr or spec.schedule.peak_lr, spec.weight_decay)
     optimizer.load_state_dict(state["optimizer"])

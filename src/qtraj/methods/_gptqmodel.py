@@ -62,7 +62,7 @@ def quantize_gptq(method: QuantizationMethod, checkpoint_dir: Path, out_dir: Pat
     GPTQModel, QuantizeConfig = gptqmodel.GPTQModel, gptqmodel.QuantizeConfig  # noqa: N806 - the library's names
 
     from qtraj.checkpoints import trusts_remote_code
-    from qtraj.evaluation import device_map, model_skeleton, pick_device
+    from qtraj.evaluation import check_finite_files, device_map, model_skeleton, pick_device
 
     config = QuantizeConfig(
         bits=spec.bits, group_size=-1 if spec.group_size is None else spec.group_size, sym=spec.symmetric,
@@ -71,6 +71,8 @@ def quantize_gptq(method: QuantizationMethod, checkpoint_dir: Path, out_dir: Pat
         **ACTORDER[options["actorder"]],
     )
     expected = set(method.quantized_modules(model_skeleton(checkpoint_dir)))
+    # GPTQModel loads the checkpoint its own way: refuse NaN weights before hours of calibration, not after
+    check_finite_files(checkpoint_dir)
     device = pick_device()
     placement = device_map(device)
     model = GPTQModel.load(str(checkpoint_dir), config, dtype=torch.float32 if device.type == "cpu" else None,

@@ -103,6 +103,8 @@ class QuantizationMethod:
     supported_bits: ClassVar[tuple[int, ...]]
     storage: ClassVar[str] = "fake-quant"  # or "load-time" (see the class docstring)
     options_schema: ClassVar[dict] = {"type": "object", "additionalProperties": False, "properties": {}}
+    # whether `group_size` counts weights along a layer's input features (so it must divide them)
+    groups_along_inputs: ClassVar[bool] = True
     # engine -> architectures (model classes, as in a family file's `architecture`) it cannot quantize, with why;
     # checked when the config is validated, so no job starts that must fail
     unsupported_architectures: ClassVar[dict[str, dict[str, str]]] = {}

@@ -22,6 +22,7 @@ class BitsAndBytes(QuantizationMethod):
     needs_calibration = False
     supported_bits = (4, 8)
     storage = "load-time"
+    groups_along_inputs = False  # bitsandbytes' 4-bit blocks run over the flattened weight
     options_schema = {
         "type": "object",
         "additionalProperties": False,

@@ -1,0 +1,124 @@
+"""The fault drill: run the tiny test config, kill the workflow mid-job, rerun, corrupt one per-job result and one
+dataset file, rerun, and compare with an undisturbed run of the same config.
+
+    .venv/bin/python bench/fault_drill.py [workdir]
+
+Prints what each disturbance cost (jobs rerun), how many results were lost (must be 0) and whether the final
+rows equal the undisturbed run's (they must: every job is deterministic).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
+COMPARED = ("run", "checkpoint", "quantization", "loss_fp", "loss_q", "delta_q_loss")
+
+
+def write_config(workdir: Path, name: str) -> Path:
+    config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    config["corpus"]["path"] = str(REPO / "data" / "corpus" / "sotu.jsonl.xz")
+    config["results_dir"] = str(workdir / name)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(workdir: Path, config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(config), *args],
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        sys.exit(f"snakemake failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def jobs_run(result: subprocess.CompletedProcess) -> int:
+    """Jobs a finished run executed (Snakemake logs 'Finished jobid' once per job)."""
+    return (result.stdout + result.stderr).count("Finished jobid")
+
+
+def per_job_files(results_dir: Path) -> dict[str, tuple[int, str]]:
+    """Every per-job result -> (modification time, content hash): a file recomputed or lost shows as a change."""
+    import hashlib
+
+    return {str(path.relative_to(results_dir)): (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+            for path in (results_dir / "evals").rglob("*.parquet")}
+
+
+def kept(before: dict, after: dict) -> tuple[int, int]:
+    """(files lost or rewritten, files kept exactly as they were)."""
+    changed = sum(1 for name, facts in before.items() if after.get(name) != facts)
+    return changed, len(before) - changed
+
+
+def rows(results_dir: Path) -> list[tuple]:
+    table = pq.read_table(results_dir / "dataset" / "results.parquet", columns=list(COMPARED))
+    return sorted(tuple(row.values()) for row in table.to_pylist())
+
+
+def kill_mid_job(workdir: Path, config: Path, after_files: int) -> None:
+    """Start the workflow and SIGKILL its whole process group once `after_files` per-job results exist."""
+    process = subprocess.Popen([*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results_dir = Path(yaml.safe_load(config.read_text())["results_dir"])
+    while process.poll() is None and len(per_job_files(results_dir)) < after_files:
+        time.sleep(0.5)
+    if process.poll() is not None:
+        sys.exit("the workflow ended before the drill could kill it; raise the number of jobs it waits for")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def main(workdir: str | None = None) -> None:
+    root = Path(workdir or tempfile.mkdtemp(prefix="qtraj-fault-drill-"))
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    reference_config = write_config(root, "undisturbed")
+    jobs = jobs_run(run(root, reference_config))
+    reference = rows(root / "undisturbed")
+    print(f"undisturbed run: {jobs} jobs, {len(reference)} result rows ({time.perf_counter() - started:.0f} s)")
+
+    config = write_config(root, "disturbed")
+    results_dir = root / "disturbed"
+    kill_mid_job(root, config, after_files=10)
+    survived = per_job_files(results_dir)
+    run(root, config, "--unlock")
+    rerun = run(root, config, "--rerun-incomplete")
+    lost_after_kill, _ = kept(survived, per_job_files(results_dir))
+    print(f"killed (SIGKILL to the process group) with {len(survived)} per-job files written; the rerun ran "
+          f"{jobs_run(rerun)} jobs; of the files written before the kill, lost or recomputed: {lost_after_kill}")
+
+    job_file = sorted((results_dir / "evals" / "quantized").rglob("*.parquet"))[0]
+    job_file.write_bytes(job_file.read_bytes()[:100])
+    refused = run(root, config, check=False)
+    named = refused.returncode != 0 and str(job_file) in refused.stderr
+    print(f"truncated {job_file.relative_to(results_dir)}: the workflow stopped before any job "
+          f"(exit {refused.returncode}) naming it: {named}")
+    job_file.unlink()
+    dataset_file = results_dir / "dataset" / "layer_errors.parquet"
+    dataset_file.write_bytes(b"garbage")
+    before = per_job_files(results_dir)
+    repaired = run(root, config)
+    lost, unchanged = kept(before, per_job_files(results_dir))
+    print(f"deleted it and overwrote {dataset_file.relative_to(results_dir)}: the rerun ran {jobs_run(repaired)} "
+          f"jobs; per-job results lost or recomputed: {lost}, kept as they were: {unchanged}")
+
+    final = rows(results_dir)
+    same = final == reference
+    print(f"final results: {len(final)} rows, equal to the undisturbed run's: {same}")
+    print(f"drill took {time.perf_counter() - started:.0f} s in {root}")
+    sys.exit(0 if same and named and lost == 0 and lost_after_kill == 0 else 1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
