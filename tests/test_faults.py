@@ -314,3 +314,21 @@ def test_the_workflow_refuses_a_configfile_with_a_key_written_twice(tmp_path):
     result = snakemake("--cores", "1", "--dry-run", "--configfile", str(path), workdir=tmp_path, check=False)
     output = result.stdout + result.stderr  # Snakemake prints a Snakefile error on stdout
     assert result.returncode != 0 and "key 'wsd' is written twice in one mapping (lines 4 and 5)" in output
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, r"cannot be read: No such file or directory"),
+    ("runs:\n  wsd: {schedule: wsd\nquantizations: {}\n", r"line 3, column \d+: not valid YAML"),
+    ("quantizations: {q: {method: rtn, bits: 4}}\nruns: {wsd: {}}\nruns: {}\n", r"key 'runs' is written twice"),
+])
+def test_check_config_says_what_snakemake_would_bury_in_a_traceback(tmp_path, capsys, text, message):
+    import re
+
+    from qtraj.cli import main
+
+    path = tmp_path / "config.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert main(["check-config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and re.search(message, error), error

@@ -1,4 +1,4 @@
-"""The `qtraj` command line: `qtraj query "SQL"` and `qtraj science-check`."""
+"""The `qtraj` command line: `qtraj query "SQL"`, `qtraj science-check` and `qtraj check-config FILE`."""
 
 from __future__ import annotations
 
@@ -39,11 +39,29 @@ def main(argv: list[str] | None = None) -> int:
         "science-check", help="the paper's two central effects across seeds (LR decay, weight averaging)",
         description="Per seed: fp loss and ΔQ L across the LR decay, and LAWA against the newest checkpoint it "
                     "averages; then whether every seed shows each effect. Exit status 1 if one does not hold.")
+    check_config = commands.add_parser(
+        "check-config", help="validate a config file as the workflow will, one line per problem",
+        description="Reads FILE strictly (YAML syntax errors and keys written twice named with their lines) and "
+                    "validates it (every key, the family files and local folders it names, the methods' options) "
+                    "without running anything. Snakemake itself reports a missing or unparsable --configfile with "
+                    "a traceback; this says it in one line.")
+    check_config.add_argument("file")
     for command in (query, check):
         command.add_argument("--results-dir", default=os.environ.get("QTRAJ_RESULTS_DIR", "results"),
                              help="the workflow's results_dir (default: $QTRAJ_RESULTS_DIR or ./results)")
     args = parser.parse_args(argv)
 
+    if args.command == "check-config":
+        from qtraj.config import ConfigError, load_config, trajectories
+
+        try:
+            config = load_config(args.file)
+        except ConfigError as error:
+            print(f"qtraj: {error}", file=sys.stderr)
+            return 2
+        print(f"{args.file}: valid ({len(trajectories(config))} trajectories, {len(config['quantizations'])} "
+              "quantizations)")
+        return 0
     if args.command == "science-check":
         from qtraj.science import measure, report
 
