@@ -72,3 +72,16 @@ def trained_checkpoint(tmp_path_factory, tokenizer_dir, token_stream) -> Path:
                         batch_size=8, weight_decay=0.1, grad_clip=1.0, seed=0)
     train(spec, token_stream, tokenizer_dir, {60: out})
     return out
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty local hub cache that huggingface_hub uses, offline (the real download code runs on it)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return cache

@@ -10,6 +10,8 @@ architecture's decoder linears. Engines that cannot run an architecture are refu
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +21,7 @@ import yaml
 from qtraj import steps
 from qtraj.config import ConfigError, validate_config
 from qtraj.evaluation import load_causal_lm
-from qtraj.families import expand_revisions, load_family
+from qtraj.families import DOWNLOAD_KEYS, expand_revisions, load_family, revision_lr_and_phase
 from qtraj.methods import get_method
 from qtraj.methods.base import options_with_defaults
 from tests.architectures import (
@@ -127,7 +129,9 @@ def run_family(root, architecture):
     rows = {"fp": [], "results": [], "layers": {}, "accuracy": []}
     for revision in revisions:
         checkpoint = out / "checkpoints" / revision.revision
-        steps.download_checkpoint(slug(architecture), family, revision, str(tokenizer), str(checkpoint))
+        source = {"family": {key: family[key] for key in DOWNLOAD_KEYS}, "revision": asdict(revision),
+                  **dict(zip(("lr", "phase"), revision_lr_and_phase(family, revision), strict=True))}
+        steps.download_checkpoint(slug(architecture), source, str(tokenizer), str(checkpoint))
         steps.evaluate_fp(str(checkpoint), str(root / "validation.npy"), EVALUATION,
                           str(out / f"fp-{revision.revision}.parquet"), ACCURACY, tasks,
                           str(out / f"acc-{revision.revision}.parquet"))

@@ -115,18 +115,6 @@ def test_an_unreadable_dataset_file_is_named_with_how_to_rebuild_it(dataset):
         connect(dataset)
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return cache
-
-
 def test_a_cached_snapshot_cannot_switch_on_remote_code(hub_cache, tmp_path, trained_checkpoint):
     """A hostile repo: its config maps the model class to its own module (which would leave a file behind) and it
     ships a file named like qtraj's trust marker; the family file says nothing about remote code."""

@@ -13,17 +13,6 @@ from tests.test_families import WSD_FAMILY, write_family
 
 
 @pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty local hub cache that huggingface_hub uses, offline."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return cache
-
-
-@pytest.fixture
 def family(tmp_path):
     return load_family(write_family(tmp_path / "families", "wsd", WSD_FAMILY))
 
