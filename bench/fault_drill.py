@@ -3,8 +3,8 @@ dataset file, rerun, and compare with an undisturbed run of the same config.
 
     .venv/bin/python bench/fault_drill.py [workdir]
 
-Prints what each disturbance cost (jobs rerun, files rewritten), how many results were lost (must be 0) and whether the final
-rows equal the undisturbed run's (they must: every job is deterministic).
+Prints what each disturbance cost (jobs rerun, files rewritten), how many results were lost (must be 0) and
+whether the final rows equal the undisturbed run's (they must: every job is deterministic).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def main(families: list[str]) -> None:
         family = configured_family(config, slug)
         revision = "main"
         print(f"# {slug}: {family['repo']}, {family['parameters'] / 1e9:.1f} B parameters")
-        for rule in ("quantize", "evaluate_fp", "evaluate_quantized"):
+        for rule in ("evaluate_fp", "quantize", "sharpness"):
             resources = job_resources(rule, family["parameters"], config["resources"])
             print(f"{rule}: {submit_line(rule, slug, revision, resources, config['threads']['quantize'])}")
 

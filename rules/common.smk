@@ -19,7 +19,6 @@ from qtraj.config import (
     quant_spec,
     read_yaml,
     run_settings,
-    stores_quantized_model,
     trajectories,
     validate_config,
     validation_text,
@@ -227,13 +226,15 @@ def per_quantized_model(template):
     ]
 
 
-def quantized_model(wildcards):
-    """What evaluate_quantized loads: the stored quantized folder, or for a method that quantizes at load
-    time (bitsandbytes) the checkpoint itself, so no quantize job and no quantized copy exist for it.
-    """
-    if stores_quantized_model(config, wildcards.quantization):
-        return f"{RESULTS}/quantized/{wildcards.run}/{wildcards.checkpoint}/{wildcards.quantization}"
-    return f"{RESULTS}/checkpoints/{wildcards.run}/{wildcards.checkpoint}"
+def packed_model_output():
+    """The quantize rule's extra output when the config keeps packed models (an empty dict otherwise)."""
+    if not config["packed_models"]:
+        return {}
+    return {
+        "packed": directory(
+            f"{RESULTS}/packed/{{run}}/{{checkpoint}}/{{quantization}}"
+        )
+    }
 
 
 def quantized_evals():

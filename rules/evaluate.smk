@@ -28,43 +28,6 @@ rule evaluate_fp:
         "../scripts/evaluate_fp.py"
 
 
-rule evaluate_quantized:
-    input:
-        model=quantized_model,
-        checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
-        fp_eval=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
-        validation=tokens_file("validation"),
-        calibration=tokens_file("calibration"),
-        tasks=lambda wildcards: task_files(wildcards).values(),
-        lm_eval_tasks=lm_eval_marker,
-    output:
-        result=f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
-        layer_errors=f"{RESULTS}/evals/layers/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
-        accuracy=f"{RESULTS}/evals/accuracy/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
-    log:
-        f"{LOGS}/evaluate_quantized/{{run}}/{{checkpoint}}/{{quantization}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/evaluate_quantized/{{run}}/{{checkpoint}}/{{quantization}}.tsv"
-    conda:
-        "../envs/qtraj.yaml"
-    threads: config["threads"]["evaluate"]
-    resources:
-        gpu=resource("evaluate_quantized", "gpu"),
-        cpus_per_gpu=resource("evaluate_quantized", "cpus_per_gpu"),
-        tasks_per_gpu=resource("evaluate_quantized", "tasks_per_gpu"),
-        mem_mb=resource("evaluate_quantized", "mem_mb"),
-        runtime=resource("evaluate_quantized", "runtime"),
-    params:
-        spec=lambda wildcards: quant_spec(config, wildcards.quantization),
-        layer_error_rows=config["layer_errors"]["max_rows"],
-        evaluation=data_setting("evaluation"),
-        calibration=data_setting("calibration"),
-        accuracy=data_setting("accuracy"),
-        task_files=task_files,
-    script:
-        "../scripts/evaluate_quantized.py"
-
-
 rule sharpness:
     input:
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
@@ -79,11 +42,11 @@ rule sharpness:
         "../envs/qtraj.yaml"
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=resource("evaluate_quantized", "gpu"),
-        cpus_per_gpu=resource("evaluate_quantized", "cpus_per_gpu"),
-        tasks_per_gpu=resource("evaluate_quantized", "tasks_per_gpu"),
-        mem_mb=resource("evaluate_quantized", "mem_mb"),
-        runtime=resource("evaluate_quantized", "runtime"),
+        gpu=resource("sharpness", "gpu"),
+        cpus_per_gpu=resource("sharpness", "cpus_per_gpu"),
+        tasks_per_gpu=resource("sharpness", "tasks_per_gpu"),
+        mem_mb=resource("sharpness", "mem_mb"),
+        runtime=resource("sharpness", "runtime"),
     params:
         settings=config["sharpness"],
     script:

@@ -1,9 +1,18 @@
+# One job per (checkpoint, quantization): quantize in memory and evaluate the quantized model in the same
+# process (loss, per-layer errors, accuracy). No quantized model is written unless `packed_models` asks for it.
 rule quantize:
     input:
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
+        fp_eval=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
+        validation=tokens_file("validation"),
         calibration=tokens_file("calibration"),
+        tasks=lambda wildcards: task_files(wildcards).values(),
+        lm_eval_tasks=lm_eval_marker,
     output:
-        temp(directory(f"{RESULTS}/quantized/{{run}}/{{checkpoint}}/{{quantization}}")),
+        result=f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
+        layer_errors=f"{RESULTS}/evals/layers/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
+        accuracy=f"{RESULTS}/evals/accuracy/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
+        **packed_model_output(),
     log:
         f"{LOGS}/quantize/{{run}}/{{checkpoint}}/{{quantization}}.log",
     benchmark:
@@ -19,6 +28,10 @@ rule quantize:
         runtime=resource("quantize", "runtime"),
     params:
         spec=lambda wildcards: quant_spec(config, wildcards.quantization),
+        layer_error_rows=config["layer_errors"]["max_rows"],
+        evaluation=data_setting("evaluation"),
         calibration=data_setting("calibration"),
+        accuracy=data_setting("accuracy"),
+        task_files=task_files,
     script:
         "../scripts/quantize.py"

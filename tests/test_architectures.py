@@ -10,6 +10,7 @@ architecture's decoder linears. Engines that cannot run an architecture are refu
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 
 import numpy as np
@@ -140,20 +141,41 @@ def run_family(root, architecture):
     last = out / "checkpoints" / revisions[-1].revision
     steps.sharpness(str(last), str(root / "validation.npy"), SHARPNESS, str(out / "sharpness.parquet"))
     rows["sharpness"] = pq.read_table(out / "sharpness.parquet").to_pylist()
+    rows["models"] = {}
     for name, method, bits, group_size, engine in QUANTIZATIONS:
         if not supported(method, engine, architecture):
             continue
         spec = spec_of(name, method, bits, group_size, engine)
-        model_dir = last
-        if get_method(method).stores_model:
-            model_dir = out / "quantized" / name
-            steps.quantize(str(last), str(model_dir), spec, str(root / "calibration.npy"), CALIBRATION)
-        steps.evaluate_quantized(str(model_dir), str(last), spec, str(out / f"fp-{revisions[-1].revision}.parquet"),
-                                 str(root / "validation.npy"), str(root / "calibration.npy"), EVALUATION, CALIBRATION,
-                                 str(out / f"q-{name}.parquet"), str(out / f"layers-{name}.parquet"))
+        with kept_models(rows["models"], name):
+            steps.quantize_and_evaluate(
+                checkpoint_dir=str(last), spec=spec, fp_eval=str(out / f"fp-{revisions[-1].revision}.parquet"),
+                validation_tokens=str(root / "validation.npy"), calibration_tokens=str(root / "calibration.npy"),
+                evaluation=EVALUATION, calibration=CALIBRATION, out_file=str(out / f"q-{name}.parquet"),
+                layer_errors_file=str(out / f"layers-{name}.parquet"))
         rows["results"] += pq.read_table(out / f"q-{name}.parquet").to_pylist()
         rows["layers"][name] = pq.read_table(out / f"layers-{name}.parquet").to_pylist()
     return rows, out
+
+
+@contextlib.contextmanager
+def kept_models(models: dict, name: str):
+    """Keep the quantized model the job evaluates (the real `quantize_model`, its result recorded), so the test can
+    compare it with the checkpoint itself, independently of the job's own check."""
+    import qtraj.quantization
+
+    real = qtraj.quantization.quantize_model
+
+    def recording(*args, **kwargs):
+        model, info = real(*args, **kwargs)
+        if not get_method(info["method"]).quantizes_at_load:  # bitsandbytes' packed weights are not comparable
+            models[name] = model
+        return model, info
+
+    qtraj.quantization.quantize_model = recording
+    try:
+        yield
+    finally:
+        qtraj.quantization.quantize_model = real
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -182,19 +204,19 @@ def test_every_engine_measures_every_architecture_correctly(hub, architecture):
     gptq = {row["layer"]: row["recon_error"] for row in rows["layers"]["gptq-w4g32"]}
     assert all(gptq[layer] <= rtn[layer] * (1 + 1e-6) for layer in rtn), {k: (gptq[k], rtn[k]) for k in rtn}
 
-    # head, embeddings, norms and biases of every stored model are the checkpoint's, bit for bit (the job checks
-    # it too; this reads the stored files themselves)
+    # head, embeddings, norms and biases of every evaluated fake-quant model are the checkpoint's, bit for bit (the
+    # job checks it too; this compares with a fresh load of the checkpoint)
     fp = load_causal_lm(out / "checkpoints" / REVISIONS[-1])
     quantized = get_method("rtn").quantized_modules(fp)
-    for folder in sorted((out / "quantized").iterdir()):
-        model = load_causal_lm(folder)
+    assert rows["models"].keys() == {q[0] for q in expected_engines if q[1] != "bnb"}
+    for name, model in sorted(rows["models"].items()):
         fp_state, q_state = fp.state_dict(), model.state_dict()
         untouched = [key for key in fp_state if key.removesuffix(".weight") not in quantized or
                      not key.endswith(".weight")]
-        assert untouched and all(torch.equal(fp_state[key], q_state[key]) for key in untouched), folder.name
+        assert untouched and all(torch.equal(fp_state[key], q_state[key]) for key in untouched), name
         # GPT-NeoX (Pythia) is the catalog's architecture with biased linears: fake-quant folders used to drop them
         biases = [key for key in untouched if key.endswith(".bias") and key.removesuffix(".bias") in quantized]
-        assert bool(biases) == (architecture == "GPTNeoXForCausalLM")
+        assert bool(biases) == (architecture == "GPTNeoXForCausalLM"), name
         assert all(fp_state[key].abs().sum() > 0 for key in biases)
         assert torch.equal(fp.get_output_embeddings().weight, model.get_output_embeddings().weight)
         assert torch.equal(fp.get_input_embeddings().weight, model.get_input_embeddings().weight)

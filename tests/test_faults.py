@@ -7,9 +7,11 @@ import hashlib
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pytest
 
 from qtraj import results
+from qtraj.provenance import config_hash
 from qtraj.query import QueryError, connect, run_query
 from tests.test_results_and_query import quantized_row
 
@@ -252,16 +254,23 @@ def nan_checkpoint(trained_checkpoint: Path, out: Path) -> Path:
 
 
 def test_nan_weights_stop_the_quantize_job_naming_the_checkpoint(tmp_path, trained_checkpoint):
+    from qtraj import steps
     from qtraj.evaluation import LoadError
-    from qtraj.methods import QuantSpec
-    from qtraj.quantization import quantize_checkpoint
 
     broken = nan_checkpoint(trained_checkpoint, tmp_path / "step000060")
-    spec = QuantSpec(name="rtn-w4g16", method="rtn", bits=4, group_size=16)
+    fp_eval = tmp_path / "fp.parquet"
+    evaluation = {"seq_len": 16, "max_blocks": 4, "batch_size": 4}
+    results.write_rows([{"config_hash": config_hash({"evaluation": evaluation}), "loss_fp": 1.0, "ppl_fp": 2.7}],
+                       pa.schema([("config_hash", pa.string()), ("loss_fp", pa.float64()), ("ppl_fp", pa.float64())]),
+                       str(fp_eval))
     with pytest.raises(LoadError, match=r"step000060 holds NaN or infinite weights in 1 tensors \(model.norm.weight\)"
                                         r".*delete it and rerun"):
-        quantize_checkpoint(broken, tmp_path / "out", spec, None, {"num_samples": 4, "seq_len": 16})
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+        steps.quantize_and_evaluate(
+            checkpoint_dir=str(broken), spec={"name": "rtn-w4g16", "method": "rtn", "bits": 4, "group_size": 16},
+            fp_eval=str(fp_eval), validation_tokens="unused.npy", calibration_tokens="unused.npy",
+            evaluation=evaluation, calibration={"num_samples": 4, "seq_len": 16},
+            out_file=str(tmp_path / "q.parquet"), layer_errors_file=str(tmp_path / "layers.parquet"))
+    assert not (tmp_path / "q.parquet").exists()
 
 
 def test_a_broken_checkpoint_from_the_hub_cache_says_which_cache_entry_to_delete(hub_cache, tmp_path,

@@ -150,8 +150,8 @@ def test_kept_checkpoints_let_a_new_quantization_plan_only_its_jobs(family_a_run
     path.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(run(root, path, env, "--dry-run").stdout)
     rules = sorted({rule for rule, _ in jobs if not rule.startswith("plot_")} - {"aggregate", "all"})
-    assert rules == ["evaluate_quantized", "quantize"], rules
-    assert all("rtn-w3g16" in output for rule, output in jobs if rule in ("quantize", "evaluate_quantized"))
+    assert rules == ["quantize"], rules
+    assert all("rtn-w3g16" in output for rule, output in jobs if rule == "quantize")
 
 
 def test_editing_a_family_file_reruns_only_what_the_edit_changes(family_a_run):

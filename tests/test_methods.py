@@ -7,10 +7,17 @@ from safetensors.torch import load_file
 
 from qtraj.evaluation import cross_entropy, load_causal_lm
 from qtraj.methods import QuantSpec, discover, get_method
-from qtraj.quantization import load_quantized_model, quantize_checkpoint, read_quantization_info
+from qtraj.quantization import quantize_model
 from qtraj.tokenization import token_blocks
 
 CALIBRATION = {"num_samples": 16, "seq_len": 64}
+CPU = torch.device("cpu")
+
+
+def quantize(checkpoint, spec, calibration_file=None, packed_dir=None):
+    """(quantized model, info) the way the quantize job makes them: from the checkpoint's fp model, in memory."""
+    return quantize_model(load_causal_lm(checkpoint, CPU), checkpoint, spec, calibration_file, CALIBRATION, CPU,
+                          packed_dir)
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +28,23 @@ def calibration_file(tmp_path_factory, token_stream):
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory, trained_checkpoint, calibration_file):
-    """method-bits -> quantized model folder, for RTN and GPTQ at 3 and 4 bits, group 16."""
-    folders = {}
-    for method in ("rtn", "gptq"):
-        for bits in (3, 4):
-            spec = QuantSpec(name=f"{method}-w{bits}g16", method=method, bits=bits, group_size=16)
-            out = tmp_path_factory.mktemp("quantized") / spec.name
-            quantize_checkpoint(trained_checkpoint, out, spec, calibration_file, CALIBRATION)
-            folders[(method, bits)] = out
-    return folders
+def quantized_with_info(trained_checkpoint, calibration_file):
+    """(method, bits) -> (quantized model, info), for RTN and GPTQ at 3 and 4 bits, group 16."""
+    return {(method, bits): quantize(trained_checkpoint, QuantSpec(name=f"{method}-w{bits}g16", method=method,
+                                                                   bits=bits, group_size=16), calibration_file)
+            for method in ("rtn", "gptq") for bits in (3, 4)}
 
 
-def linear_weights(folder):
-    state = load_file(str(folder / "model.safetensors"))
+@pytest.fixture(scope="module")
+def quantized(quantized_with_info):
+    return {key: model for key, (model, _) in quantized_with_info.items()}
+
+
+def linear_weights(model_or_folder):
+    if isinstance(model_or_folder, torch.nn.Module):
+        state = {name: tensor.detach() for name, tensor in model_or_folder.state_dict().items()}
+    else:
+        state = load_file(str(model_or_folder / "model.safetensors"))
     return {name: tensor for name, tensor in state.items() if name.endswith("proj.weight")}
 
 
@@ -57,20 +67,30 @@ def test_weights_sit_on_a_grid_of_2_to_the_bits_levels_per_group(quantized, trai
         assert levels <= 2**bits, name
         assert not torch.equal(weight, original[name])
     fp_state = load_file(str(trained_checkpoint / "model.safetensors"))
-    q_state = load_file(str(quantized[(method, bits)] / "model.safetensors"))
+    q_state = quantized[(method, bits)].state_dict()
     assert torch.equal(q_state["lm_head.weight"], fp_state["lm_head.weight"])  # lm_head stays full precision
 
 
-def test_quantization_info_records_engine_and_calibration(quantized):
-    info = read_quantization_info(quantized[("gptq", 3)])
+def test_quantizing_leaves_the_fp_model_it_was_given_untouched(trained_checkpoint, calibration_file):
+    fp = load_causal_lm(trained_checkpoint, CPU)
+    before = {key: value.clone() for key, value in fp.state_dict().items()}
+    spec = QuantSpec(name="gptq-w3g16", method="gptq", bits=3, group_size=16)
+    model, _ = quantize_model(fp, trained_checkpoint, spec, calibration_file, CALIBRATION, CPU)
+    assert all(torch.equal(before[key], value) for key, value in fp.state_dict().items())
+    assert type(model) is type(fp) and model is not fp
+    assert not any(hasattr(module, "quantization_scheme") for module in model.modules())  # a plain model
+
+
+def test_quantization_info_records_engine_and_calibration(quantized_with_info):
+    info = quantized_with_info[("gptq", 3)][1]
     assert info["engine"] == "llmcompressor" and info["engine_version"]
     assert (info["calibration_samples"], info["calibration_seq_len"]) == (16, 64)
-    assert read_quantization_info(quantized[("rtn", 3)])["calibration_samples"] == 0
+    assert quantized_with_info[("rtn", 3)][1]["calibration_samples"] == 0
 
 
 def test_gptq_beats_rtn_at_3_bits_and_fewer_bits_hurt_more(quantized, trained_checkpoint, token_stream):
     blocks = token_blocks(token_stream, 65, 24)
-    loss = {key: cross_entropy(load_causal_lm(folder), blocks, 8).loss for key, folder in quantized.items()}
+    loss = {key: cross_entropy(model, blocks, 8).loss for key, model in quantized.items()}
     fp = cross_entropy(load_causal_lm(trained_checkpoint), blocks, 8).loss
     assert all(np.isfinite(value) for value in loss.values())
     assert loss[("gptq", 3)] < loss[("rtn", 3)]
@@ -80,7 +100,7 @@ def test_gptq_beats_rtn_at_3_bits_and_fewer_bits_hurt_more(quantized, trained_ch
 def test_group_size_that_does_not_divide_the_layer_is_named(tmp_path, trained_checkpoint):
     spec = QuantSpec(name="rtn-w4g48", method="rtn", bits=4, group_size=48)
     with pytest.raises(ValueError, match=r"group_size 48 does not divide the 64 input features"):
-        quantize_checkpoint(trained_checkpoint, tmp_path / "out", spec, None, CALIBRATION)
+        quantize(trained_checkpoint, spec)
 
 
 def test_layer_errors_match_a_hand_computed_layer():
@@ -140,8 +160,8 @@ def test_gptq_reconstruction_error_is_at_most_rtn_on_every_layer(quantized, trai
     blocks = token_blocks(np.load(calibration_file), CALIBRATION["seq_len"], CALIBRATION["num_samples"])
     inputs = capture_inputs(fp, list(quantized_modules(fp)), blocks, 8, max_rows=blocks.size)
     assert all(x.shape == (blocks.size, x.shape[1]) for x in inputs.values())
-    gptq = {e.layer: e for e in layer_errors(fp, load_causal_lm(quantized[("gptq", bits)]), inputs)}
-    rtn = {e.layer: e for e in layer_errors(fp, load_causal_lm(quantized[("rtn", bits)]), inputs)}
+    gptq = {e.layer: e for e in layer_errors(fp, quantized[("gptq", bits)], inputs)}
+    rtn = {e.layer: e for e in layer_errors(fp, quantized[("rtn", bits)], inputs)}
     assert gptq.keys() == rtn.keys() and len(gptq) == 14
     for layer in gptq:
         assert gptq[layer].recon_error <= rtn[layer].recon_error * (1 + 1e-6), layer
@@ -156,9 +176,7 @@ def test_gptq_reconstruction_error_is_at_most_rtn_on_every_layer(quantized, trai
 def test_bitsandbytes_models_are_evaluated_through_bitsandbytes(tmp_path, trained_checkpoint, token_stream, bits,
                                                                 options, layer_class):
     spec = QuantSpec(name="bnb", method="bnb", bits=bits, group_size=64 if bits == 4 else None, options=options)
-    with pytest.raises(ValueError, match="quantizes at load time"):
-        quantize_checkpoint(trained_checkpoint, tmp_path / "bnb", spec, None, CALIBRATION)
-    model, info = load_quantized_model(trained_checkpoint, trained_checkpoint, spec, torch.device("cpu"))
+    model, info = quantize(trained_checkpoint, spec)
     layer = model.model.layers[0].mlp.down_proj
     assert type(layer).__name__ == layer_class
     dequantized_weight = get_method("bnb").dequantized_weight
@@ -183,18 +201,17 @@ def test_awq_is_stored_in_the_checkpoints_basis_on_its_grid_and_beats_rtn(tmp_pa
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
-    from safetensors.torch import load_file
 
     from qtraj.methods import _llmcompressor as engine
-    from qtraj.methods.awq import SMOOTHING_FILE, _no_pinned_memory_without_cuda
+    from qtraj.methods.awq import _no_pinned_memory_without_cuda, smoothing_scales
 
     blocks = token_blocks(token_stream, 65, 24)
-    losses = {}
+    losses, models = {}, {}
     for method in ("awq", "rtn"):
         spec = QuantSpec(name=f"{method}-w4g16", method=method, bits=4, group_size=16, symmetric=False,
                          options={"n_grid": 10} if method == "awq" else {})
-        quantize_checkpoint(trained_checkpoint, tmp_path / method, spec, calibration_file, CALIBRATION)
-        losses[method] = cross_entropy(load_causal_lm(tmp_path / method), blocks, 8).loss
+        models[method], _ = quantize(trained_checkpoint, spec, calibration_file)
+        losses[method] = cross_entropy(models[method], blocks, 8).loss
     assert np.isfinite(losses["awq"]) and losses["awq"] < losses["rtn"] * 1.01
 
     # llm-compressor's own (folded) model, quantized the same way in this process
@@ -209,11 +226,12 @@ def test_awq_is_stored_in_the_checkpoints_basis_on_its_grid_and_beats_rtn(tmp_pa
     reference.load_state_dict(engine.fake_quant_state_dict(folded, keys))
     assert cross_entropy(reference, blocks, 8).loss == pytest.approx(losses["awq"], rel=1e-5)
 
-    scales = load_file(str(tmp_path / "awq" / SMOOTHING_FILE))
-    assert any(not torch.allclose(scales[key], torch.ones_like(scales[key])) for key in scales)
-    for name, weight in linear_weights(tmp_path / "awq").items():
-        layer = name.removesuffix(".weight")
-        smoothed = weight / scales[f"{layer}.row"][:, None] * scales[f"{layer}.column"][None, :]
+    original, folded_weights = linear_weights(trained_checkpoint), linear_weights(folded)
+    scales = {name: smoothing_scales(folded_weights[name].cpu(), original[name]) for name in original}
+    assert any(not torch.allclose(column, torch.ones_like(column)) for _, column in scales.values())
+    for name, weight in linear_weights(models["awq"]).items():
+        row, column = scales[name]
+        smoothed = weight.double() / row[:, None] * column[None, :]
         groups = smoothed.reshape(weight.shape[0], -1, 16)
         levels = max(len(torch.unique(torch.round(groups[r, g] / groups[r, g].abs().max() * 1e4)))
                      for r in range(groups.shape[0]) for g in range(groups.shape[1]))
@@ -224,42 +242,35 @@ def spec_of(name, method):
     return QuantSpec(name=name, method=method, bits=4, group_size=16, symmetric=False)
 
 
-def test_fake_quant_folder_scores_like_the_engines_own_compressed_model(tmp_path, trained_checkpoint,
-                                                                        calibration_file, token_stream):
-    """The stored dequantized weights give the loss of llm-compressor's own saved (packed) model.
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_fake_quant_model_scores_like_the_engines_own_packed_model(tmp_path, trained_checkpoint, calibration_file,
+                                                                   token_stream, method):
+    """The in-memory dequantized model gives the loss of llm-compressor's own packed model, saved on request
+    (`packed_models`) with a model card and loaded back by transformers through compressed-tensors. AWQ's packed
+    model keeps llm-compressor's smoothed basis; qtraj's is in the checkpoint's basis: the same function.
 
     Tolerance 1e-5 relative: both hold the same grid values, so only float summation order may differ.
     """
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.gptq import GPTQModifier
     from transformers import AutoModelForCausalLM
 
-    from qtraj.methods import _llmcompressor as engine
-
-    spec = QuantSpec(name="gptq-w4g16", method="gptq", bits=4, group_size=16)
-    calibration = token_blocks(np.load(calibration_file), 64, 16)
-    model = load_causal_lm(trained_checkpoint)
-    keys = list(model.state_dict())
-    oneshot(model=model, recipe=GPTQModifier(config_groups=engine.weight_scheme(spec), ignore=["lm_head"]),
-            **engine.calibration_kwargs(trained_checkpoint, calibration))
-    engine.save_state(engine.fake_quant_state_dict(model, keys), trained_checkpoint, tmp_path / "fake")
-    model.save_pretrained(str(tmp_path / "native"), save_compressed=True)  # packs the weights in place
-    native = AutoModelForCausalLM.from_pretrained(str(tmp_path / "native"), dtype=torch.float32).eval()
+    spec = QuantSpec(name=f"{method}-w4g16", method=method, bits=4, group_size=16, symmetric=method == "gptq",
+                     options={"n_grid": 10} if method == "awq" else {})
+    model, _ = quantize(trained_checkpoint, spec, calibration_file, packed_dir=tmp_path / "packed")
+    native = AutoModelForCausalLM.from_pretrained(str(tmp_path / "packed"), dtype=torch.float32).eval()
     assert "quantization_config" in native.config.to_dict()
+    assert f"quantized with `{method}-w4g16`" in (tmp_path / "packed" / "README.md").read_text()
+    assert (tmp_path / "packed" / "tokenizer.json").is_file()
     blocks = token_blocks(token_stream, 65, 16)
-    fake_loss = cross_entropy(load_causal_lm(tmp_path / "fake"), blocks, 8).loss
-    native_loss = cross_entropy(native, blocks, 8).loss
-    assert fake_loss == pytest.approx(native_loss, rel=1e-5)
+    assert cross_entropy(model, blocks, 8).loss == pytest.approx(cross_entropy(native, blocks, 8).loss, rel=1e-5)
 
 
 
 def test_gptq_through_gptqmodel_is_a_separate_engine_on_the_same_grid(tmp_path, quantized, trained_checkpoint,
                                                                       calibration_file, token_stream):
     spec = QuantSpec(name="gptq-w3g16-gptqmodel", method="gptq", bits=3, group_size=16, engine="gptqmodel")
-    quantize_checkpoint(trained_checkpoint, tmp_path / "gq", spec, calibration_file, CALIBRATION)
-    info = read_quantization_info(tmp_path / "gq")
+    model, info = quantize(trained_checkpoint, spec, calibration_file)
     assert info["engine"] == "gptqmodel" and info["engine_version"].startswith("7.")
-    weights, original = linear_weights(tmp_path / "gq"), linear_weights(trained_checkpoint)
+    weights, original = linear_weights(model), linear_weights(trained_checkpoint)
     assert weights.keys() == original.keys()
     for name, weight in weights.items():
         groups = weight.reshape(weight.shape[0], -1, 16)
@@ -268,9 +279,9 @@ def test_gptq_through_gptqmodel_is_a_separate_engine_on_the_same_grid(tmp_path, 
         # correct export: 21-29% here; reading GPTQModel's in-memory v1 zero points (one step off): 62-66%
         assert torch.linalg.norm(weight - original[name]) / torch.linalg.norm(original[name]) < 0.35, name
     blocks = token_blocks(token_stream, 65, 24)
-    loss = {engine: cross_entropy(load_causal_lm(folder), blocks, 8).loss
-            for engine, folder in (("gptqmodel", tmp_path / "gq"), ("llmcompressor", quantized[("gptq", 3)]),
-                                   ("rtn", quantized[("rtn", 3)]))}
+    loss = {engine: cross_entropy(quantized_model, blocks, 8).loss
+            for engine, quantized_model in (("gptqmodel", model), ("llmcompressor", quantized[("gptq", 3)]),
+                                            ("rtn", quantized[("rtn", 3)]))}
     assert loss["gptqmodel"] < loss["rtn"]
     assert abs(loss["gptqmodel"] / loss["llmcompressor"] - 1) < 0.02  # same algorithm, different libraries
 
@@ -297,10 +308,12 @@ def test_a_folder_missing_weights_or_holding_extra_ones_is_refused_naming_them(t
 
 
 def test_a_quantized_model_whose_unquantized_tensors_changed_is_refused(quantized, trained_checkpoint):
+    import copy
+
     from qtraj.layer_errors import check_unquantized_unchanged
     from qtraj.methods.base import quantized_modules
 
-    fp, model = load_causal_lm(trained_checkpoint), load_causal_lm(quantized[("rtn", 4)])
+    fp, model = load_causal_lm(trained_checkpoint), copy.deepcopy(quantized[("rtn", 4)])
     names = set(quantized_modules(fp))
     check_unquantized_unchanged(fp, model, names, "fine")  # only the quantized linears' weights differ
     with torch.no_grad():

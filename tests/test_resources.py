@@ -11,7 +11,7 @@ def test_micro_models_trained_here_ask_for_no_gpu():
     assert job_resources("quantize", None, H100)["gpu"] == 0
 
 
-@pytest.mark.parametrize("step", ["evaluate_fp", "quantize", "evaluate_quantized"])
+@pytest.mark.parametrize("step", ["evaluate_fp", "quantize", "sharpness"])
 def test_bigger_models_get_more_gpus_memory_and_time(step):
     small, large = job_resources(step, 1.5e9, H100), job_resources(step, 32.2e9, H100)
     assert small["gpu"] == 1 and large["gpu"] >= 2
@@ -20,15 +20,15 @@ def test_bigger_models_get_more_gpus_memory_and_time(step):
 
 
 def test_a_70b_model_is_spread_over_several_gpus():
-    assert job_resources("evaluate_quantized", 70.6e9, H100)["gpu"] >= 4
+    assert job_resources("quantize", 70.6e9, H100)["gpu"] >= 4
 
 
-def test_registered_lm_eval_tasks_lengthen_only_evaluation_jobs():
+def test_registered_lm_eval_tasks_lengthen_only_the_jobs_that_score_accuracy():
     settings = {"gpu_memory_gb": 80, "cpus_per_gpu": 8}
-    for step in ("evaluate_fp", "evaluate_quantized"):
+    for step in ("evaluate_fp", "quantize"):  # quantize evaluates the quantized model it made, accuracy included
         plain, scored = job_resources(step, 7e9, settings), job_resources(step, 7e9, settings, lm_eval_tasks=True)
         assert scored["runtime"] == plain["runtime"] + 30 + 140 and scored["gpu"] == plain["gpu"]
-    assert job_resources("quantize", 7e9, settings, True) == job_resources("quantize", 7e9, settings)
+    assert job_resources("sharpness", 7e9, settings, True) == job_resources("sharpness", 7e9, settings)
 
 
 def test_trained_models_are_sized_from_their_llama_config():

@@ -63,8 +63,8 @@ def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
     assert rules.count("average_checkpoints") == 2  # LAWA of steps 600 and 800, per WSD seed
     checkpoints = 3 * 4 + 2
     assert rules.count("evaluate_fp") == rules.count("sharpness") == checkpoints
-    # GPTQ and RTN at 3 and 4 bits: quantized, then evaluated (loss, layer errors, task accuracy)
-    assert rules.count("quantize") == rules.count("evaluate_quantized") == checkpoints * 4
+    # GPTQ and RTN at 3 and 4 bits: quantized and evaluated in one job (loss, layer errors, task accuracy)
+    assert rules.count("quantize") == checkpoints * 4 and "evaluate_quantized" not in rules
     assert rules.count("build_task") == 2  # the two local accuracy tasks, built once
     assert {rule for rule in rules if rule.startswith("plot_") and rule != "plot_trajectory"} == {
         "plot_loss", "plot_lr", "plot_sharpness", "plot_averaging", "plot_accuracy"}
@@ -108,7 +108,7 @@ def test_paper_grid_dry_runs_offline(tmp_path):
     rules = [rule for rule, _ in jobs]
     checkpoints = rules.count("download_checkpoint")
     assert checkpoints > 300 and rules.count("evaluate_fp") == checkpoints
-    assert rules.count("quantize") == rules.count("evaluate_quantized") == 2 * checkpoints
+    assert rules.count("quantize") == 2 * checkpoints
     assert rules.count("fetch_lm_eval_tasks") == 1  # the 12 lm-eval tasks, fetched once on the submit host
     assert not (tmp_path / "results").exists()
 
@@ -332,8 +332,8 @@ def test_a_lost_per_job_result_is_computed_again(tiny_run):
     lost.unlink()
     try:
         jobs = planned_jobs(snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir).stdout)
-        work = {(rule, output) for rule, output in jobs if rule in ("quantize", "evaluate_quantized", "evaluate_fp")}
-        assert any(rule == "evaluate_quantized" and str(lost) in output for rule, output in work), work
+        work = {(rule, output) for rule, output in jobs if rule in ("quantize", "evaluate_fp")}
+        assert any(rule == "quantize" and str(lost) in output for rule, output in work), work
         assert all("gptq-w3g16" in output for _, output in work), work
     finally:  # as it was, for the tests after this one
         lost.write_bytes(saved)

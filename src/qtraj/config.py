@@ -437,10 +437,3 @@ def quant_spec(config: dict, name: str) -> dict:
     engine = entry["engine"] or get_method(entry["method"]).engines[0]
     return {"name": name, "method": entry["method"], "bits": entry["bits"], "group_size": entry["group_size"],
             "symmetric": entry["symmetric"], "options": dict(entry["options"]), "engine": engine}
-
-
-def stores_quantized_model(config: dict, name: str) -> bool:
-    """Whether quantization `name` has a `quantize` job writing a folder (else it quantizes at load time)."""
-    from qtraj.methods import get_method
-
-    return get_method(config["quantizations"][name]["method"]).stores_model

@@ -1,28 +1,27 @@
-"""Quantize one checkpoint with one config entry, and record how."""
+"""Quantize one checkpoint with one config entry, in memory, and record how."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from qtraj.methods import QuantSpec, get_method
-from qtraj.methods.base import QUANTIZATION_FILE
+
+PACKED_MODEL_CARD = "README.md"
 
 
-def quantize_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, spec: QuantSpec,
-                        calibration_tokens: str | Path | None, calibration: dict) -> dict:
-    """Quantize `checkpoint_dir` into `out_dir` (a model folder) and write `qtraj_quantization.json` there.
+def quantize_model(fp_model, checkpoint_dir: str | Path, spec: QuantSpec, calibration_tokens: str | Path | None,
+                   calibration: dict, device, packed_dir: str | Path | None = None) -> tuple:
+    """(the quantized model, how it was made): the one place that tells the two kinds of method apart.
 
-    Calibration blocks are the first `calibration.num_samples` blocks of `calibration.seq_len` tokens of
-    the calibration split, in order, so every checkpoint and method sees exactly the same text.
+    A fake-quant method quantizes a copy of `fp_model` (loaded from `checkpoint_dir`, left untouched); a load-time
+    method loads the checkpoint through its engine. Calibration blocks are the first `calibration.num_samples`
+    blocks of `calibration.seq_len` tokens of the calibration split, in order, so every checkpoint and method
+    sees exactly the same text. With `packed_dir`, the engine's packed model is saved there with a model card.
     """
     method = get_method(spec.method)
-    if not method.stores_model:
-        raise ValueError(f"quantization {spec.name!r}: method {spec.method!r} quantizes at load time; "
-                         "evaluate it with load_quantized_model instead of storing it")
     try:
         method.check(spec)
     except ValueError as error:
@@ -32,12 +31,24 @@ def quantize_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, spec: Q
         from qtraj.tokenization import token_blocks
 
         blocks = token_blocks(np.load(calibration_tokens), calibration["seq_len"], calibration["num_samples"])
-    out_dir = Path(out_dir)
+    packed = None if packed_dir is None else Path(packed_dir)
+    if packed is not None:
+        packed.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    method.quantize(Path(checkpoint_dir), out_dir, spec, blocks)
+    if method.quantizes_at_load:
+        try:
+            model = method.load(Path(checkpoint_dir), spec, device)
+        except Exception as error:
+            raise RuntimeError(f"{spec.method} could not load {checkpoint_dir} as {spec.name!r}: "
+                               f"{type(error).__name__}: {error}") from error
+        if packed is not None:  # before any forward pass: bitsandbytes repacks 4-bit CPU weights at the first
+            model.save_pretrained(str(packed))
+    else:
+        model = method.quantize(fp_model, Path(checkpoint_dir), spec, blocks, packed)
     info = quantization_info(spec, blocks, time.perf_counter() - started)
-    (out_dir / QUANTIZATION_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    if packed is not None:
+        (packed / PACKED_MODEL_CARD).write_text(packed_model_card(checkpoint_dir, info))
+    return model, info
 
 
 def quantization_info(spec: QuantSpec, calibration_blocks: np.ndarray | None, seconds: float) -> dict:
@@ -54,26 +65,20 @@ def quantization_info(spec: QuantSpec, calibration_blocks: np.ndarray | None, se
     }
 
 
-def load_quantized_model(model_dir: str | Path, checkpoint_dir: str | Path, spec: QuantSpec, device):
-    """The quantized model for evaluation and how it was made: a stored folder is loaded as is, a load-time
-    method quantizes the full-precision checkpoint now (its load time is its quantization time)."""
-    from qtraj.evaluation import load_causal_lm
+def packed_model_card(checkpoint_dir: str | Path, info: dict) -> str:
+    """A short model card for a saved packed model: what it is, how it was made, and how to load it."""
+    import json
 
-    method = get_method(spec.method)
-    if method.stores_model:
-        return load_causal_lm(model_dir, device), read_quantization_info(model_dir)
-    started = time.perf_counter()
-    try:
-        model = method.load(Path(checkpoint_dir), spec, device)
-    except Exception as error:
-        raise RuntimeError(f"{spec.method} could not load {checkpoint_dir} as {spec.name!r}: "
-                           f"{type(error).__name__}: {error}") from error
-    return model, quantization_info(spec, None, time.perf_counter() - started)
+    from qtraj.checkpoints import read_checkpoint_info
 
-
-def read_quantization_info(model_dir: str | Path) -> dict:
-    path = Path(model_dir, QUANTIZATION_FILE)
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} holds no {QUANTIZATION_FILE}: it was not written by qtraj's "
-                                "quantize step; delete it and rerun")
-    return json.loads(path.read_text())
+    source = read_checkpoint_info(checkpoint_dir)
+    settings = {key: info[key] for key in ("method", "bits", "group_size", "symmetric", "options", "engine",
+                                           "engine_version", "calibration_samples", "calibration_seq_len")}
+    return (f"# {source.run}/{source.checkpoint} quantized with {info['name']}\n\n"
+            f"Written by qtraj: checkpoint `{source.run}/{source.checkpoint}` (step {source.step}, tokens "
+            f"{source.tokens}, phase {source.phase}) quantized with `{info['name']}` in the engine's own packed "
+            f"format ({info['engine']} {info['engine_version']}).\n\n"
+            f"```json\n{json.dumps(settings, indent=2, sort_keys=True)}\n```\n\n"
+            "The numbers qtraj reports for this model (ΔQ L, accuracy, layer errors) are in its results dataset; "
+            "load this folder with the engine's loader (compressed-tensors models with `transformers` or vLLM, "
+            "GPTQModel's with `GPTQModel.load`, bitsandbytes' with `transformers`).\n")

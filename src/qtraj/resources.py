@@ -10,19 +10,22 @@ from __future__ import annotations
 import math
 
 # Model copies a step holds on the GPUs at once (bf16), and a headroom factor for activations, GPTQ's Hessians
-# and the engines' buffers. evaluate_quantized holds the fp and the quantized model (per-layer errors).
+# and the engines' buffers. quantize holds the fp model (per-layer errors, unchanged-tensor check), the engine's
+# working copy and the quantized model it hands back. sharpness: fp32 weights and their gradients (4 bf16
+# copies) plus the Hessian-vector product's second backward pass.
 # train: fp32 weights, gradients and two AdamW moments are 16 bytes per parameter, i.e. 8 bf16 copies.
-MODEL_COPIES = {"evaluate_fp": 1.0, "quantize": 1.0, "evaluate_quantized": 2.0, "train": 8.0}
-HEADROOM = {"evaluate_fp": 1.25, "quantize": 1.6, "evaluate_quantized": 1.25, "train": 2.0}
+MODEL_COPIES = {"evaluate_fp": 1.0, "quantize": 3.0, "sharpness": 6.0, "train": 8.0}
+HEADROOM = {"evaluate_fp": 1.25, "quantize": 1.6, "sharpness": 1.25, "train": 2.0}
 FIXED_GB = 4.0  # CUDA context, kernels, batches
 # Minutes: a floor plus a slope per billion parameters (GPTQ of a 32B model: ~4 h; evaluating it: ~1 h).
 # train: the paper's 160M runs take a few GPU hours; the slope is a rough guess, set runtime per run if it matters.
-RUNTIME = {"evaluate_fp": (15, 1.5), "quantize": (30, 6.0), "evaluate_quantized": (20, 2.5), "train": (120, 1500.0)}
+RUNTIME = {"evaluate_fp": (15, 1.5), "quantize": (40, 8.5), "sharpness": (20, 2.5), "train": (120, 1500.0)}
 
 
 # Minutes lm-eval adds to an evaluation job with registered tasks (the paper's 12 at 5-shot: ~100k requests,
 # mmlu and hellaswag the bulk); local tasks are a few hundred items and fit in the floor.
 ACCURACY_RUNTIME = (30, 20.0)
+SCORES_ACCURACY = ("evaluate_fp", "quantize")
 
 
 def llama_parameters(model: dict, vocab_size: int) -> int:
@@ -55,7 +58,7 @@ def job_resources(step: str, parameters: float | None, settings: dict, lm_eval_t
     # start one task per GPU, i.e. run the same job several times side by side
     return {"gpu": gpus, "cpus_per_gpu": settings["cpus_per_gpu"], "tasks_per_gpu": 0,
             "mem_mb": int(host_gb * 1024), "runtime": int(floor + per_billion * parameters / 1e9)
-            + (_accuracy_minutes(parameters) if lm_eval_tasks and step.startswith("evaluate") else 0)}
+            + (_accuracy_minutes(parameters) if lm_eval_tasks and step in SCORES_ACCURACY else 0)}
 
 
 def _accuracy_minutes(parameters: float) -> int:

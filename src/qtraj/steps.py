@@ -168,14 +168,6 @@ def average_checkpoints(folders: list[str], weights: list[float], out_dir: str, 
              [round(weight, 4) for weight in weights], info.step)
 
 
-def quantize(checkpoint_dir: str, out_dir: str, spec: dict, calibration_tokens: str, calibration: dict) -> None:
-    from qtraj.methods import QuantSpec
-    from qtraj.quantization import quantize_checkpoint
-
-    info = quantize_checkpoint(checkpoint_dir, out_dir, QuantSpec(**spec), calibration_tokens, calibration)
-    log.info("quantized %s with %s in %.1f s", checkpoint_dir, spec["name"], info["quantize_seconds"])
-
-
 def _validation_loss(model, validation_tokens: str, evaluation: dict, what: str):
     from qtraj.tokenization import token_blocks
 
@@ -255,18 +247,17 @@ def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, o
     log.info("%s/%s: loss_fp %.5f over %d tokens", info.run, info.checkpoint, loss.loss, loss.tokens)
 
 
-def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval: str, validation_tokens: str,
-                       calibration_tokens: str, evaluation: dict, calibration: dict, out_file: str,
-                       layer_errors_file: str, layer_error_rows: int = 4096, accuracy: dict | None = None,
-                       task_files: dict[str, str] | None = None, accuracy_file: str | None = None) -> None:
-    """Validation loss of a quantized model (one `results` row), its per-layer errors (`layer_errors`) and, with
-    `accuracy_file`, its task accuracy (`accuracy` rows).
-
-    `model_dir` is the stored quantized folder, or the checkpoint itself for a method that quantizes at load time.
-    """
+def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, validation_tokens: str,
+                          calibration_tokens: str, evaluation: dict, calibration: dict, out_file: str,
+                          layer_errors_file: str, layer_error_rows: int = 4096, accuracy: dict | None = None,
+                          task_files: dict[str, str] | None = None, accuracy_file: str | None = None,
+                          packed_dir: str | None = None) -> None:
+    """Quantize a checkpoint with one config entry, in memory, and evaluate the result in the same process: its
+    validation loss (one `results` row), per-layer errors (`layer_errors`) and, with `accuracy_file`, task accuracy
+    (`accuracy` rows). Nothing else is written, unless `packed_dir` asks for the engine's packed model."""
     from qtraj.layer_errors import capture_inputs, check_unquantized_unchanged, layer_errors
     from qtraj.methods import QuantSpec, get_method
-    from qtraj.quantization import load_quantized_model
+    from qtraj.quantization import quantize_model
     from qtraj.tokenization import token_blocks
 
     info = read_checkpoint_info(checkpoint_dir)
@@ -274,6 +265,7 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
     if fp_row["config_hash"] != config_hash({"evaluation": evaluation}):
         raise ValueError(f"{fp_eval} was evaluated with other settings than {out_file}; delete it and rerun")
     device = pick_device()
+    what = f"{info.run}/{info.checkpoint} quantized with {spec['name']}"
 
     # Per-layer errors first, on the calibration text: inputs captured from the full-precision model, so every
     # method's layers are compared on exactly the same activations. First also because bitsandbytes repacks
@@ -285,25 +277,20 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
     # at most `layer_error_rows` tokens per layer: every linear's inputs are held at once, in host memory
     inputs = capture_inputs(fp_model, list(quantized), blocks, evaluation["batch_size"],
                             max_rows=min(blocks.size, layer_error_rows))
-    started = time.perf_counter()
-    model, quant = load_quantized_model(model_dir, checkpoint_dir, QuantSpec(**spec), device)
-    load_seconds = time.perf_counter() - started
+    model, quant = quantize_model(fp_model, checkpoint_dir, QuantSpec(**spec), calibration_tokens, calibration,
+                                  device, packed_dir)
     # what quantization must not touch is compared with the checkpoint, tensor by tensor, before any number is kept
-    check_unquantized_unchanged(fp_model, model, set(quantized),
-                                f"{info.run}/{info.checkpoint} quantized with {spec['name']}")
+    check_unquantized_unchanged(fp_model, model, set(quantized), what)
     errors = layer_errors(fp_model, model, inputs, method.dequantized_weight)
     del fp_model, inputs
 
     started = time.perf_counter()
-    loss = _validation_loss(model, validation_tokens, evaluation,
-                            f"{info.run}/{info.checkpoint} quantized with {quant['name']}")
-    # a load-time method's load is its quantization (quantize_seconds), not part of the evaluation
-    seconds = time.perf_counter() - started + (load_seconds if method.stores_model else 0.0)
+    loss = _validation_loss(model, validation_tokens, evaluation, what)
+    seconds = time.perf_counter() - started
     quant_columns = {"quantization": quant["name"], "method": quant["method"], "bits": quant["bits"],
                      "group_size": quant["group_size"], "engine": quant["engine"]}
     if accuracy_file is not None:
-        task_rows, _ = _task_accuracy(model, checkpoint_dir, accuracy, task_files or {},
-                                      f"{info.run}/{info.checkpoint} {quant['name']}")
+        task_rows, _ = _task_accuracy(model, checkpoint_dir, accuracy, task_files or {}, what)
         accuracy_source = provenance({"accuracy": accuracy}, device.type)
         accuracy_columns = {key: quant_columns[key] for key in ("quantization", "method", "bits", "group_size")}
         results.write_rows([{**asdict(info), **accuracy_columns, **task_row, **accuracy_source}
@@ -327,8 +314,7 @@ def evaluate_quantized(model_dir: str, checkpoint_dir: str, spec: dict, fp_eval:
 
     results.write_rows(layer_rows, results.LAYER_ERROR_SCHEMA, layer_errors_file)
     results.write_rows([row], results.QUANTIZED_EVAL_SCHEMA, out_file)
-    log.info("%s/%s %s: loss_q %.5f, delta_q_loss %.4f%%", info.run, info.checkpoint, quant["name"],
-             loss.loss, 100 * row["delta_q_loss"])
+    log.info("%s: loss_q %.5f, delta_q_loss %.4f%%", what, loss.loss, 100 * row["delta_q_loss"])
 
 
 def sharpness(checkpoint_dir: str, validation_tokens: str, settings: dict, out_file: str) -> None:

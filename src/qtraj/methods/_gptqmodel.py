@@ -1,6 +1,6 @@
 """Running GPTQ through GPTQModel (ModelCloud's maintained successor of AutoGPTQ; the paper's engine).
 
-GPTQModel packs weights into its own kernels' format; qtraj stores what those kernels compute with —
+GPTQModel packs weights into its own kernels' format; qtraj evaluates what those kernels compute with —
 each layer's `dequantize_weight()` (fp16 scales times integer codes, as the torch kernel does) — as
 fake-quant weights, so its models are evaluated by the same engine-free code as every other method.
 
@@ -11,6 +11,8 @@ only the load path converts — dequantizing them directly put every weight one 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -18,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qtraj.checkpoints import copy_non_weight_files
 from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules
 
 # GPTQModel sizes a CPU worker pool from the machine and fails on 2-core machines unless told (seen with 7.6).
@@ -54,15 +55,17 @@ ACTORDER = {
 }
 
 
-def quantize_gptq(method: QuantizationMethod, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, options: dict,
-                  calibration_blocks: np.ndarray) -> None:
-    """GPTQ through GPTQModel with the method's `options` (defaults filled); GPTQModel decides from its own model
-    definitions which modules it quantizes, so the result is checked against qtraj's `quantized_modules`."""
+def quantize_gptq(method: QuantizationMethod, fp_model: torch.nn.Module, checkpoint_dir: Path, spec: QuantSpec,
+                  options: dict, calibration_blocks: np.ndarray, packed_dir: Path | None = None) -> torch.nn.Module:
+    """GPTQ through GPTQModel with the method's `options` (defaults filled): a copy of `fp_model` holding the weights
+    GPTQModel's kernel computes with. GPTQModel decides from its own model definitions which modules it quantizes,
+    so the result is checked against qtraj's `quantized_modules`. GPTQModel loads the checkpoint its own way and
+    its packed model is saved (to `packed_dir`, or a scratch folder) and read back, as the module docstring says."""
     gptqmodel = import_gptqmodel()
     GPTQModel, QuantizeConfig = gptqmodel.GPTQModel, gptqmodel.QuantizeConfig  # noqa: N806 - the library's names
 
     from qtraj.checkpoints import trusts_remote_code
-    from qtraj.evaluation import check_finite_files, device_map, model_skeleton, pick_device
+    from qtraj.evaluation import check_finite_files, device_map, pick_device
 
     config = QuantizeConfig(
         bits=spec.bits, group_size=-1 if spec.group_size is None else spec.group_size, sym=spec.symmetric,
@@ -70,7 +73,7 @@ def quantize_gptq(method: QuantizationMethod, checkpoint_dir: Path, out_dir: Pat
         true_sequential=options.get("true_sequential", True),
         **ACTORDER[options["actorder"]],
     )
-    expected = set(method.quantized_modules(model_skeleton(checkpoint_dir)))
+    expected = set(method.quantized_modules(fp_model))
     # GPTQModel loads the checkpoint its own way: refuse NaN weights before hours of calibration, not after
     check_finite_files(checkpoint_dir)
     device = pick_device()
@@ -80,38 +83,47 @@ def quantize_gptq(method: QuantizationMethod, checkpoint_dir: Path, out_dir: Pat
                            **({"device_map": "auto"} if placement == "auto" else {"device": device.type}))
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calibration_blocks]
     model.quantize(calibration, batch_size=8, calibration_sort=None)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.gptq-") as packed_dir:
-        model.save(packed_dir)
+    # the packed model goes to node-local scratch (TMPDIR) unless the config asked to keep it
+    scratch = (contextlib.nullcontext(str(packed_dir)) if packed_dir is not None
+               else tempfile.TemporaryDirectory(prefix="qtraj-gptqmodel-"))
+    with scratch as folder:
+        model.save(folder)
         del model
-        packed = GPTQModel.load(packed_dir, backend="torch", device=device.type,
+        packed = GPTQModel.load(folder, backend="torch", device=device.type,
                                 trust_remote_code=trusts_remote_code(checkpoint_dir))
-        save_dequantized(packed.model, expected, checkpoint_dir, out_dir)
+        return dequantized_model(packed.model, expected, fp_model, stored_dtype(checkpoint_dir, fp_model))
+
+
+def stored_dtype(checkpoint_dir: Path, fp_model: torch.nn.Module) -> torch.dtype:
+    """The dtype the checkpoint's weights are saved in (its config's `dtype`), else the model's."""
+    from transformers import AutoConfig
+
+    from qtraj.checkpoints import trusts_remote_code
+
+    config = AutoConfig.from_pretrained(str(checkpoint_dir), trust_remote_code=trusts_remote_code(checkpoint_dir))
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else next(fp_model.parameters()).dtype
 
 
 @torch.no_grad()
-def save_dequantized(model: torch.nn.Module, expected: set[str], checkpoint_dir: Path, out_dir: Path) -> None:
-    """The checkpoint's own state with each quantized layer's weight replaced by what GPTQModel's kernel computes
-    with. Everything else comes from the checkpoint, not from GPTQModel's model: its saved checkpoint holds the
-    unquantized tensors (embeddings, norms, head, biases) rounded to fp16, which would add a non-quantization
-    error to every number measured (seen with 7.6: all of them differed).
-
-    The checkpoint is read in its stored dtype and each weight replaced in place, so host memory stays near one
-    copy of the model (bf16 for the paper's checkpoints) plus one layer."""
-    from huggingface_hub import save_torch_state_dict
-
-    from qtraj.evaluation import load_causal_lm
-
-    packed = {name: module for name, module in model.named_modules()
+def dequantized_model(packed_model: torch.nn.Module, expected: set[str], fp_model: torch.nn.Module,
+                      weight_dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `fp_model` with each quantized layer's weight replaced by what GPTQModel's kernel computes with
+    (rounded to the checkpoint's `weight_dtype`, as a saved quantized checkpoint would hold it). Everything else
+    comes from `fp_model`, not from GPTQModel's model: its saved checkpoint holds the unquantized tensors
+    (embeddings, norms, head, biases) rounded to fp16, which would add a non-quantization error to every number
+    measured (seen with 7.6: all of them differed)."""
+    packed = {name: module for name, module in packed_model.named_modules()
               if hasattr(module, "dequantize_weight") and hasattr(module, "qweight")}
     if not packed:
         raise RuntimeError("GPTQModel quantized no layer")
     check_same_modules(expected, set(packed), "GPTQModel")
-    reference = load_causal_lm(checkpoint_dir, torch.device("cpu"), dtype="auto")
-    state = reference.state_dict()
+    model = copy.deepcopy(fp_model)
+    modules = dict(model.named_modules())
     for name, module in packed.items():
-        key = f"{name}.weight"
+        weight = modules[name].weight
         # GPTQModel returns [in_features, out_features]; nn.Linear stores [out, in]
-        state[key] = module.dequantize_weight().T.to(device="cpu", dtype=state[key].dtype).contiguous()
-    copy_non_weight_files(checkpoint_dir, out_dir)
-    save_torch_state_dict(state, str(out_dir))
+        weight.copy_(module.dequantize_weight().T.to(weight_dtype).to(device=weight.device, dtype=weight.dtype))
+    return model.eval()

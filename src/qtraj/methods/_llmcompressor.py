@@ -1,4 +1,4 @@
-"""Running weight-only quantization through llm-compressor and storing the result as fake-quant weights.
+"""Running weight-only quantization through llm-compressor, in memory, and reading back fake-quant weights.
 
 llm-compressor (vLLM's maintained successor of AutoGPTQ-style tooling) runs on CPU and implements GPTQ,
 AWQ and plain round-to-nearest over the same compressed-tensors quantization grid, so methods that go
@@ -10,14 +10,14 @@ passed as `ignore`, and what llm-compressor actually quantized is checked agains
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qtraj.checkpoints import copy_non_weight_files, trusts_remote_code
-from qtraj.evaluation import load_causal_lm, pick_device
+from qtraj.checkpoints import trusts_remote_code
 from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules
 
 
@@ -62,29 +62,50 @@ Recipe = Callable[[list[str]], object]
 Transform = Callable[[dict, torch.nn.Module, dict], dict]
 
 
-def run_oneshot(method: QuantizationMethod, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, recipe: Recipe,
-                calibration_blocks: np.ndarray | None, transform: Transform | None = None) -> None:
-    """Quantize with an llm-compressor recipe and save the dequantized weights as a model folder.
+def run_oneshot(method: QuantizationMethod, fp_model: torch.nn.Module, checkpoint_dir: Path, spec: QuantSpec,
+                recipe: Recipe, calibration_blocks: np.ndarray | None, transform: Transform | None = None,
+                packed_dir: Path | None = None) -> torch.nn.Module:
+    """Quantize a copy of `fp_model` with an llm-compressor recipe; return a plain model holding the fake-quant
+    weights (`fp_model` is left as it was: the evaluation compares the two).
 
     `recipe(ignore)` builds the modifiers given the names of the linears to leave alone.
-    `transform(fake_quant_state, model, original_state)` may rewrite the state before it is saved (AWQ uses it
-    to express its smoothed weights in the checkpoint's own basis).
+    `transform(fake_quant_state, model, original_state)` may rewrite the state (AWQ uses it to express its
+    smoothed weights in the checkpoint's own basis). With `packed_dir`, the compressed-tensors model is saved there.
     """
     from llmcompressor import oneshot
 
-    model = load_causal_lm(checkpoint_dir, pick_device())
+    # llm-compressor changes the model it is given (weights, hooks, quantization parameters): work on a copy
+    model = copy.deepcopy(fp_model)
     quantized = method.quantized_modules(model)
     check_group_size(quantized, spec)
     keys = list(model.state_dict())
-    original = None if transform is None else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     kwargs = {} if calibration_blocks is None else calibration_kwargs(checkpoint_dir, calibration_blocks)
     # llm-compressor re-reads the model's config from its folder; remote-code families need the same trust there
     kwargs["trust_remote_code_model"] = trusts_remote_code(checkpoint_dir)
     oneshot(model=model, recipe=recipe(ignored_linears(model, quantized)), **kwargs)
     state = fake_quant_state_dict(model, keys, expected=set(quantized))
     if transform is not None:
-        state = transform(state, model, original)
-    save_state(state, checkpoint_dir, out_dir)
+        state = transform(state, model, {key: value.detach().cpu() for key, value in fp_model.state_dict().items()})
+    if packed_dir is not None:
+        save_packed(model, checkpoint_dir, packed_dir)
+    del model
+    return model_with_state(fp_model, state)
+
+
+def model_with_state(fp_model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of `fp_model` (same class, config and buffers) holding `state`, every key of it (strict)."""
+    model = copy.deepcopy(fp_model)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def save_packed(model: torch.nn.Module, checkpoint_dir: Path, packed_dir: Path) -> None:
+    """The quantized model in compressed-tensors' packed format (what vLLM and transformers load), with the
+    checkpoint's tokenizer; `save_pretrained` writes its own config.json with the quantization config."""
+    from qtraj.checkpoints import copy_non_weight_files
+
+    copy_non_weight_files(checkpoint_dir, packed_dir)
+    model.save_pretrained(str(packed_dir), save_compressed=True)
 
 
 def calibration_kwargs(checkpoint_dir: Path, calibration_blocks: np.ndarray) -> dict:
@@ -139,12 +160,3 @@ def fake_quant_state_dict(model: torch.nn.Module, keys: list[str],
                                     args, global_scale=getattr(module, "weight_global_scale", None))
         state[f"{prefix}weight"] = dequantized.detach().to(module.weight.dtype).cpu().contiguous()
     return state
-
-
-def save_state(state: dict[str, torch.Tensor], checkpoint_dir: Path, out_dir: Path) -> None:
-    from huggingface_hub import save_torch_state_dict
-
-    copy_non_weight_files(checkpoint_dir, out_dir)
-    # huggingface_hub's saver shards large models and drops tied duplicates (embeddings / lm_head),
-    # writing the same layout `save_pretrained` would.
-    save_torch_state_dict(state, str(out_dir))

@@ -9,8 +9,8 @@ them, so its quantized weights live in another basis than the checkpoint's: comp
 the fp model's activations, they would give meaningless per-layer errors. qtraj therefore stores the same
 function in the checkpoint's own basis: every quantized weight with the scales taken back out
 (diag(r) · Q(W_s) · diag(1/c)) and the original norms — the model's outputs are unchanged (float rounding aside,
-tested), and weight and reconstruction errors compare like with like across methods. The scales are kept beside
-the weights in `awq_smoothing.safetensors`.
+tested), and weight and reconstruction errors compare like with like across methods. (A packed model saved on
+request keeps llm-compressor's own smoothed basis, scales folded in, as vLLM expects.)
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class AWQ(QuantizationMethod):
         },
     }
 
-    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibration_blocks) -> None:
+    def quantize(self, fp_model, checkpoint_dir: Path, spec: QuantSpec, calibration_blocks, packed_dir=None):
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
@@ -85,13 +85,11 @@ class AWQ(QuantizationMethod):
                     QuantizationModifier(config_groups=engine.weight_scheme(spec), ignore=ignore)]
 
         def transform(state, model, original):
-            return unfold_smoothing(state, self.quantized_modules(model), original, out_dir)
+            return unfold_smoothing(state, self.quantized_modules(model), original)
 
         with _no_pinned_memory_without_cuda():
-            engine.run_oneshot(self, checkpoint_dir, out_dir, spec, recipe, calibration_blocks, transform=transform)
-
-
-SMOOTHING_FILE = "awq_smoothing.safetensors"
+            return engine.run_oneshot(self, fp_model, checkpoint_dir, spec, recipe, calibration_blocks,
+                                      transform=transform, packed_dir=packed_dir)
 
 
 def smoothing_scales(smoothed: torch.Tensor, original: torch.Tensor, iterations: int = 20):
@@ -116,18 +114,13 @@ def smoothing_scales(smoothed: torch.Tensor, original: torch.Tensor, iterations:
     return 1.0 / row_inverse, column
 
 
-def unfold_smoothing(state: dict, quantized: dict, original: dict, out_dir: Path) -> dict:
+def unfold_smoothing(state: dict, quantized: dict, original: dict) -> dict:
     """The fake-quant state in the checkpoint's basis: the `quantized` modules' weights with AWQ's scales taken back
     out, every other tensor (norms and biases included) as in the checkpoint."""
-    from safetensors.torch import save_file
-
-    unfolded, scales = dict(original), {}
+    unfolded = dict(original)
     for name, module in quantized.items():
         key = f"{name}.weight"
         row, column = smoothing_scales(module.weight.detach().cpu(), original[key])
         quantized_weight = state[key].double()
         unfolded[key] = (row[:, None] * quantized_weight / column[None, :]).to(state[key].dtype).contiguous()
-        scales[f"{name}.row"], scales[f"{name}.column"] = row.float(), column.float()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(scales, str(out_dir / SMOOTHING_FILE))
     return unfolded

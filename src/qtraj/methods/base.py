@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, type[QuantizationMethod]] = {}
 
-QUANTIZATION_FILE = "qtraj_quantization.json"
-
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -84,13 +82,14 @@ def options_with_defaults(schema: dict, options: dict) -> dict:
 class QuantizationMethod:
     """A post-training quantization method, of one of two kinds (`storage`):
 
-    - "fake-quant": `quantize` reads a Hugging Face checkpoint folder and writes a model folder of dequantized
-      weights that `qtraj.evaluation.load_causal_lm` loads, so evaluation needs no engine and every weight-only
-      method is scored by the same code (a `quantize` job per model, its folder `temp()`).
+    - "fake-quant": `quantize` runs the engine on a copy of the full-precision model in memory and returns a
+      plain model of the same class whose quantized layers hold the dequantized weights the engine computed, so
+      every weight-only method is scored by the same engine-free code.
     - "load-time": the engine quantizes while loading (bitsandbytes); `load` returns the quantized model from
-      the full-precision checkpoint inside the evaluation job, so its own kernels are scored and no quantized
-      copy is ever written.
+      the full-precision checkpoint, so its own kernels are scored.
 
+    Either way the quantized model lives only inside the job that evaluates it (`qtraj.quantization
+    .quantize_model`); nothing but the results is written, unless the config asks for the engine's packed model.
     Whatever the engine, the modules it quantizes are `quantized_modules(model)` (every linear but the output
     head), which each engine is told or checked against, and which the per-layer errors compare.
     """
@@ -110,9 +109,9 @@ class QuantizationMethod:
     unsupported_architectures: ClassVar[dict[str, dict[str, str]]] = {}
 
     @property
-    def stores_model(self) -> bool:
-        """Whether the method writes a quantized model folder (a `quantize` job) or quantizes at load time."""
-        return self.storage == "fake-quant"
+    def quantizes_at_load(self) -> bool:
+        """Whether the engine quantizes while loading the checkpoint (`load`) instead of in `quantize`."""
+        return self.storage == "load-time"
 
     def engine_version(self, engine: str) -> str:
         from importlib.metadata import version
@@ -154,14 +153,16 @@ class QuantizationMethod:
         as their plain weight; a load-time method whose layers pack their weights overrides this."""
         return module.weight.detach().float()
 
-    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec,
-                 calibration_blocks: np.ndarray | None) -> None:
-        """Fake-quant methods: write the quantized model folder `out_dir`."""
+    def quantize(self, fp_model: torch.nn.Module, checkpoint_dir: Path, spec: QuantSpec,
+                 calibration_blocks: np.ndarray | None, packed_dir: Path | None = None) -> torch.nn.Module:
+        """Fake-quant methods: the quantized model, in memory, from `fp_model` (loaded from `checkpoint_dir`, left
+        untouched): the same class with the quantized modules' weights replaced by their dequantized values and
+        every other tensor as in the checkpoint. With `packed_dir`, the engine's own packed model is saved there."""
         raise NotImplementedError(f"method {self.name!r} quantizes at load time; it has no quantize step")
 
     def load(self, checkpoint_dir: Path, spec: QuantSpec, device):
         """Load-time methods: the quantized model, loaded from the full-precision `checkpoint_dir`."""
-        raise NotImplementedError(f"method {self.name!r} stores its quantized models; load them from its folder")
+        raise NotImplementedError(f"method {self.name!r} quantizes a model in memory; call `quantize`")
 
 
 STORAGE_STEP = {"fake-quant": "quantize", "load-time": "load"}

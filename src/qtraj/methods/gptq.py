@@ -36,15 +36,14 @@ class GPTQ(QuantizationMethod):
         if "true_sequential" in spec.options and self.engine_of(spec) != "gptqmodel":
             raise ValueError("option true_sequential needs engine: gptqmodel (llm-compressor has no such switch)")
 
-    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibration_blocks) -> None:
+    def quantize(self, fp_model, checkpoint_dir: Path, spec: QuantSpec, calibration_blocks, packed_dir=None):
         if calibration_blocks is None:
             raise ValueError(f"quantization {spec.name!r}: GPTQ needs calibration data")
         options = self.options(spec)
         if self.engine_of(spec) == "gptqmodel":
             from qtraj.methods._gptqmodel import quantize_gptq
 
-            quantize_gptq(self, checkpoint_dir, out_dir, spec, options, calibration_blocks)
-            return
+            return quantize_gptq(self, fp_model, checkpoint_dir, spec, options, calibration_blocks, packed_dir)
         from llmcompressor.modifiers.gptq import GPTQModifier
 
         from qtraj.methods import _llmcompressor as engine
@@ -54,4 +53,5 @@ class GPTQ(QuantizationMethod):
                                 dampening_frac=options["dampening"], block_size=options["block_size"],
                                 actorder=options["actorder"])
 
-        engine.run_oneshot(self, checkpoint_dir, out_dir, spec, recipe, calibration_blocks)
+        return engine.run_oneshot(self, fp_model, checkpoint_dir, spec, recipe, calibration_blocks,
+                                  packed_dir=packed_dir)

@@ -14,7 +14,7 @@ class RoundToNearest(QuantizationMethod):
     needs_calibration = False
     supported_bits = (2, 3, 4, 8)
 
-    def quantize(self, checkpoint_dir: Path, out_dir: Path, spec: QuantSpec, calibration_blocks) -> None:
+    def quantize(self, fp_model, checkpoint_dir: Path, spec: QuantSpec, calibration_blocks, packed_dir=None):
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         from qtraj.methods import _llmcompressor as engine
@@ -22,4 +22,5 @@ class RoundToNearest(QuantizationMethod):
         def recipe(ignore):
             return QuantizationModifier(config_groups=engine.weight_scheme(spec), ignore=ignore)
 
-        engine.run_oneshot(self, checkpoint_dir, out_dir, spec, recipe, calibration_blocks=None)
+        return engine.run_oneshot(self, fp_model, checkpoint_dir, spec, recipe, calibration_blocks=None,
+                                  packed_dir=packed_dir)
