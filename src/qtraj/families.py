@@ -10,8 +10,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtraj.config import REPO_ROOT, ConfigError, _validate, load_schema, read_yaml
 from qtraj.schedules import Schedule, lr_at, phase_at
+from qtraj.schema import REPO_ROOT, ConfigError, load_schema, read_yaml
+from qtraj.schema import validate_against as _validate
 
 FAMILY_SCHEMA_PATH = REPO_ROOT / "config" / "schemas" / "family.schema.yaml"
 

@@ -22,8 +22,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from qtraj.checkpoints import CheckpointInfo, write_checkpoint_info
-from qtraj.config import ConfigError
 from qtraj.families import Revision, revision_lr_and_phase, select_revisions
+from qtraj.schema import ConfigError
 
 # What a checkpoint folder contributes: weights, configs and tokenizer; never code, optimizer state or qtraj's own
 # metadata (which qtraj writes itself, from the config alone).
