@@ -16,6 +16,7 @@ from qtraj.config import (
     is_external,
     is_family,
     is_local,
+    measures_sharpness,
     quant_spec,
     read_yaml,
     run_settings,
@@ -251,16 +252,10 @@ def layer_error_tables():
 
 def sharpness_tables():
     """One sharpness row per checkpoint of the trajectories the config enables it for."""
-    enabled = [
-        run
-        for run in TRAJECTORIES
-        if config["sharpness"][
-            "families" if is_external(config, data_source(config, run)) else "runs"
-        ]
-    ]
     return [
         f"{RESULTS}/evals/sharpness/{run}/{checkpoint}.parquet"
-        for run in enabled
+        for run in TRAJECTORIES
+        if measures_sharpness(config, run)
         for checkpoint in checkpoints_of(config, run)
     ]
 

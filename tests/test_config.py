@@ -16,13 +16,17 @@ def default_config():
 
 def test_default_config_is_valid_and_has_the_issue_grid():
     config = load_config(DEFAULT)
-    assert {run_settings(config, run)["schedule"] for run in config["runs"]} >= {"cosine", "wsd"}
-    assert len({run_settings(config, run)["peak_lr"] for run in config["runs"]}) == 1
-    assert all(len(checkpoints_of(config, run)) >= 4 for run in config["runs"])
-    # the science check: WSD under two seeds, each with a LAWA average at its end
-    wsd_seeds = {run_settings(config, run)["seed"] for run in config["runs"]
-                 if run_settings(config, run)["schedule"] == "wsd"}
-    assert len(wsd_seeds) >= 2 and len(config["averages"]) == len(wsd_seeds)
+    settings = {run: run_settings(config, run) for run in config["runs"]}
+    assert {run["schedule"] for run in settings.values()} == {"constant", "wsd"}
+    assert len({(run["peak_lr"], run["steps"], run["batch_size"]) for run in settings.values()}) == 1  # equal tokens
+    # the science check: WSD at >= 8 checkpoints under three seeds, each with a LAWA average at its end and a
+    # constant-LR control with the same seed that reaches WSD's last step
+    wsd = {run: setting for run, setting in settings.items() if setting["schedule"] == "wsd"}
+    assert all(len(checkpoints_of(config, run)) >= 8 for run in wsd)
+    assert len({setting["seed"] for setting in wsd.values()}) >= 3 and len(config["averages"]) == len(wsd)
+    controls = {setting["seed"]: checkpoints_of(config, run)[-1] for run, setting in settings.items()
+                if setting["schedule"] == "constant"}
+    assert all(controls[setting["seed"]] == checkpoints_of(config, run)[-1] for run, setting in wsd.items())
     grid = {(entry["method"], entry["bits"]) for entry in config["quantizations"].values()}
     assert grid >= {("rtn", 3), ("rtn", 4), ("gptq", 3), ("gptq", 4)}
     assert config["accuracy"]["local_tasks"]
@@ -74,8 +78,8 @@ def test_unknown_top_level_key_and_bad_run_override(default_config):
     broken["trainig"] = {}
     with pytest.raises(ConfigError, match="known keys"):
         validate_config(broken)
-    default_config["runs"]["cosine"]["peak_lr"] = -1
-    with pytest.raises(ConfigError, match="runs.cosine.peak_lr"):
+    default_config["runs"]["constant"]["peak_lr"] = -1
+    with pytest.raises(ConfigError, match="runs.constant.peak_lr"):
         validate_config(default_config)
 
 
@@ -142,3 +146,15 @@ def test_building_the_dag_imports_no_torch_and_no_engine():
             "print(sorted({'torch', 'transformers', 'llmcompressor', 'gptqmodel', 'bitsandbytes'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_sharpness_can_be_limited_to_named_trajectories(default_config):
+    from qtraj.config import measures_sharpness
+
+    default_config["sharpness"]["runs"] = ["wsd", "wsd-lawa"]
+    config = validate_config(default_config)
+    assert [run for run in config["runs"] if measures_sharpness(config, run)] == ["wsd"]
+    assert measures_sharpness(config, "wsd-lawa") and not measures_sharpness(config, "wsd-seed1-lawa")
+    default_config["sharpness"]["runs"] = ["wsd", "nope"]
+    with pytest.raises(ConfigError, match=r"'sharpness.runs': 'nope' is not one of the config's trained runs"):
+        validate_config(default_config)

@@ -59,10 +59,12 @@ def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
     jobs = planned_jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
                                   workdir=tmp_path).stdout)
     rules = [rule for rule, _ in jobs]
-    assert rules.count("train_cosine") == rules.count("train_wsd") == rules.count("train_wsd-seed1") == 1
-    assert rules.count("average_checkpoints") == 2  # LAWA of steps 600 and 800, per WSD seed
-    checkpoints = 3 * 4 + 2
-    assert rules.count("evaluate_fp") == rules.count("sharpness") == checkpoints
+    runs = ("wsd", "wsd-seed1", "wsd-seed2", "constant", "constant-seed1", "constant-seed2")
+    assert [rules.count(f"train_{run}") for run in runs] == [1] * 6
+    assert rules.count("average_checkpoints") == 3  # LAWA of steps 700 and 800, per WSD seed
+    checkpoints = 3 * 8 + 3 * 1 + 3  # WSD at 8 checkpoints, its constant-LR control at its end, LAWA at its end
+    assert rules.count("evaluate_fp") == checkpoints
+    assert rules.count("sharpness") == 8 + 1 + 1  # along the first seed: wsd, constant, wsd-lawa
     # GPTQ and RTN at 3 and 4 bits: quantized and evaluated in one job (loss, layer errors, task accuracy)
     assert rules.count("quantize") == checkpoints * 4 and "evaluate_quantized" not in rules
     assert rules.count("build_task") == 2  # the two local accuracy tasks, built once

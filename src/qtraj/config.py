@@ -6,111 +6,15 @@ allowed — jsonschema's own messages do not say where in the file the problem i
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-
-import jsonschema
-import yaml
 
 from qtraj.checkpoints import checkpoint_name, evenly_spaced_steps
 from qtraj.schedules import Schedule
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "config" / "schemas" / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key and the fix."""
-
-
-def _with_defaults(validator_class):
-    """A validator that also fills in `default:` values (the recipe from jsonschema's FAQ)."""
-    validate_properties = validator_class.VALIDATORS["properties"]
-
-    def set_defaults(validator, properties, instance, schema):
-        if isinstance(instance, dict):
-            for name, subschema in properties.items():
-                if "default" in subschema and name not in instance:
-                    instance[name] = copy.deepcopy(subschema["default"])
-        yield from validate_properties(validator, properties, instance, schema)
-
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
-
-
-DefaultFillingValidator = _with_defaults(jsonschema.Draft202012Validator)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key written twice in one mapping: PyYAML (and so Snakemake) keeps the
-    last silently, so `runs: {wsd: ..., wsd: ...}` would drop a run without a word."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(f"key {key!r} is written twice in one mapping (lines {seen[key] + 1} and "
-                                  f"{key_node.start_mark.line + 1}); keep one")
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: str | Path) -> object:
-    """A YAML file read strictly: duplicate keys refused and syntax errors reported with their line, both naming
-    the file."""
-    try:
-        return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
-    except OSError as error:
-        raise ConfigError(f"{path} cannot be read: {error.strerror or error}") from None
-
-
-def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
-    return yaml.safe_load(Path(path).read_text())
-
-
-def _key_path(parts) -> str:
-    return ".".join(str(part) for part in parts) or "(top level)"
-
-
-def _describe(error: jsonschema.ValidationError) -> str:
-    where = _key_path(error.absolute_path)
-    if error.validator == "enum":
-        allowed = ", ".join(repr(value) for value in error.validator_value)
-        return f"config key '{where}': {error.instance!r} is not allowed; allowed values: {allowed}"
-    if error.validator == "additionalProperties":
-        known = ", ".join(sorted(error.schema.get("properties", {})))
-        return f"config key '{where}': {error.message}; known keys: {known}"
-    if error.validator == "propertyNames" or error.validator == "pattern":
-        return f"config key '{where}': {error.message} (names are lower-case slugs: letters, digits, . _ -)"
-    if error.validator == "type" and isinstance(error.instance, str) and _looks_numeric(error.instance):
-        return (f"config key '{where}': {error.message} (YAML reads {error.instance} as text: write the exponent "
-                "with a sign and the mantissa with a dot, e.g. 6.0e+9, or the plain number)")
-    return f"config key '{where}': {error.message}"
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _validate(instance: dict, schema: dict, prefix: tuple = ()) -> None:
-    validator = DefaultFillingValidator(schema)
-    errors = sorted(validator.iter_errors(instance), key=lambda error: list(error.absolute_path))
-    if errors:
-        for error in errors:
-            error.path.extendleft(reversed(prefix))
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(error) for error in errors))
-
+# the validation basics live in qtraj.schema, which family and local-trajectory files use too (no import cycle);
+# ConfigError and read_yaml are re-exported: they are part of this module's API
+from qtraj.schema import REPO_ROOT, SCHEMA_PATH, ConfigError, load_schema, read_yaml  # noqa: F401
+from qtraj.schema import validate_against as _validate
 
 # The summary figures (qtraj.plotting.SUMMARY_FIGURES draws them) sit beside the per-trajectory ones in
 # results/figures/, so no trajectory may take their names.
@@ -145,6 +49,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
                               f"{settings['steps']} steps (run {run!r}); save at most one per step")
     _check_group_sizes(config, discover())
     _check_cooldowns(config)
+    _check_sharpness(config)
     methods = discover()
     for name, entry in config["quantizations"].items():
         where = f"quantizations.{name}"
@@ -237,6 +142,22 @@ def _check_local(config: dict) -> None:
             raise ConfigError(f"config key 'local.{name}': '{name}' is also a run or family; results are keyed by "
                               "that name, so rename one of them")
         selected_checkpoints(config, name)  # finds the folders, resolves the selector
+
+
+def _check_sharpness(config: dict) -> None:
+    """Trajectories named under `sharpness.runs` / `sharpness.families` must exist and be of that kind."""
+    for key, external in (("runs", False), ("families", True)):
+        names = config["sharpness"][key]
+        for name in names if isinstance(names, list) else ():
+            if name not in trajectories(config) or is_external(config, data_source(config, name)) != external:
+                kind = "hub families or local trajectories" if external else "trained runs, cooldowns or averages"
+                raise ConfigError(f"config key 'sharpness.{key}': {name!r} is not one of the config's {kind}")
+
+
+def measures_sharpness(config: dict, run: str) -> bool:
+    """Whether trajectory `run` gets a sharpness job per checkpoint (`sharpness.runs` / `sharpness.families`)."""
+    setting = config["sharpness"]["families" if is_external(config, data_source(config, run)) else "runs"]
+    return run in setting if isinstance(setting, list) else setting
 
 
 def _check_cooldowns(config: dict) -> None:
