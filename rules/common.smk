@@ -28,6 +28,7 @@ from qtraj.checkpoints import checkpoint_name
 from qtraj.families import checkpoint_source, configured_family, selected_revisions
 from qtraj.local import local_revision_of, parameter_count as local_parameter_count, selected_checkpoints
 from qtraj.resources import job_resources, llama_parameters
+from qtraj.results import TABLES, dataset_file, per_job_file
 
 # Snakemake reads --configfile itself and keeps the last of duplicate keys; read each again, strictly.
 for configfile_path in workflow.configfiles:
@@ -209,22 +210,34 @@ def cooldown_parent(wildcards):
     return f"{RESULTS}/checkpoints/{run}/{checkpoint_name(step)}"
 
 
-def fp_evals():
-    return [
-        f"{RESULTS}/evals/fp/{run}/{checkpoint}.parquet"
-        for run in TRAJECTORIES
-        for checkpoint in checkpoints_of(config, run)
-    ]
+def result_file(table, index=0):
+    """A rule's output: the `index`-th per-job file pattern of result table `table` (qtraj.results.TABLES)."""
+    return f"{RESULTS}/{per_job_file(table, index)}"
 
 
-def per_quantized_model(template):
-    """`template` filled in for every (run, checkpoint, quantization) of the config."""
-    return [
-        template.format(run=run, checkpoint=checkpoint, quantization=quantization)
-        for run in TRAJECTORIES
-        for checkpoint in checkpoints_of(config, run)
-        for quantization in QUANTIZATIONS
+def per_job_files(table):
+    """Every per-job file of result table `table` this config makes: the aggregate's inputs and, all together, the
+    workflow's durable targets. A pattern with {quantization} has one file per quantized model, one with only
+    {checkpoint} one per checkpoint (sharpness: of the trajectories it is enabled for)."""
+    if table == "training_log":
+        return [f"{RESULTS}/{per_job_file(table, 0).format(run=run)}" for run in RUNS] + [
+            f"{RESULTS}/{per_job_file(table, 1).format(run=name, checkpoint=checkpoint)}"
+            for name in config["cooldowns"]
+            for checkpoint in cooldown_branches(config, name)
+        ]
+    runs = [
+        run for run in TRAJECTORIES if table != "sharpness" or measures_sharpness(config, run)
     ]
+    files = []
+    for pattern in TABLES[table].per_job:
+        quantizations = QUANTIZATIONS if "{quantization}" in pattern else [None]
+        files += [
+            f"{RESULTS}/{pattern.format(run=run, checkpoint=checkpoint, quantization=quantization)}"
+            for run in runs
+            for checkpoint in checkpoints_of(config, run)
+            for quantization in quantizations
+        ]
+    return files
 
 
 def packed_model_output():
@@ -238,65 +251,14 @@ def packed_model_output():
     }
 
 
-def quantized_evals():
-    return per_quantized_model(
-        f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet"
-    )
-
-
-def layer_error_tables():
-    return per_quantized_model(
-        f"{RESULTS}/evals/layers/{{run}}/{{checkpoint}}/{{quantization}}.parquet"
-    )
-
-
-def sharpness_tables():
-    """One sharpness row per checkpoint of the trajectories the config enables it for."""
-    return [
-        f"{RESULTS}/evals/sharpness/{run}/{checkpoint}.parquet"
-        for run in TRAJECTORIES
-        if measures_sharpness(config, run)
-        for checkpoint in checkpoints_of(config, run)
-    ]
-
-
-def training_logs():
-    return [f"{RESULTS}/training/{run}.parquet" for run in RUNS] + [
-        f"{RESULTS}/training/{name}/{checkpoint}.parquet"
-        for name in config["cooldowns"]
-        for checkpoint in cooldown_branches(config, name)
-    ]
-
-
-def accuracy_tables():
-    """One accuracy file per evaluated model: each checkpoint's fp model and each quantized model."""
-    return [
-        f"{RESULTS}/evals/accuracy/fp/{run}/{checkpoint}.parquet"
-        for run in TRAJECTORIES
-        for checkpoint in checkpoints_of(config, run)
-    ] + per_quantized_model(
-        f"{RESULTS}/evals/accuracy/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet"
-    )
-
-
 def dataset_tables():
-    return [
-        f"{RESULTS}/dataset/{table}.parquet"
-        for table in (
-            "results",
-            "fp_evals",
-            "training_log",
-            "layer_errors",
-            "sharpness",
-            "accuracy",
-        )
-    ]
+    return [f"{RESULTS}/{dataset_file(table)}" for table in TABLES]
 
 
 def summary_figures():
     """The summary figures this config has data for (qtraj.plotting.SUMMARY_FIGURES)."""
     names = ["loss", "lr"]
-    if sharpness_tables():
+    if per_job_files("sharpness"):
         names.append("sharpness")
     if config["averages"]:
         names.append("averaging")
@@ -312,14 +274,7 @@ def per_job_results():
     """Every per-job Parquet file of the config: the durable record. Named as targets so that a missing one is
     rebuilt whatever Snakemake's metadata says (a copied results directory, a lost .snakemake/, a deleted file);
     otherwise a dataset newer than its inputs would hide the gap."""
-    return (
-        fp_evals()
-        + quantized_evals()
-        + layer_error_tables()
-        + accuracy_tables()
-        + sharpness_tables()
-        + training_logs()
-    )
+    return [path for table in TABLES for path in per_job_files(table)]
 
 
 def check_results_readable():

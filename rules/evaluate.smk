@@ -5,8 +5,8 @@ rule evaluate_fp:
         tasks=lambda wildcards: task_files(wildcards).values(),
         lm_eval_tasks=lm_eval_marker,
     output:
-        result=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
-        accuracy=f"{RESULTS}/evals/accuracy/fp/{{run}}/{{checkpoint}}.parquet",
+        result=result_file("fp_evals"),
+        accuracy=result_file("accuracy", 0),
     log:
         f"{LOGS}/evaluate_fp/{{run}}/{{checkpoint}}.log",
     benchmark:
@@ -33,7 +33,7 @@ rule sharpness:
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
         validation=tokens_file("validation"),
     output:
-        f"{RESULTS}/evals/sharpness/{{run}}/{{checkpoint}}.parquet",
+        result_file("sharpness"),
     log:
         f"{LOGS}/sharpness/{{run}}/{{checkpoint}}.log",
     benchmark:

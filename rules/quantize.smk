@@ -3,15 +3,15 @@
 rule quantize:
     input:
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
-        fp_eval=f"{RESULTS}/evals/fp/{{run}}/{{checkpoint}}.parquet",
+        fp_eval=result_file("fp_evals"),
         validation=tokens_file("validation"),
         calibration=tokens_file("calibration"),
         tasks=lambda wildcards: task_files(wildcards).values(),
         lm_eval_tasks=lm_eval_marker,
     output:
-        result=f"{RESULTS}/evals/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
-        layer_errors=f"{RESULTS}/evals/layers/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
-        accuracy=f"{RESULTS}/evals/accuracy/quantized/{{run}}/{{checkpoint}}/{{quantization}}.parquet",
+        result=result_file("results"),
+        layer_errors=result_file("layer_errors"),
+        accuracy=result_file("accuracy", 1),
         **packed_model_output(),
     log:
         f"{LOGS}/quantize/{{run}}/{{checkpoint}}/{{quantization}}.log",

@@ -1,11 +1,6 @@
 rule aggregate:
     input:
-        results=quantized_evals(),
-        fp_evals=fp_evals(),
-        training_log=training_logs(),
-        layer_errors=layer_error_tables(),
-        sharpness=sharpness_tables(),
-        accuracy=accuracy_tables(),
+        **{table: per_job_files(table) for table in TABLES},
     output:
         dataset_tables(),
     log:
@@ -15,6 +10,7 @@ rule aggregate:
         "../envs/qtraj.yaml"
     params:
         dataset_dir=lambda wildcards, output: os.path.dirname(output[0]),
+        tables=list(TABLES),
     script:
         "../scripts/aggregate.py"
 

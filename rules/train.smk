@@ -10,7 +10,7 @@ for _run in RUNS:
             tokenizer=f"{RESULTS}/data/tokenizer",
         output:
             checkpoints=[directory(path) for path in checkpoint_dirs(_run).values()],
-            training_log=f"{RESULTS}/training/{_run}.parquet",
+            training_log=result_file("training_log", 0).format(run=_run),
         log:
             f"{LOGS}/train/{_run}.log",
         benchmark:
@@ -40,7 +40,7 @@ rule cooldown:
         tokens=f"{RESULTS}/data/tokens/train.npy",
     output:
         checkpoint=directory(f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}"),
-        training_log=f"{RESULTS}/training/{{run}}/{{checkpoint}}.parquet",
+        training_log=result_file("training_log", 1),
     log:
         f"{LOGS}/cooldown/{{run}}/{{checkpoint}}.log",
     benchmark:

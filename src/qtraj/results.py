@@ -9,6 +9,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -137,8 +138,53 @@ ACCURACY_SCHEMA = pa.schema([
     *PROVENANCE_FIELDS,
 ])
 
-TABLES = {"results": QUANTIZED_EVAL_SCHEMA, "fp_evals": FP_EVAL_SCHEMA, "training_log": TRAINING_LOG_SCHEMA,
-          "layer_errors": LAYER_ERROR_SCHEMA, "sharpness": SHARPNESS_SCHEMA, "accuracy": ACCURACY_SCHEMA}
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table of the results dataset: the one place its schema, grain, row order and files are declared.
+
+    `per_job` are the files the workflow's jobs write, relative to the results directory, with `{run}`,
+    `{checkpoint}` and `{quantization}` to fill (the rules' outputs and the aggregate's inputs use them);
+    `finite` the columns that must hold finite numbers (a NaN is a broken job, refused when aggregating)."""
+
+    schema: pa.Schema
+    grain: str
+    sort_keys: tuple[str, ...]
+    per_job: tuple[str, ...]
+    finite: tuple[str, ...] = ()
+
+
+TABLES: dict[str, Table] = {
+    "results": Table(QUANTIZED_EVAL_SCHEMA, "one row per (run, checkpoint, quantization)",
+                     ("run", "step", "quantization"), ("evals/quantized/{run}/{checkpoint}/{quantization}.parquet",),
+                     ("loss_fp", "loss_q", "delta_q_loss")),
+    "fp_evals": Table(FP_EVAL_SCHEMA, "one row per checkpoint: full-precision validation loss", ("run", "step"),
+                      ("evals/fp/{run}/{checkpoint}.parquet",)),
+    "training_log": Table(TRAINING_LOG_SCHEMA, "trained runs and cooldowns: LR and training loss over steps",
+                          ("run", "step"), ("training/{run}.parquet", "training/{run}/{checkpoint}.parquet")),
+    "layer_errors": Table(LAYER_ERROR_SCHEMA, "one row per (run, checkpoint, quantization, linear layer)",
+                          ("run", "step", "quantization", "layer"),
+                          ("evals/layers/{run}/{checkpoint}/{quantization}.parquet",), ("weight_error", "recon_error")),
+    "sharpness": Table(SHARPNESS_SCHEMA, "one row per checkpoint: top Hessian eigenvalue of the validation loss",
+                       ("run", "step"), ("evals/sharpness/{run}/{checkpoint}.parquet",), ("top_eigenvalue",)),
+    "accuracy": Table(ACCURACY_SCHEMA, "one row per (model, task, metric, filter); quantization null = fp",
+                      ("run", "step", "quantization", "task", "metric"),
+                      ("evals/accuracy/fp/{run}/{checkpoint}.parquet",
+                       "evals/accuracy/quantized/{run}/{checkpoint}/{quantization}.parquet")),
+}
+
+
+def dataset_file(name: str) -> str:
+    """Table `name`'s file in the results dataset, relative to the results directory."""
+    if name not in TABLES:
+        raise KeyError(f"no result table {name!r}; tables: {', '.join(TABLES)}")
+    return f"dataset/{name}.parquet"
+
+
+def per_job_file(name: str, index: int = 0) -> str:
+    """The `index`-th per-job file pattern of table `name` (e.g. the quantize job's results file)."""
+    return TABLES[name].per_job[index]
 
 
 def delta_q_loss(loss_q: float, loss_fp: float) -> float:
@@ -240,21 +286,14 @@ def check_finite(table: pa.Table, columns: Iterable[str]) -> None:
 
 
 def aggregate(inputs: dict[str, list[str]], output_dir: str | Path) -> dict[str, int]:
-    """Build the results dataset: one sorted Parquet file per table under `output_dir`."""
+    """Build the results dataset under `output_dir` (the results directory's `dataset/`): one sorted Parquet file
+    per table (`inputs`: table -> its per-job files)."""
     counts = {}
-    sort_keys = {"results": ["run", "step", "quantization"], "fp_evals": ["run", "step"],
-                 "training_log": ["run", "step"], "layer_errors": ["run", "step", "quantization", "layer"],
-                 "sharpness": ["run", "step"], "accuracy": ["run", "step", "quantization", "task", "metric"]}
     for name, paths in inputs.items():
-        schema = TABLES[name]
-        table = read_tables(sorted(paths), schema)
-        if name == "results":
-            check_finite(table, ["loss_fp", "loss_q", "delta_q_loss"])
-        if name == "layer_errors":
-            check_finite(table, ["weight_error", "recon_error"])
-        if name == "sharpness":
-            check_finite(table, ["top_eigenvalue"])
-        table = table.sort_by([(key, "ascending") for key in sort_keys[name]])
-        write_parquet_atomically(table, Path(output_dir) / f"{name}.parquet")
+        spec = TABLES[name]
+        table = read_tables(sorted(paths), spec.schema)
+        check_finite(table, spec.finite)
+        table = table.sort_by([(key, "ascending") for key in spec.sort_keys])
+        write_parquet_atomically(table, Path(output_dir) / Path(dataset_file(name)).name)
         counts[name] = table.num_rows
     return counts
