@@ -20,6 +20,7 @@ from qtraj.config import (
     quant_spec,
     read_yaml,
     run_settings,
+    summary_figures,
     trajectories,
     validate_config,
     validation_text,
@@ -255,21 +256,6 @@ def dataset_tables():
     return [f"{RESULTS}/{dataset_file(table)}" for table in TABLES]
 
 
-def summary_figures():
-    """The summary figures this config has data for (qtraj.plotting.SUMMARY_FIGURES)."""
-    names = ["loss", "lr"]
-    if per_job_files("sharpness"):
-        names.append("sharpness")
-    if config["averages"]:
-        names.append("averaging")
-    if any(
-        settings["local_tasks"] or settings["lm_eval_tasks"]
-        for settings in (data_settings(config, run)["accuracy"] for run in TRAJECTORIES)
-    ):
-        names.append("accuracy")
-    return names
-
-
 def per_job_results():
     """Every per-job Parquet file of the config: the durable record. Named as targets so that a missing one is
     rebuilt whatever Snakemake's metadata says (a copied results directory, a lost .snakemake/, a deleted file);
@@ -303,5 +289,5 @@ def check_results_readable():
 def all_targets():
     check_results_readable()
     figures = [f"{RESULTS}/figures/{run}.png" for run in TRAJECTORIES]
-    figures += [f"{RESULTS}/figures/{name}.png" for name in summary_figures()]
+    figures += [f"{RESULTS}/figures/{name}.png" for name in summary_figures(config)]
     return per_job_results() + dataset_tables() + figures

@@ -37,7 +37,7 @@ rule plot_trajectory:
 
 
 # One rule per summary figure of the whole dataset (qtraj.plotting.SUMMARY_FIGURES), each with its caption.
-for _figure in summary_figures():
+for _figure in summary_figures(config):
 
     rule:
         name:

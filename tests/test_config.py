@@ -158,3 +158,15 @@ def test_sharpness_can_be_limited_to_named_trajectories(default_config):
     default_config["sharpness"]["runs"] = ["wsd", "nope"]
     with pytest.raises(ConfigError, match=r"'sharpness.runs': 'nope' is not one of the config's trained runs"):
         validate_config(default_config)
+
+
+def test_every_summary_figure_the_config_lists_is_drawn_and_no_other(default_config):
+    from qtraj.config import SUMMARY_FIGURE_NAMES, summary_figures
+    from qtraj.plotting import SUMMARY_FIGURES
+
+    assert tuple(SUMMARY_FIGURES) == SUMMARY_FIGURE_NAMES
+    config = validate_config(default_config)
+    assert summary_figures(config) == ["loss", "lr", "sharpness", "averaging", "accuracy"]
+    plain = yaml.safe_load(DEFAULT.read_text())
+    plain["averages"], plain["sharpness"]["runs"] = {}, False
+    assert summary_figures(validate_config(plain)) == ["loss", "lr", "accuracy"]

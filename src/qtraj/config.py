@@ -16,9 +16,23 @@ from qtraj.schedules import Schedule
 from qtraj.schema import REPO_ROOT, SCHEMA_PATH, ConfigError, load_schema, read_yaml  # noqa: F401
 from qtraj.schema import validate_against as _validate
 
-# The summary figures (qtraj.plotting.SUMMARY_FIGURES draws them) sit beside the per-trajectory ones in
-# results/figures/, so no trajectory may take their names.
-SUMMARY_FIGURE_NAMES = ("loss", "lr", "sharpness", "averaging", "accuracy")
+# The summary figures and what a config needs to have data for each: the one list (qtraj.plotting.SUMMARY_FIGURES
+# draws them under the same names). They sit beside the per-trajectory figures in results/figures/, so no
+# trajectory may take their names.
+SUMMARY_FIGURE_NEEDS = {
+    "loss": lambda config: True,
+    "lr": lambda config: True,
+    "sharpness": lambda config: any(measures_sharpness(config, run) for run in trajectories(config)),
+    "averaging": lambda config: bool(config["averages"]),
+    "accuracy": lambda config: any(settings["local_tasks"] or settings["lm_eval_tasks"] for settings in
+                                   (data_settings(config, run)["accuracy"] for run in trajectories(config))),
+}
+SUMMARY_FIGURE_NAMES = tuple(SUMMARY_FIGURE_NEEDS)
+
+
+def summary_figures(config: dict) -> list[str]:
+    """The summary figures a (validated) config has data for."""
+    return [name for name, needs in SUMMARY_FIGURE_NEEDS.items() if needs(config)]
 
 
 def validate_config(config: dict, schema: dict | None = None) -> dict:

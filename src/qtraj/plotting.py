@@ -261,8 +261,7 @@ def plot_accuracy(results_dir: str | Path, out_file: str | Path) -> None:
     _save(figure, out_file)
 
 
-# name (qtraj.config.SUMMARY_FIGURE_NAMES) -> function: the summary figures of the whole dataset
-# (results/figures/<name>.png), besides one
-# trajectory figure per run
+# name (qtraj.config.SUMMARY_FIGURE_NEEDS: the list, and when a config has data for each) -> function drawing
+# results/figures/<name>.png from the whole dataset, besides one trajectory figure per run
 SUMMARY_FIGURES = {"loss": plot_loss, "lr": plot_lr, "sharpness": plot_sharpness, "averaging": plot_averaging,
                    "accuracy": plot_accuracy}
