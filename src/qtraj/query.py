@@ -10,15 +10,10 @@ from pathlib import Path
 
 import duckdb
 
-# view name -> file of the results dataset (written by the workflow's aggregate step)
-DATASET_FILES = {
-    "results": "results.parquet",  # one row per (run, checkpoint, quantization)
-    "fp_evals": "fp_evals.parquet",  # one row per checkpoint: full-precision validation loss
-    "training_log": "training_log.parquet",  # trained runs: LR and training loss over steps
-    "layer_errors": "layer_errors.parquet",  # one row per (run, checkpoint, quantization, linear layer)
-    "sharpness": "sharpness.parquet",  # one row per checkpoint: top Hessian eigenvalue of the validation loss
-    "accuracy": "accuracy.parquet",  # one row per (model, task, metric, filter); quantization null = fp
-}
+from qtraj.results import TABLES, dataset_file
+
+# view name -> file of the results dataset (qtraj.results.TABLES: what each holds; the aggregate step writes them)
+DATASET_FILES = {name: Path(dataset_file(name)).name for name in TABLES}
 
 # Canned views: the paper's questions as SQL over the tables above. Name -> (tables it needs, SELECT). A view is
 # created only when its tables are in the dataset; README.md ("Canned views") shows example queries.
@@ -59,6 +54,32 @@ CANNED_VIEWS = {
                after.delta_q_loss / before.delta_q_loss AS delta_q_loss_ratio
         FROM ranked AS before JOIN ranked AS after USING (run, quantization)
         WHERE before.newest = 1 AND before.phase <> 'decay' AND after.newest = 1 AND after.phase = 'decay'"""),
+    # the LR decay against the constant-LR control at equal tokens: each trained run with a decay phase against
+    # every constant-schedule run of the same seed, peak_lr and weight_decay, at each step (and token count) both
+    # have a checkpoint; at_end marks the decayed run's last checkpoint. The paper: there the decayed run has the
+    # lower fp loss (loss_fp_difference < 0) and the higher ΔQ L (delta_q_loss_difference > 0)
+    "control_effect": (("results", "training_log"), """
+        WITH decayed AS (
+            SELECT run, schedule, peak_lr, weight_decay, seed FROM runs
+            WHERE schedule <> 'constant'
+              AND run IN (SELECT run FROM results WHERE phase = 'decay' AND source = 'trained')),
+        constant AS (SELECT run, peak_lr, weight_decay, seed FROM runs WHERE schedule = 'constant'),
+        trained AS (
+            SELECT *, step = max(step) OVER (PARTITION BY run, quantization) AS at_end
+            FROM results WHERE source = 'trained' AND step IS NOT NULL)
+        SELECT d.run AS decayed_run, c.run AS constant_run, d.schedule, d.seed, d.peak_lr, d.weight_decay,
+               dr.quantization, dr.method, dr.bits, dr.step, dr.tokens, dr.phase, dr.at_end,
+               dr.checkpoint AS checkpoint_decayed, cr.checkpoint AS checkpoint_constant,
+               dr.loss_fp AS loss_fp_decayed, cr.loss_fp AS loss_fp_constant,
+               dr.loss_fp - cr.loss_fp AS loss_fp_difference,
+               dr.delta_q_loss AS delta_q_loss_decayed, cr.delta_q_loss AS delta_q_loss_constant,
+               dr.delta_q_loss - cr.delta_q_loss AS delta_q_loss_difference
+        FROM decayed AS d
+        JOIN constant AS c ON c.seed = d.seed AND c.peak_lr = d.peak_lr
+         AND c.weight_decay IS NOT DISTINCT FROM d.weight_decay
+        JOIN trained AS dr ON dr.run = d.run
+        JOIN trained AS cr ON cr.run = c.run AND cr.quantization = dr.quantization
+         AND cr.step = dr.step AND cr.tokens IS NOT DISTINCT FROM dr.tokens"""),
     # weight averaging: every averaged checkpoint against the newest checkpoint it averages (a soup: its last
     # ingredient), same quantization; the paper: averaging lowers ΔQ L (delta_q_loss_change < 0)
     "averaging_effect": (("results",), """

@@ -1,54 +1,219 @@
-"""The paper's two central effects, measured on a results dataset across seeds (`qtraj science-check`).
+"""The paper's central effects, measured on a results dataset across seeds (`qtraj science-check`).
 
-1. LR decay: between the last checkpoint before the decay and the end of it, the fp validation loss falls while
-   ΔQ L rises. The change over the stable stretch just before (same kind of checkpoint spacing, constant LR) is
-   the control: training progress alone.
-2. Weight averaging: LAWA lowers ΔQ L relative to the newest checkpoint it averages (at each run's end).
+Per quantization and setting (a run's schedule, peak LR and weight decay: only seeds are pooled), four comparisons,
+each as its mean over seeds with a 95% Student-t confidence interval:
 
-Everything is read through the canned views, so the numbers are the ones `qtraj query` shows.
+1. control: a decayed run at its last checkpoint against the constant-LR run of the same seed, peak LR and weight
+   decay at the same step, so after the same tokens (view `control_effect`). The paper: the decay lowers the fp
+   loss and raises ΔQ L beyond what training at a constant LR does.
+2. stable: ΔQ L's change over the decayed run's stable phase (its first stable checkpoint → its last one before
+   the decay): training progress alone at a constant LR, shown to compare the decay's effect with (no expected
+   direction).
+3. decay: the last checkpoint before the decay → the end of the decay, within each run (view `decay_effect`).
+4. lawa: a LAWA average against the newest checkpoint it averages, at the average's last step
+   (view `averaging_effect`). The paper: averaging lowers ΔQ L.
+
+An effect is "supported" when its CI excludes zero in the paper's direction, "opposite" when it excludes zero the
+other way, and "not resolved" otherwise, also when a single seed gives no CI. ΔQ L is shown in %, its differences
+in percentage points (pp), the fp loss and its differences in nats. Everything is read through the canned views, so
+the numbers are the ones `qtraj query` shows.
 """
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
+from statistics import fmean, stdev
 
 from qtraj.query import connect
 
-DECAY_SQL = """
-    SELECT e.run, e.quantization, e.bits, e.checkpoint_before, e.checkpoint_after, e.loss_fp_change,
-           e.delta_q_loss_before, e.delta_q_loss_after, e.delta_q_loss_change,
-           e.delta_q_loss_before - previous.delta_q_loss AS stable_change,
-           printf('%s lr=%g wd=%g', trained.schedule, trained.peak_lr, trained.weight_decay) AS setting
-    FROM decay_effect e JOIN runs trained ON trained.run = e.run
-    JOIN results now ON now.run = e.run AND now.checkpoint = e.checkpoint_before
-         AND now.quantization = e.quantization
-    LEFT JOIN results previous ON previous.run = e.run AND previous.quantization = e.quantization
-         AND previous.step = (SELECT max(step) FROM results p WHERE p.run = e.run AND p.quantization = e.quantization
-                              AND p.step < now.step)
-    ORDER BY e.quantization, e.run"""
+DELTA_Q_LOSS, LOSS_FP = "ΔQ L", "fp loss"
+FP = "fp"  # the quantization column of fp-loss effects: one fp model, whatever it is quantized with
+SUPPORTED, NOT_RESOLVED, OPPOSITE, RISES, FALLS = "supported", "not resolved", "opposite", "rises", "falls"
 
-AVERAGING_SQL = """
-    SELECT average, a.run, quantization, bits, checkpoint, loss_fp_change, delta_q_loss_parent, delta_q_loss_average,
-           delta_q_loss_change,
-           coalesce(printf('%s lr=%g wd=%g', trained.schedule, trained.peak_lr, trained.weight_decay), a.run) AS setting
-    FROM averaging_effect a LEFT JOIN runs trained ON trained.run = a.run
-    WHERE step = (SELECT max(step) FROM averaging_effect b WHERE b.average = a.average)
-    ORDER BY quantization, average"""
+# the 97.5% quantile of Student's t by degrees of freedom, for when scipy is not importable (it is installed with
+# scikit-learn, which lm-eval needs); beyond the table, the Cornish-Fisher expansion (error < 1e-5 from 30 on)
+T_975 = (12.706204736174705, 4.302652729749464, 3.182446305284263, 2.7764451051977987, 2.570581835636314,
+         2.4469118511449692, 2.3646242515927844, 2.306004135204166, 2.2621571628540993, 2.2281388519649385,
+         2.200985160082949, 2.1788128296634177, 2.1603686564610127, 2.1447866879169273, 2.131449545559323,
+         2.1199052992210112, 2.1098155778331806, 2.10092204024096, 2.093024054408263, 2.0859634472658364,
+         2.0796138447276626, 2.0738730679040147, 2.0686576104190406, 2.0638985616280205, 2.059538552753294,
+         2.055529438642871, 2.0518305164802833, 2.048407141795244, 2.045229642132703, 2.0422724563012373)
+
+
+def t_critical(degrees_of_freedom: int) -> float:
+    """The two-sided 95% critical value of Student's t: the 97.5% quantile."""
+    try:
+        from scipy.stats import t
+    except ImportError:
+        if degrees_of_freedom <= len(T_975):
+            return T_975[degrees_of_freedom - 1]
+        z, nu = 1.959963984540054, degrees_of_freedom
+        return (z + (z**3 + z) / (4 * nu) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * nu**2)
+                + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * nu**3))
+    return float(t.ppf(0.975, degrees_of_freedom))
+
+
+def verdict(mean: float, half_width: float | None, expected: int) -> str:
+    """Whether the CI excludes zero, read against the paper's direction (+1 rises, -1 falls, 0 none expected)."""
+    if half_width is None or abs(mean) <= half_width:
+        return NOT_RESOLVED
+    if expected == 0:
+        return RISES if mean > 0 else FALLS
+    return SUPPORTED if (mean > 0) == (expected > 0) else OPPOSITE
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One seed's comparison, in the effect's unit: `compared` (at compared_step) against `baseline`."""
+
+    run: str  # the decayed run, or the average
+    seed: int | None  # None where the dataset has no training log (hub families)
+    baseline_run: str  # the constant-LR run, the run itself, or the run the average is of
+    baseline_step: int | None
+    compared_step: int | None
+    baseline: float
+    compared: float
+
+    @property
+    def difference(self) -> float:
+        return self.compared - self.baseline
 
 
 @dataclass(frozen=True)
 class Effect:
-    name: str
-    quantization: str
-    setting: str  # the runs' settings apart from the seed: effects are pooled over seeds only
-    values: list[float]  # the effect per seed (run or average)
-    holds: bool  # every seed shows it
+    section: str  # control / stable / decay / lawa
+    quantity: str  # ΔQ L (in %, differences in pp) or fp loss (in nats)
+    quantization: str  # "fp" for the fp loss: the same model whatever the quantization
+    setting: str  # the runs' settings apart from the seed ("wsd lr=0.003 wd=0.1"), or the run without a log
+    expected: int  # the paper's direction of the difference: +1, -1, or 0 where none is expected
+    observations: tuple[Observation, ...]  # one per seed, ordered by seed
 
-    def summary(self) -> str:
-        centre, half_range = mean(self.values), (max(self.values) - min(self.values)) / 2
-        return f"{centre:+.4f} ± {half_range:.4f} (n={len(self.values)})"
+    @property
+    def n(self) -> int:
+        return len(self.observations)
+
+    @property
+    def differences(self) -> list[float]:
+        return [observation.difference for observation in self.observations]
+
+    @property
+    def mean(self) -> float:
+        return fmean(self.differences)
+
+    @property
+    def half_width(self) -> float | None:
+        """Half the 95% CI of the mean (Student t, n - 1 degrees of freedom); None with one seed."""
+        if self.n < 2:
+            return None
+        return t_critical(self.n - 1) * stdev(self.differences) / math.sqrt(self.n)
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.mean, self.half_width, self.expected)
+
+    @property
+    def baseline_mean(self) -> float:
+        return fmean(observation.baseline for observation in self.observations)
+
+    @property
+    def compared_mean(self) -> float:
+        return fmean(observation.compared for observation in self.observations)
+
+    @property
+    def unit(self) -> str:
+        return "%" if self.quantity == DELTA_Q_LOSS else "nats"
+
+    @property
+    def difference_unit(self) -> str:
+        return "pp" if self.quantity == DELTA_Q_LOSS else "nats"
+
+    @property
+    def steps(self) -> str:
+        """The steps compared, "600→800" (or one step for comparisons at equal tokens); "various" if seeds differ."""
+        spans = {(o.baseline_step, o.compared_step) for o in self.observations}
+        if len(spans) > 1:
+            return "various"
+        ((baseline, compared),) = spans
+        return f"{compared}" if baseline == compared else f"{baseline}→{compared}"
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str  # control / stable / decay / lawa
+    title: str
+    effects: tuple[Effect, ...]
+    missing: tuple[str, ...]  # what is not in the section and why (a run, or the whole section)
+
+
+@dataclass(frozen=True)
+class ScienceCheck:
+    sections: tuple[Section, ...]
+
+    def section(self, key: str) -> Section:
+        return next(section for section in self.sections if section.key == key)
+
+    @property
+    def effects(self) -> list[Effect]:
+        return [effect for section in self.sections for effect in section.effects]
+
+    @property
+    def checked(self) -> bool:
+        """Whether any effect could be computed."""
+        return bool(self.effects)
+
+    @property
+    def unsupported(self) -> list[Effect]:
+        """The effects with an expected direction that the data do not support (what `--strict` fails on)."""
+        return [effect for effect in self.effects if effect.expected and effect.verdict != SUPPORTED]
+
+
+TITLES = {
+    "control": "1. LR decay beyond a constant LR, at equal tokens (view control_effect): the constant-LR run of the "
+               "same seed,\n   peak LR and weight decay → the decayed run, at the decayed run's last step. Paper: fp "
+               "loss lower, ΔQ L higher.",
+    "stable": "2. Stable-phase trend, for comparison (no expected direction; not counted by --strict): the decayed "
+              "run's first\n   stable checkpoint → its last before the decay.",
+    "decay": "3. LR decay within the run (view decay_effect): its last checkpoint before the decay → the end of the "
+             "decay.\n   Paper: fp loss lower, ΔQ L higher.",
+    "lawa": "4. LAWA (view averaging_effect): the newest checkpoint an average takes in → the average, at the "
+            "average's last\n   step. Paper: ΔQ L lower.",
+}
+LEGEND = ("Mean over seeds ± 95% CI (Student t, n − 1 df). ΔQ L = L_q / L_fp − 1 in %, its differences in "
+          "percentage\npoints (pp); fp loss in nats. supported / opposite: the CI excludes 0 in / against the "
+          "paper's direction.")
+
+CHECKPOINTS_SQL = """
+    SELECT run, quantization, step, phase, coalesce(source, '') AS source FROM results
+    WHERE step IS NOT NULL ORDER BY run, quantization, step"""
+
+STABLE_SQL = """
+    WITH stable AS (
+        SELECT run, quantization, step, delta_q_loss,
+               row_number() OVER (PARTITION BY run, quantization ORDER BY step) AS oldest,
+               row_number() OVER (PARTITION BY run, quantization ORDER BY step DESC) AS newest
+        FROM results WHERE phase = 'stable' AND step IS NOT NULL)
+    SELECT first.run, first.quantization, first.step AS step_first, last.step AS step_last,
+           first.delta_q_loss AS delta_q_loss_first, last.delta_q_loss AS delta_q_loss_last
+    FROM stable AS first JOIN stable AS last USING (run, quantization)
+    WHERE first.oldest = 1 AND last.newest = 1 AND first.step < last.step"""
+
+DECAY_SQL = """
+    SELECT e.*, before.step AS step_before, after.step AS step_after
+    FROM decay_effect AS e
+    JOIN results AS before ON before.run = e.run AND before.quantization = e.quantization
+     AND before.checkpoint = e.checkpoint_before
+    JOIN results AS after ON after.run = e.run AND after.quantization = e.quantization
+     AND after.checkpoint = e.checkpoint_after"""
+
+AVERAGING_SQL = """
+    SELECT a.*, parent.step AS parent_step FROM averaging_effect AS a
+    JOIN results AS avg ON avg.run = a.average AND avg.checkpoint = a.checkpoint AND avg.quantization = a.quantization
+    JOIN results AS parent ON parent.run = avg.parent_run AND parent.checkpoint = avg.parent_checkpoint
+     AND parent.quantization = a.quantization
+    WHERE a.step = (SELECT max(step) FROM averaging_effect AS b WHERE b.average = a.average)"""
 
 
 def _rows(connection, sql: str) -> list[dict]:
@@ -56,48 +221,240 @@ def _rows(connection, sql: str) -> list[dict]:
     return [dict(zip(relation.columns, row, strict=True)) for row in relation.fetchall()]
 
 
-def measure(results_dir: str | Path) -> tuple[list[dict], list[dict], list[Effect]]:
-    """(decay rows, averaging rows, effects per quantization): an effect holds when every seed shows it."""
+def _setting(settings: dict | None, run: str) -> str:
+    if settings is None:
+        return run  # no training log: the run is its own setting
+    weight_decay = "?" if settings["weight_decay"] is None else f"{settings['weight_decay']:g}"
+    return f"{settings['schedule']} lr={settings['peak_lr']:g} wd={weight_decay}"
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the sections need to know of a run with a decay phase."""
+
+    name: str
+    settings: dict | None  # its row of the `runs` view
+    steps: dict[str, list[int]]  # quantization -> steps of its checkpoints, ascending
+    phases: dict[int, str]  # step -> phase
+
+    @property
+    def seed(self) -> int | None:
+        return None if self.settings is None else self.settings["seed"]
+
+    @property
+    def setting(self) -> str:
+        return _setting(self.settings, self.name)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.seed is None else f"{self.name} (seed {self.seed})"
+
+
+def _effects(section: str, quantity: str, expected: int,
+             observations: list[tuple[str, str, Observation]]) -> list[Effect]:
+    """(quantization, setting, observation) triples grouped into effects, each ordered by seed then run."""
+    groups = defaultdict(list)
+    for quantization, setting, observation in observations:
+        groups[quantization, setting].append(observation)
+    return [Effect(section, quantity, quantization, setting, expected,
+                   tuple(sorted(group, key=lambda o: (o.seed is None, o.seed or 0, o.run))))
+            for (quantization, setting), group in sorted(groups.items())]
+
+
+def _fp_once(observations: list[tuple[str, str, Observation]]) -> list[tuple[str, str, Observation]]:
+    """One fp-loss observation per run: the fp model is the same whatever quantization a row is of."""
+    seen, kept = set(), []
+    for _, setting, observation in observations:
+        if observation.run not in seen:
+            seen.add(observation.run)
+            kept.append((FP, setting, observation))
+    return kept
+
+
+def _control(connection, decayed: list[_Run], runs: dict[str, dict],
+             checkpoints: list[dict]) -> Section:
+    trained = [run for run in decayed if run.settings is not None]
+    constant = {name: settings for name, settings in runs.items() if settings["schedule"] == "constant"}
+    missing = []
+    if not runs:
+        missing.append("no training log in the dataset (hub or local checkpoints): the runs' seeds and settings are "
+                       "unknown")
+    elif not trained:
+        missing.append("no trained run with a decay phase")
+    elif not constant:
+        missing.append("no constant-LR run (schedule: constant) to compare the decayed runs with at equal tokens")
+    if missing:
+        return Section("control", TITLES["control"], (), tuple(missing))
+    rows = _rows(connection, "SELECT * FROM control_effect WHERE at_end ORDER BY decayed_run, quantization, "
+                             "constant_run")
+    paired = {}  # (decayed run, quantization) -> the first constant run's row
+    controls = defaultdict(set)
+    for row in rows:
+        paired.setdefault((row["decayed_run"], row["quantization"]), row)
+        controls[row["decayed_run"]].add(row["constant_run"])
+    steps_of = defaultdict(set)
+    for row in checkpoints:
+        steps_of[row["run"]].add(row["step"])
+    loss, delta_q_loss = [], []
+    for run in trained:
+        candidates = sorted(name for name, settings in constant.items()
+                            if (settings["seed"], settings["peak_lr"], settings["weight_decay"])
+                            == (run.seed, run.settings["peak_lr"], run.settings["weight_decay"]))
+        unpaired = [quantization for quantization in run.steps if (run.name, quantization) not in paired]
+        if not candidates:
+            missing.append(f"{run.label}: no constant-LR run of the same seed, peak LR and weight decay "
+                           f"({run.setting.split(' ', 1)[1]})")
+            continue
+        if len(controls[run.name]) > 1:
+            missing.append(f"{run.label}: {len(controls[run.name])} constant-LR controls "
+                           f"({', '.join(sorted(controls[run.name]))}); compared with the first")
+        if unpaired:
+            end = max(max(steps) for steps in run.steps.values())
+            absent = [name for name in candidates if end not in steps_of[name]]
+            if len(absent) == len(candidates):
+                held = ", ".join(f"{name} has steps {sorted(steps_of[name]) or 'none'}" for name in candidates)
+                missing.append(f"{run.label}: no constant-LR checkpoint at its last step {end} ({held})")
+            else:
+                missing.append(f"{run.label}: no constant-LR result with equal tokens at its last step {end} for "
+                               f"{', '.join(sorted(unpaired))}")
+        for quantization in run.steps:
+            row = paired.get((run.name, quantization))
+            if row is None:
+                continue
+            common = dict(run=run.name, seed=run.seed, baseline_run=row["constant_run"], baseline_step=row["step"],
+                          compared_step=row["step"])
+            loss.append((quantization, run.setting, Observation(
+                **common, baseline=row["loss_fp_constant"], compared=row["loss_fp_decayed"])))
+            delta_q_loss.append((quantization, run.setting, Observation(
+                **common, baseline=100 * row["delta_q_loss_constant"], compared=100 * row["delta_q_loss_decayed"])))
+    effects = _effects("control", LOSS_FP, -1, _fp_once(loss)) + _effects("control", DELTA_Q_LOSS, 1, delta_q_loss)
+    return Section("control", TITLES["control"], tuple(effects), tuple(missing))
+
+
+def _stable(connection, decayed: list[_Run]) -> Section:
+    by_run = {run.name: run for run in decayed}
+    observations, covered = [], set()
+    for row in _rows(connection, STABLE_SQL + " ORDER BY run, quantization"):
+        run = by_run.get(row["run"])
+        if run is None:
+            continue
+        covered.add(run.name)
+        observations.append((row["quantization"], run.setting, Observation(
+            run.name, run.seed, run.name, row["step_first"], row["step_last"],
+            100 * row["delta_q_loss_first"], 100 * row["delta_q_loss_last"])))
+    missing = [f"{run.label}: fewer than two stable checkpoints "
+               f"({sum(phase == 'stable' for phase in run.phases.values())})"
+               for run in decayed if run.name not in covered]
+    if not decayed:
+        missing.append("no run with a decay phase")
+    return Section("stable", TITLES["stable"], tuple(_effects("stable", DELTA_Q_LOSS, 0, observations)),
+                   tuple(missing))
+
+
+def _decay(connection, decayed: list[_Run]) -> Section:
+    by_run = {run.name: run for run in decayed}
+    loss, delta_q_loss, covered = [], [], set()
+    for row in _rows(connection, DECAY_SQL + " ORDER BY run, quantization"):
+        run = by_run.get(row["run"])
+        if run is None:
+            continue
+        covered.add(run.name)
+        common = dict(run=run.name, seed=run.seed, baseline_run=run.name, baseline_step=row["step_before"],
+                      compared_step=row["step_after"])
+        loss.append((row["quantization"], run.setting, Observation(
+            **common, baseline=row["loss_fp_before"], compared=row["loss_fp_after"])))
+        delta_q_loss.append((row["quantization"], run.setting, Observation(
+            **common, baseline=100 * row["delta_q_loss_before"], compared=100 * row["delta_q_loss_after"])))
+    missing = [f"{run.label}: no checkpoint before the decay" for run in decayed if run.name not in covered]
+    if not decayed:
+        missing.append("no run with a decay phase")
+    effects = _effects("decay", LOSS_FP, -1, _fp_once(loss)) + _effects("decay", DELTA_Q_LOSS, 1, delta_q_loss)
+    return Section("decay", TITLES["decay"], tuple(effects), tuple(missing))
+
+
+def _averaging(connection, views: set[str], runs: dict[str, dict]) -> Section:
+    rows = _rows(connection, AVERAGING_SQL + " ORDER BY quantization, average") if "averaging_effect" in views else []
+    if not rows:
+        return Section("lawa", TITLES["lawa"], (), ("no weight averages in the dataset",))
+    observations = []
+    for row in rows:
+        settings = runs.get(row["run"])
+        observations.append((row["quantization"], _setting(settings, row["run"]), Observation(
+            row["average"], None if settings is None else settings["seed"], row["run"], row["parent_step"],
+            row["step"], 100 * row["delta_q_loss_parent"], 100 * row["delta_q_loss_average"])))
+    return Section("lawa", TITLES["lawa"], tuple(_effects("lawa", DELTA_Q_LOSS, -1, observations)), ())
+
+
+def measure(results_dir: str | Path) -> ScienceCheck:
+    """The four comparisons of the module docstring, per quantization and setting, pooled over seeds."""
     connection = connect(results_dir, read_only=False)  # qtraj's own SQL
     views = {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
-    decay = _rows(connection, DECAY_SQL) if {"decay_effect", "runs"} <= views else []
-    averaging = _rows(connection, AVERAGING_SQL) if "averaging_effect" in views else []
-    effects = []
-    for quantization, setting in sorted({(row["quantization"], row["setting"]) for row in decay}):
-        rows = [row for row in decay if (row["quantization"], row["setting"]) == (quantization, setting)]
-        effects.append(Effect("decay: fp loss change", quantization, setting, [row["loss_fp_change"] for row in rows],
-                              all(row["loss_fp_change"] < 0 for row in rows)))
-        effects.append(Effect("decay: ΔQ L change", quantization, setting,
-                              [row["delta_q_loss_change"] for row in rows],
-                              all(row["delta_q_loss_change"] > 0 for row in rows)))
-    for quantization, setting in sorted({(row["quantization"], row["setting"]) for row in averaging}):
-        rows = [row for row in averaging if (row["quantization"], row["setting"]) == (quantization, setting)]
-        effects.append(Effect("LAWA: ΔQ L change vs newest", quantization, setting,
-                              [row["delta_q_loss_change"] for row in rows],
-                              all(row["delta_q_loss_change"] < 0 for row in rows)))
-    return decay, averaging, effects
+    runs = ({row["run"]: row for row in _rows(connection, "SELECT * FROM runs")} if "runs" in views else {})
+    checkpoints = _rows(connection, CHECKPOINTS_SQL)
+    steps, phases = defaultdict(lambda: defaultdict(list)), defaultdict(dict)
+    excluded = set()  # averages and cooldowns: compared in their own views, not decayed runs of their own
+    for row in checkpoints:
+        steps[row["run"]][row["quantization"]].append(row["step"])
+        phases[row["run"]][row["step"]] = row["phase"]
+        if row["source"] in ("averaged", "cooldown"):
+            excluded.add(row["run"])
+    decayed = [_Run(name, runs.get(name), dict(steps[name]), phases[name]) for name in sorted(steps)
+               if name not in excluded and "decay" in phases[name].values()
+               and (runs.get(name) or {}).get("schedule") != "constant"]
+    return ScienceCheck((_control(connection, decayed, runs, checkpoints), _stable(connection, decayed),
+                         _decay(connection, decayed), _averaging(connection, views, runs)))
+
+
+def _number(value: float, digits: int, sign: bool = False) -> str:
+    """`value` rounded to `digits`, never as "-0.000"."""
+    return f"{value if round(value, digits) else 0.0:{'+' if sign else ''}.{digits}f}"
+
+
+def _digits(unit: str) -> int:
+    return 3 if unit in ("%", "pp") else 4  # ΔQ L in % to a thousandth of a percent; loss to 1e-4 nats
+
+
+def _cells(effect: Effect) -> list[str]:
+    unit, difference_unit = effect.unit, effect.difference_unit
+    levels = " → ".join(_number(value, _digits(unit)) + ("%" if unit == "%" else "")
+                        for value in (effect.baseline_mean, effect.compared_mean))
+    digits = _digits(difference_unit)
+    centre = _number(effect.mean, digits, sign=True)
+    if effect.half_width is None:
+        interval = f"{centre} {difference_unit}, no CI (n=1)"
+    else:
+        interval = f"{centre} ± {_number(effect.half_width, digits)} {difference_unit}"
+    per_seed = " ".join(("" if o.seed is None else f"{o.seed}:") + _number(o.difference, digits, sign=True)
+                        for o in effect.observations)
+    return [effect.quantization, effect.setting, effect.quantity, effect.steps, levels, interval, str(effect.n),
+            effect.verdict, per_seed]
+
+
+HEADER = ["quantization", "setting", "quantity", "steps", "mean levels", "difference: mean ± 95% CI", "n",
+          "verdict", "per seed (seed:difference)"]
+
+
+def render(check: ScienceCheck) -> str:
+    """The check as text: one aligned line per effect, under its section, and what each section lacks."""
+    cells = {id(effect): _cells(effect) for effect in check.effects}
+    widths = [max([len(title)] + [len(row[column]) for row in cells.values()]) for column, title in enumerate(HEADER)]
+    right = {3, 5, 6}  # numbers (and the steps) right-aligned
+
+    def line(row: list[str]) -> str:
+        return "   " + "  ".join(cell.rjust(width) if column in right else cell.ljust(width)
+                                for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
+
+    lines = [LEGEND]
+    for section in check.sections:
+        lines += ["", section.title]
+        if section.effects:
+            lines.append(line(HEADER))
+            lines += [line(cells[id(effect)]) for effect in section.effects]
+        lines += [f"   missing: {reason}" for reason in section.missing]
+    if not check.checked:
+        lines += ["", "Nothing could be checked: the dataset has no run with a decay phase and no averages."]
+    return "\n".join(lines)
 
 
 def report(results_dir: str | Path) -> str:
-    """The check as text: per-seed rows, then each effect with its mean ± half-range and whether it holds."""
-    decay, averaging, effects = measure(results_dir)
-    lines = ["LR decay (last checkpoint before it -> end of it); ΔQ L in %:",
-             f"  {'run':<22}{'quantization':<14}{'loss change':>12}{'ΔQ L before':>13}{'ΔQ L after':>12}"
-             f"{'stable-phase rise':>19}"]
-    for row in decay:
-        stable = "" if row["stable_change"] is None else f"{100 * row['stable_change']:+.3f}"
-        lines.append(f"  {row['run']:<22}{row['quantization']:<14}{row['loss_fp_change']:>+12.4f}"
-                     f"{100 * row['delta_q_loss_before']:>13.3f}{100 * row['delta_q_loss_after']:>12.3f}"
-                     f"{stable:>19}")
-    lines += ["Weight averaging (each average's last checkpoint vs the newest checkpoint it averages); ΔQ L in %:",
-              f"  {'average':<22}{'quantization':<14}{'loss change':>12}{'ΔQ L newest':>13}{'ΔQ L average':>14}"]
-    for row in averaging:
-        lines.append(f"  {row['average']:<22}{row['quantization']:<14}{row['loss_fp_change']:>+12.4f}"
-                     f"{100 * row['delta_q_loss_parent']:>13.3f}{100 * row['delta_q_loss_average']:>14.3f}")
-    lines.append("Effects per setting (mean ± half-range over its seeds; holds = every seed shows it):")
-    for effect in effects:
-        lines.append(f"  {effect.name:<30}{effect.quantization:<14}{effect.setting:<26}{effect.summary():<32}"
-                     f"{'holds' if effect.holds else 'DOES NOT HOLD'}")
-    if not effects:
-        lines.append("  nothing to check: the dataset has no run with a decay phase and no averages")
-    return "\n".join(lines)
+    return render(measure(results_dir))
