@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 
 # Model copies a step holds on the GPUs at once (bf16), and a headroom factor for activations, GPTQ's Hessians
-# and the engines' buffers. quantize holds the fp model (per-layer errors, unchanged-tensor check), the engine's
-# working copy and the quantized model it hands back. sharpness: fp32 weights and their gradients (4 bf16
-# copies) plus the Hessian-vector product's second backward pass.
+# and the engines' buffers. quantize: on one GPU, one model at a time (the fp model moves to host memory once its
+# layer inputs are captured, llm-compressor onloads its working copy layer by layer, the quantized model is built
+# in host memory); spread over several GPUs, the fp and the quantized model both stay dispatched, so 2 is the
+# bound. Host memory holds the fp model, the engine's copy and the quantized one (HOST_COPIES). sharpness: fp32
+# weights and their gradients (4 bf16 copies) plus the Hessian-vector product's second backward pass.
 # train: fp32 weights, gradients and two AdamW moments are 16 bytes per parameter, i.e. 8 bf16 copies.
-MODEL_COPIES = {"evaluate_fp": 1.0, "quantize": 3.0, "sharpness": 6.0, "train": 8.0}
+MODEL_COPIES = {"evaluate_fp": 1.0, "quantize": 2.0, "sharpness": 6.0, "train": 8.0}
+HOST_COPIES = {"quantize": 3.0}  # others: half a copy (shards stream from disk to the GPUs)
 HEADROOM = {"evaluate_fp": 1.25, "quantize": 1.6, "sharpness": 1.25, "train": 2.0}
 FIXED_GB = 4.0  # CUDA context, kernels, batches
 # Minutes: a floor plus a slope per billion parameters (GPTQ of a 32B model: ~4 h; evaluating it: ~1 h).
@@ -53,7 +56,7 @@ def job_resources(step: str, parameters: float | None, settings: dict, lm_eval_t
     gpus = gpus_needed(step, parameters, settings["gpu_memory_gb"])
     floor, per_billion = RUNTIME[step]
     # host memory: shards stream from disk to the GPUs (device_map), so half a model copy plus buffers
-    host_gb = max(16.0, 2 * parameters / 1e9 * MODEL_COPIES[step] * 0.5 + 16)
+    host_gb = max(16.0, 2 * parameters / 1e9 * HOST_COPIES.get(step, MODEL_COPIES[step] * 0.5) + 16)
     # tasks_per_gpu 0: one process drives all the job's GPUs (device_map="auto"); the Slurm plugin would otherwise
     # start one task per GPU, i.e. run the same job several times side by side
     return {"gpu": gpus, "cpus_per_gpu": settings["cpus_per_gpu"], "tasks_per_gpu": 0,

@@ -277,8 +277,12 @@ def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, vali
     # at most `layer_error_rows` tokens per layer: every linear's inputs are held at once, in host memory
     inputs = capture_inputs(fp_model, list(quantized), blocks, evaluation["batch_size"],
                             max_rows=min(blocks.size, layer_error_rows))
+    # from here on the fp model is only a template and a reference (copies, unchanged-tensor check, layer errors):
+    # host memory serves, so a GPU holds one model at a time (the engines onload layer by layer)
+    fp_model = to_host(fp_model)
     model, quant = quantize_model(fp_model, checkpoint_dir, QuantSpec(**spec), calibration_tokens, calibration,
                                   device, packed_dir)
+    model = to_device(model, device)
     # what quantization must not touch is compared with the checkpoint, tensor by tensor, before any number is kept
     check_unquantized_unchanged(fp_model, model, set(quantized), what)
     errors = layer_errors(fp_model, model, inputs, method.dequantized_weight)
@@ -315,6 +319,23 @@ def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, vali
     results.write_rows(layer_rows, results.LAYER_ERROR_SCHEMA, layer_errors_file)
     results.write_rows([row], results.QUANTIZED_EVAL_SCHEMA, out_file)
     log.info("%s: loss_q %.5f, delta_q_loss %.4f%%", what, loss.loss, 100 * row["delta_q_loss"])
+
+
+def to_host(model):
+    """`model` in host memory, when it sits whole on one GPU (a model spread over several stays: moving it
+    would undo accelerate's dispatch)."""
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+        return model
+    return model.to("cpu")
+
+
+def to_device(model, device):
+    """A quantized model built in host memory, moved to the evaluation device (engines that place their model
+    themselves, and multi-GPU dispatch, are left where they are)."""
+    if getattr(model, "hf_device_map", None) or getattr(model, "is_loaded_in_8bit", False) or getattr(
+            model, "is_loaded_in_4bit", False):
+        return model
+    return model.to(device)
 
 
 def sharpness(checkpoint_dir: str, validation_tokens: str, settings: dict, out_file: str) -> None:
