@@ -9,6 +9,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from qtraj.startup import quiet_progress_bars, silence_known_noise, skip_unused_imports
+
 
 @contextlib.contextmanager
 def job_logging(log_file: str) -> Iterator[logging.Logger]:
@@ -18,10 +20,15 @@ def job_logging(log_file: str) -> Iterator[logging.Logger]:
     without anyone having to open the log.
     """
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-    # Set before the libraries are imported (the steps import them lazily): progress bars off, and
-    # llm-compressor's own (loguru) log into this job's file rather than onto Snakemake's console.
+    # Before any step imports transformers (qtraj.startup): it then skips the packages qtraj never uses through
+    # it (~2 CPU-s per job), and the known noise of torch, torchao and lm-eval stays off the console and the log.
+    skip_unused_imports()
+    silence_known_noise()
+    # Set before the libraries are imported (the steps import them lazily): progress bars off (tqdm, which torch
+    # has already imported, too), and llm-compressor's own (loguru) log into this job's file rather than onto
+    # Snakemake's console.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    quiet_progress_bars()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["LLM_COMPRESSOR_LOG_FILE"] = str(log_file)
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")

@@ -1,0 +1,159 @@
+"""What a job process sets before the libraries load: fewer imports at start-up, and no known noise on the console.
+
+Every workflow job is a fresh Python process (a `scripts/*.py` adapter inside `qtraj.joblog.job_logging`), so
+start-up is paid once per job and dominates the small default workflow. `job_logging` calls these functions
+before any step imports transformers; none of them imports a library itself (bench/startup.py measures them).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+# transformers decides once per process which optional packages exist, in `transformers.utils.import_utils`
+# (`is_<name>_available`, cached functions that everything in transformers imports by name), and imports some
+# of them eagerly just because they are installed. These three cost ~2 of the ~7 CPU-s a job spends starting
+# (loading a Llama), and qtraj never uses them through transformers:
+# - sklearn (~1.1 CPU-s with the scipy and pandas it pulls in): `transformers.generation.candidate_generator` does
+#   `from sklearn.metrics import roc_curve` at import, for assisted generation's (speculative decoding's)
+#   adaptive draft length, and `transformers.data.metrics` for the legacy GLUE metrics. qtraj never generates
+#   with an assistant model (it scores log-likelihoods; lm-eval's tasks here are log-likelihood ones) and never
+#   calls those metrics. lm-eval's own metrics import sklearn themselves when a task needs it, unaffected.
+# - torchao (~0.5 CPU-s, and its start-up warnings): `transformers.quantizers.quantizer_torchao` imports it for
+#   loading checkpoints saved with transformers' TorchAoConfig, which qtraj never writes or reads. GPTQModel,
+#   which requires torchao, imports it itself (`gptqmodel.quantization.dtype`) and never asks transformers
+#   whether it is there, so a GPTQModel job works the same; `keep_torchao=True` is for a job that loads a
+#   torchao-quantized checkpoint through transformers.
+# - scipy (~0.5 CPU-s more once sklearn is skipped): `transformers.loss.loss_for_object_detection` imports
+#   `scipy.optimize` at import, for the Hungarian matching of DETR-style object-detection losses; the rest of
+#   transformers' scipy use is in vision and audio models. qtraj loads causal language models only.
+UNUSED_BY_QTRAJ = ("sklearn", "torchao", "scipy")
+TRANSFORMERS_FLAGS = "transformers.utils.import_utils"
+
+# Known noise, by the logger that emits it and the start of its message (re.match): what a job prints at start-up
+# or on every run although nothing is wrong. Anything else a library logs still shows.
+KNOWN_NOISE = {
+    # torchao (imported by GPTQModel jobs) registers its enums the old way: two lines per job on the console
+    "torch.utils._pytree": (r"<enum '\w+'> is an Enum subclass and is now natively supported by torch\.compile",),
+    # llm-compressor's sequential pipeline traces each layer with torch.fx: one line per GPTQ/AWQ job
+    "torch.fx._symbolic_trace": (r"is_fx_tracing will return true for both fx\.symbolic_trace and torch\.export",),
+    # torchao's CUDA-only kernels on a machine without them (qtraj runs none of torchao's kernels)
+    "torchao": (r"Failed to load .*\.so: Could not load this library",),
+    "torchao.kernel.intmm": (r"Warning: Detected no triton",),
+    # qtraj hands lm-eval an already loaded model on purpose (the fp or quantized one it just measured)
+    "lm_eval.models.huggingface": (r"`pretrained` model kwarg is not of type `str`",
+                                   r"Passed an already-initialized model through `pretrained`"),
+}
+
+
+def skip_unused_imports(keep_torchao: bool = False) -> None:
+    """Make transformers treat the packages of UNUSED_BY_QTRAJ (torchao only unless `keep_torchao`) as not
+    installed, so it does not import them; see there why that is safe. Call before transformers is imported:
+    called later, the modules already loaded keep what they imported (later ones still skip them)."""
+    names = tuple(name for name in UNUSED_BY_QTRAJ if not (keep_torchao and name == "torchao"))
+    flags = sys.modules.get(TRANSFORMERS_FLAGS)
+    if flags is not None:
+        report_unavailable(flags, names)
+        return
+    if not any(isinstance(finder, _PatchAfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport(TRANSFORMERS_FLAGS, lambda module: report_unavailable(module, names)))
+
+
+def report_unavailable(flags: ModuleType, names: tuple[str, ...]) -> None:
+    """Point transformers' `is_<name>_available` at an answer of False, in the module that defines it (so every
+    later `from transformers.utils import ...` gets it) and in the backend table `requires_backends` reads (so
+    code that needs the package fails with transformers' own "requires <name>" error)."""
+    package = sys.modules.get("transformers.utils")
+    for name in names:
+        function = f"is_{name}_available"
+        if not hasattr(flags, function):
+            continue  # another transformers version: leave it as it is
+        unavailable = _not_installed(function)
+        setattr(flags, function, unavailable)
+        if package is not None and hasattr(package, function):
+            setattr(package, function, unavailable)
+        backends = getattr(flags, "BACKENDS_MAPPING", {})
+        if name in backends:
+            backends[name] = (unavailable, backends[name][1])
+
+
+def _not_installed(function: str) -> Callable[..., bool]:
+    def not_installed(*args, **kwargs) -> bool:
+        return False
+
+    not_installed.__name__ = not_installed.__qualname__ = function
+    not_installed.__doc__ = "qtraj.startup: reported as not installed, so transformers does not import it"
+    # like transformers' own flags: a constant for torch.compile rather than a call to trace
+    not_installed._dynamo_marked_constant = True
+    return not_installed
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Runs `patch(module)` once `name` has executed, before any other module can import names from it; then
+    leaves the import system as it was."""
+
+    def __init__(self, name: str, patch: Callable[[ModuleType], None]) -> None:
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one module, once; the finders below then find it as they would have
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if hasattr(spec.loader, "exec_module"):
+                    self._patch_after_execution(spec.loader)
+                return spec
+        return None
+
+    def _patch_after_execution(self, loader: importlib.abc.Loader) -> None:
+        execute = loader.exec_module
+
+        def exec_then_patch(module: ModuleType) -> None:
+            del loader.exec_module  # the loader's own method again
+            execute(module)
+            self.patch(module)
+
+        loader.exec_module = exec_then_patch
+
+
+class _DropKnownNoise(logging.Filter):
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.patterns = [re.compile(pattern) for pattern in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(pattern.match(message) for pattern in self.patterns)
+
+
+def silence_known_noise(noise: dict[str, tuple[str, ...]] = KNOWN_NOISE) -> None:
+    """Drop exactly the known-noise messages (KNOWN_NOISE) where they are logged; every other message of the same
+    loggers, and everything else, still reaches the console or the job's log. Idempotent."""
+    for name, patterns in noise.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, _DropKnownNoise) for existing in logger.filters):
+            logger.addFilter(_DropKnownNoise(patterns))
+
+
+def quiet_progress_bars() -> None:
+    """Progress bars off (TQDM_DISABLE=1, unless the environment says otherwise) also in this process.
+
+    tqdm reads its TQDM_* variables once, when it is imported, and a job's `from qtraj import steps` imports torch,
+    which imports tqdm, before `job_logging` runs: so tqdm's own environment default is applied again here.
+    llm-compressor's calibration bars would otherwise print about 10 lines per GPTQ job on the console.
+    Bars whose caller passes `disable=` itself (lm-eval's) are left to it."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    tqdm_std = sys.modules.get("tqdm.std")
+    if tqdm_std is None or not os.environ["TQDM_DISABLE"]:  # tqdm too reads any non-empty value as True
+        return
+    init = vars(tqdm_std.tqdm).get("__init__")
+    if isinstance(init, functools.partialmethod):  # how tqdm applies its environment defaults (tqdm.utils.envwrap)
+        tqdm_std.tqdm.__init__ = functools.partialmethod(init.func, *init.args, **{**init.keywords, "disable": True})
