@@ -16,16 +16,22 @@ import pyarrow.parquet as pq
 
 from qtraj import results
 from qtraj.checkpoints import read_checkpoint_info
-from qtraj.evaluation import NonFiniteLossError, cross_entropy, load_causal_lm, pick_device
 from qtraj.provenance import config_hash, provenance
 
 log = logging.getLogger(__name__)
 
 
 def set_threads(threads: int) -> None:
-    import torch
+    """The job's thread budget for torch (and the BLAS under numpy), without importing torch: it reads
+    OMP_NUM_THREADS when a step first imports it, so jobs that never use torch do not pay its start-up."""
+    import os
+    import sys
 
-    torch.set_num_threads(max(1, threads))
+    count = str(max(1, threads))
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = count
+    if "torch" in sys.modules:  # imported already (a test, a notebook): tell it directly
+        sys.modules["torch"].set_num_threads(int(count))
 
 
 def split_corpus(corpus: str, outputs: dict[str, str], validation_fraction: float,
@@ -169,6 +175,7 @@ def average_checkpoints(folders: list[str], weights: list[float], out_dir: str, 
 
 
 def _validation_loss(model, validation_tokens: str, evaluation: dict, what: str):
+    from qtraj.evaluation import NonFiniteLossError, cross_entropy
     from qtraj.tokenization import token_blocks
 
     blocks = token_blocks(np.load(validation_tokens), evaluation["seq_len"] + 1, evaluation["max_blocks"])
@@ -231,6 +238,8 @@ def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, o
                 accuracy_file: str | None = None) -> None:
     """Validation loss of a full-precision checkpoint (one `fp_evals` row) and, with `accuracy_file`, its task
     accuracy (`accuracy` rows, quantization null)."""
+    from qtraj.evaluation import load_causal_lm, pick_device
+
     info = read_checkpoint_info(checkpoint_dir)
     started, device = time.perf_counter(), pick_device()
     model = load_causal_lm(checkpoint_dir, device)
@@ -255,6 +264,7 @@ def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, vali
     """Quantize a checkpoint with one config entry, in memory, and evaluate the result in the same process: its
     validation loss (one `results` row), per-layer errors (`layer_errors`) and, with `accuracy_file`, task accuracy
     (`accuracy` rows). Nothing else is written, unless `packed_dir` asks for the engine's packed model."""
+    from qtraj.evaluation import load_causal_lm, pick_device
     from qtraj.layer_errors import capture_inputs, check_unquantized_unchanged, layer_errors
     from qtraj.methods import QuantSpec, get_method
     from qtraj.quantization import quantize_model
@@ -342,6 +352,7 @@ def sharpness(checkpoint_dir: str, validation_tokens: str, settings: dict, out_f
     """The top Hessian eigenvalue of the validation loss at a full-precision checkpoint (one `sharpness` row)."""
     import torch
 
+    from qtraj.evaluation import load_causal_lm, pick_device
     from qtraj.sharpness import top_hessian_eigenvalue
     from qtraj.tokenization import token_blocks
 

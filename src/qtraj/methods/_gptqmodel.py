@@ -55,12 +55,34 @@ ACTORDER = {
 }
 
 
+@contextlib.contextmanager
+def printed_into_log():
+    """GPTQModel prints banners and per-layer tables (~400 lines per job) straight to stdout, i.e. onto
+    Snakemake's console: keep them, but in the job's log."""
+    import io
+    import logging
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        if printed.getvalue().strip():
+            logging.getLogger(__name__).info("GPTQModel printed:\n%s", printed.getvalue().rstrip())
+
+
 def quantize_gptq(method: QuantizationMethod, fp_model: torch.nn.Module, checkpoint_dir: Path, spec: QuantSpec,
                   options: dict, calibration_blocks: np.ndarray, packed_dir: Path | None = None) -> torch.nn.Module:
     """GPTQ through GPTQModel with the method's `options` (defaults filled): a copy of `fp_model` holding the weights
     GPTQModel's kernel computes with. GPTQModel decides from its own model definitions which modules it quantizes,
     so the result is checked against qtraj's `quantized_modules`. GPTQModel loads the checkpoint its own way and
     its packed model is saved (to `packed_dir`, or a scratch folder) and read back, as the module docstring says."""
+    with printed_into_log():
+        return _quantize_gptq(method, fp_model, checkpoint_dir, spec, options, calibration_blocks, packed_dir)
+
+
+def _quantize_gptq(method: QuantizationMethod, fp_model: torch.nn.Module, checkpoint_dir: Path, spec: QuantSpec,
+                   options: dict, calibration_blocks: np.ndarray, packed_dir: Path | None) -> torch.nn.Module:
     gptqmodel = import_gptqmodel()
     GPTQModel, QuantizeConfig = gptqmodel.GPTQModel, gptqmodel.QuantizeConfig  # noqa: N806 - the library's names
 
