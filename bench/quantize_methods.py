@@ -3,13 +3,13 @@
     .venv/bin/python bench/quantize_methods.py [checkpoint_dir] [results_dir]
 
 Defaults to the last checkpoint of the default workflow's `wsd` run (run `make run` first). Each method runs
-in this one process, so the figures exclude the per-job start-up that `bench/workflow_jobs.py` shows.
+in this one process, as the quantize job does (in memory, from the loaded fp model), so the figures exclude the
+per-job start-up that `bench/workflow_jobs.py` shows.
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch
 
 from qtraj.evaluation import cross_entropy, load_causal_lm, pick_device
 from qtraj.methods import QuantSpec
-from qtraj.quantization import quantize_checkpoint
+from qtraj.quantization import quantize_model
 from qtraj.tokenization import token_blocks
 
 SPECS = [
@@ -36,15 +36,16 @@ def main(checkpoint: str = "results/checkpoints/wsd/step000800", results_dir: st
     tokens = Path(results_dir) / "data" / "tokens"
     blocks = token_blocks(np.load(tokens / "validation.npy"), 129, 256)
     calibration = {"num_samples": 32, "seq_len": 128}
-    fp = cross_entropy(load_causal_lm(checkpoint), blocks, 16).loss
-    print(f"device {pick_device().type}, 1 thread, checkpoint {checkpoint}, fp loss {fp:.4f}")
+    device = pick_device()
+    fp_model = load_causal_lm(checkpoint, device)
+    fp = cross_entropy(fp_model, blocks, 16).loss
+    print(f"device {device.type}, 1 thread, checkpoint {checkpoint}, fp loss {fp:.4f}")
     print(f"{'quantization':<14}{'engine':<15}{'quantize s':>11}{'eval s':>8}{'ΔQ L %':>9}")
     for spec in SPECS:
-        with tempfile.TemporaryDirectory() as out:
-            info = quantize_checkpoint(checkpoint, Path(out) / "q", spec, tokens / "calibration.npy", calibration)
-            started = time.perf_counter()
-            loss = cross_entropy(load_causal_lm(Path(out) / "q"), blocks, 16).loss
-            seconds = time.perf_counter() - started
+        model, info = quantize_model(fp_model, checkpoint, spec, tokens / "calibration.npy", calibration, device)
+        started = time.perf_counter()
+        loss = cross_entropy(model, blocks, 16).loss
+        seconds = time.perf_counter() - started
         print(f"{spec.name:<14}{info['engine']:<15}{info['quantize_seconds']:>11.2f}{seconds:>8.2f}"
               f"{100 * (loss / fp - 1):>9.3f}")
 

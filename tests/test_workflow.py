@@ -70,6 +70,15 @@ def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
     assert rules.count("build_task") == 2  # the two local accuracy tasks, built once
     assert {rule for rule in rules if rule.startswith("plot_") and rule != "plot_trajectory"} == {
         "plot_loss", "plot_lr", "plot_sharpness", "plot_averaging", "plot_accuracy"}
+    # no quantized model is written unless packed models are asked for
+    assert not any("/packed/" in output for _, output in jobs)
+    config["packed_models"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
+                                  workdir=tmp_path).stdout)
+    packed = [output.rsplit(", ", 1)[-1] for rule, output in jobs if rule == "quantize"]
+    assert len(packed) == checkpoints * 4 and all(
+        path.startswith(f"{tmp_path}/results/packed/") for path in packed), packed[:2]
 
 
 def experiment_config(name: str, tmp_path: Path) -> Path:
