@@ -43,7 +43,10 @@ from lm_eval.models.huggingface import HFLM
 
 
 def kind_of(rule: str) -> str:
-    return next((kind for prefix, kind in RULE_KINDS.items() if rule.startswith(prefix)), PLAIN)
+    """The imports of a rule's job (benchmark folders are named by rule: `train`, `quantize`, `plot_loss`...)."""
+    if rule.startswith("plot"):
+        return RULE_KINDS["plot"]
+    return RULE_KINDS.get(rule, PLAIN)
 
 
 def startup_seconds(kinds: set[str]) -> dict[str, float]:
@@ -114,7 +117,7 @@ def main() -> None:
     print(f"{'all':<22}{int(totals['jobs']):>6}{'':>9}{totals['total']:>10.1f}{totals['cpu']:>9.1f}{'':>12}"
           f"{totals['startup']:>12.1f}{totals['startup'] / totals['total']:>7.0%}")
     print("start-up per job (CPU s, measured now): "
-          + ", ".join(f"{rule}: {startup[kind_of(rule)]:.2f}" for rule in ("quantize", "evaluate_fp", "train", "plot")))
+          + ", ".join(f"{rule}: {startup[kind_of(rule)]:.2f}" for rule in figures))
     print("disk (MB): " + ", ".join(f"{name} {size:.1f}" for name, size in disk_use(results_dir))
           + " — no quantized model is written (quantize jobs hold it in memory)")
     if args.compare:
