@@ -16,8 +16,10 @@ mappings) sees what it would see for the real family. Pinning its commit is the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -241,6 +243,31 @@ def _load_source_revision(architecture: str, folder: Path):
         raise ValueError(f"perturb_from {folder}: holds a {saved} checkpoint, not {architecture!r}; "
                          f"pass a folder written by save_tiny_checkpoint({architecture!r}, ...)")
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=is_remote)
+
+
+@contextlib.contextmanager
+def isolated_remote_code(modules_dir: str | Path):
+    """Remote code imported from `modules_dir` (not the user's ~/.cache), and forgotten afterwards. transformers
+    imports it as the package `transformers_modules`, found through sys.path, where it appends each modules folder
+    it is given once: a folder an earlier test used would be searched first, and the package, once imported, keeps
+    pointing there. So: this folder first on sys.path, the package forgotten before and after."""
+    from transformers import dynamic_module_utils
+
+    def forget() -> None:
+        for name in [name for name in sys.modules if name.split(".")[0] == "transformers_modules"]:
+            del sys.modules[name]
+
+    forget()
+    original = dynamic_module_utils.HF_MODULES_CACHE
+    dynamic_module_utils.HF_MODULES_CACHE = str(modules_dir)
+    sys.path.insert(0, str(modules_dir))
+    try:
+        yield
+    finally:
+        dynamic_module_utils.HF_MODULES_CACHE = original
+        while str(modules_dir) in sys.path:
+            sys.path.remove(str(modules_dir))
+        forget()
 
 
 def save_tiny_checkpoint(architecture: str, out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0,

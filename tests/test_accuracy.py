@@ -1,6 +1,7 @@
 """Task accuracy: the offline tasks qtraj builds, lm-eval's scoring of them on an in-memory model, flat rows."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,12 +177,13 @@ def local_tasks(small_corpus, tmp_path_factory):
 def _tiny_model(architecture, tokenizer_dir, folder, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.architectures import REMOTE_ARCHITECTURE, save_tiny_checkpoint
+    from tests.architectures import REMOTE_ARCHITECTURE, isolated_remote_code, save_tiny_checkpoint
 
     save_tiny_checkpoint(architecture, folder, tokenizer_dir)
     # the remote code is tests/architectures.py's own, written into the folder just now
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
-                                                 trust_remote_code=architecture == REMOTE_ARCHITECTURE).eval()
+    with isolated_remote_code(Path(folder).parent / "modules"):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
+                                                     trust_remote_code=architecture == REMOTE_ARCHITECTURE).eval()
     return model, AutoTokenizer.from_pretrained(str(folder))
 
 

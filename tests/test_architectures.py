@@ -30,6 +30,7 @@ from tests.architectures import (
     DECODER_LAYERS_PATH,
     DECODER_LINEARS,
     REMOTE_ARCHITECTURE,
+    isolated_remote_code,
     save_tiny_checkpoint,
 )
 from tests.hub_cache import add_model_folder, fake_commit
@@ -85,15 +86,13 @@ def supported(method: str, engine: str, architecture: str) -> bool:
 def hub(tmp_path_factory, tokenizer_dir, token_stream, corpus_lines):
     """A local hub cache with two revisions of every architecture, the token files and the local task."""
     from huggingface_hub import constants
-    from transformers import dynamic_module_utils
 
     root = tmp_path_factory.mktemp("architectures")
     cache = root / "hub"
-    with pytest.MonkeyPatch.context() as patch:
+    # remote code is imported from a modules cache: keep it inside the test's folder, ahead of any other
+    with pytest.MonkeyPatch.context() as patch, isolated_remote_code(root / "modules"):
         patch.setattr(constants, "HF_HUB_CACHE", str(cache))
         patch.setattr(constants, "HF_HUB_OFFLINE", True)
-        # remote code is imported from a modules cache: keep it inside the test's folder
-        patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(root / "modules"))
         patch.delenv("HF_TOKEN", raising=False)
         for architecture in ARCHITECTURES:
             family = family_of(architecture)

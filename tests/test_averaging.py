@@ -52,21 +52,24 @@ def test_an_averaged_folder_holds_the_weighted_mean(tmp_path, trained_checkpoint
 
 @pytest.fixture
 def default_config():
-    return yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    """The default config, its sharpness on every run: the tests replace its averages, which it names."""
+    config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    config["sharpness"]["runs"] = True
+    return config
 
 
 def test_averages_are_trajectories_checked_against_their_sources(default_config):
     config = copy.deepcopy(default_config)
     config["averages"] = {"wsd-lawa2": {"kind": "lawa", "of": "wsd", "window": 2},
-                          "soup": {"kind": "soup", "of": ["wsd/step000800", "cosine/step000800"]}}
+                          "soup": {"kind": "soup", "of": ["wsd/step000800", "wsd-seed1/step000800"]}}
     config = validate_config(config)
-    assert checkpoints_of(config, "wsd-lawa2") == ["step000400", "step000600", "step000800"]
+    assert checkpoints_of(config, "wsd-lawa2") == [f"step{step:06d}" for step in range(200, 900, 100)]
     assert checkpoints_of(config, "soup") == ["soup"]
     for bad, message in [({"kind": "lawa", "of": "nope"}, "'nope' is not a run or family"),
-                         ({"kind": "lawa", "of": "wsd", "window": 9}, "more than the 4 checkpoints"),
-                         ({"kind": "lawa", "of": "wsd", "window": 2, "at": ["step000200"]},
-                          "'step000200' is not a checkpoint of 'wsd' that a window of 2 can end at"),
-                         ({"kind": "soup", "of": ["wsd/step000123", "cosine/step000800"]}, "is not a checkpoint")]:
+                         ({"kind": "lawa", "of": "wsd", "window": 9}, "more than the 8 checkpoints"),
+                         ({"kind": "lawa", "of": "wsd", "window": 2, "at": ["step000100"]},
+                          "'step000100' is not a checkpoint of 'wsd' that a window of 2 can end at"),
+                         ({"kind": "soup", "of": ["wsd/step000123", "wsd-seed1/step000800"]}, "is not a checkpoint")]:
         config = copy.deepcopy(default_config)
         config["averages"] = {"avg": bad}
         with pytest.raises(ConfigError, match=message):

@@ -320,8 +320,8 @@ def test_adding_a_schedule_runs_only_its_jobs(tiny_run, small_corpus):
     jobs = planned_jobs(snakemake("--cores", "2", "--configfile", str(config), "--dry-run", workdir=workdir).stdout)
     per_checkpoint = [(rule, output) for rule, output in jobs
                       if rule not in ("aggregate", "plot_trajectory", "all") and not rule.startswith("plot_")]
-    # training, then per checkpoint: fp eval, sharpness, 4 quantize + evaluate, bnb evaluate
-    assert len(per_checkpoint) == 1 + 2 * (1 + 1 + 4 * 2 + 1)
+    # training, then per checkpoint: fp eval, sharpness, and a quantize job (quantize + evaluate) per quantization
+    assert len(per_checkpoint) == 1 + 2 * (1 + 1 + 5)
     assert all("/linear/" in output or rule == "train_linear" for rule, output in per_checkpoint)
 
     snakemake("--cores", "2", "--configfile", str(config), workdir=workdir)
