@@ -82,8 +82,8 @@ def test_the_slurm_profile_runs_the_workflow_through_slurm(local_slurm, tmp_path
     sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-S", since, "-o", "JobID,State,Account,Partition"],
                            capture_output=True, text=True, check=True).stdout.splitlines()
     jobs = [line.split("|") for line in sacct if line]
-    # every job but the local rules (aggregate, figure, all): data 5, training 1, fp 2, quantize 2, evaluate 4
-    assert len(jobs) == 14, (jobs, started.stderr[-3000:])
+    # every job but the local rules (aggregate, figure, all): data 5, training 1, fp 2, quantize (and evaluate) 4
+    assert len(jobs) == 12, (jobs, started.stderr[-3000:])
     assert all(state == "COMPLETED" and account == ACCOUNT and partition == "main"
                for _, state, account, partition in jobs), jobs
 
