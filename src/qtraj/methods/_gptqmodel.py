@@ -12,7 +12,6 @@ only the load path converts — dequantizing them directly put every weight one 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules
+from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules, model_with_state
 
 # GPTQModel sizes a CPU worker pool from the machine and fails on 2-core machines unless told (seen with 7.6).
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
@@ -142,10 +141,7 @@ def dequantized_model(packed_model: torch.nn.Module, expected: set[str], fp_mode
     if not packed:
         raise RuntimeError("GPTQModel quantized no layer")
     check_same_modules(expected, set(packed), "GPTQModel")
-    model = copy.deepcopy(fp_model)
-    modules = dict(model.named_modules())
-    for name, module in packed.items():
-        weight = modules[name].weight
-        # GPTQModel returns [in_features, out_features]; nn.Linear stores [out, in]
-        weight.copy_(module.dequantize_weight().T.to(weight_dtype).to(device=weight.device, dtype=weight.dtype))
-    return model.eval()
+    # GPTQModel returns [in_features, out_features]; nn.Linear stores [out, in]
+    state = {**fp_model.state_dict(), **{f"{name}.weight": module.dequantize_weight().T.to(weight_dtype)
+                                         for name, module in packed.items()}}
+    return model_with_state(fp_model, state)

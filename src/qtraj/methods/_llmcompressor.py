@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from qtraj.checkpoints import trusts_remote_code
-from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules
+from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules, model_with_state
 
 
 def weight_scheme(spec: QuantSpec) -> dict:
@@ -90,13 +90,6 @@ def run_oneshot(method: QuantizationMethod, fp_model: torch.nn.Module, checkpoin
         save_packed(model, checkpoint_dir, packed_dir)
     del model
     return model_with_state(fp_model, state)
-
-
-def model_with_state(fp_model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of `fp_model` (same class, config and buffers) holding `state`, every key of it (strict)."""
-    model = copy.deepcopy(fp_model)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 def save_packed(model: torch.nn.Module, checkpoint_dir: Path, packed_dir: Path) -> None:

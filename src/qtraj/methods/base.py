@@ -69,6 +69,14 @@ def check_same_modules(expected: set[str], quantized: set[str], engine: str) -> 
                            "with (requirements.lock) or use another engine for this model")
 
 
+def model_with_state(fp_model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of `fp_model` (same class, config and buffers) holding `state`, every key of it (strict: a missing
+    or extra tensor is refused): how every fake-quant engine hands back its quantized model."""
+    model = copy.deepcopy(fp_model)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def options_with_defaults(schema: dict, options: dict) -> dict:
     """`options` with the `default:` of every property the schema declares and the options leave out: the schema
     is the one place a method writes its defaults (config validation fills them the same way)."""
