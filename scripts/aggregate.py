@@ -1,8 +1,6 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.aggregate(
-        {table: list(getattr(snakemake.input, table)) for table in snakemake.params.tables},  # noqa: F821
-        snakemake.params.dataset_dir,  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("aggregate", sm.log[0], inputs={table: list(getattr(sm.input, table)) for table in sm.params.tables},
+         output_dir=sm.params.dataset_dir)

@@ -1,11 +1,6 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.average_checkpoints(
-        list(snakemake.input.sources),  # noqa: F821
-        snakemake.params.weights,  # noqa: F821
-        snakemake.output[0],  # noqa: F821
-        snakemake.wildcards.run,  # noqa: F821
-        snakemake.wildcards.checkpoint,  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("average_checkpoints", sm.log[0], sm.threads, folders=list(sm.input.sources), weights=sm.params.weights,
+         out_dir=sm.output[0], run=sm.wildcards.run, checkpoint=sm.wildcards.checkpoint)

@@ -1,10 +1,6 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.build_task(
-        snakemake.input[0],  # noqa: F821
-        snakemake.wildcards.task,  # noqa: F821
-        snakemake.params.settings,  # noqa: F821
-        snakemake.output[0],  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("build_task", sm.log[0], validation_text=sm.input[0], name=sm.wildcards.task, settings=sm.params.settings,
+         out_file=sm.output[0])

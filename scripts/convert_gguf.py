@@ -1,5 +1,5 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.convert_gguf(source=snakemake.params.source, out_dir=snakemake.output[0])  # noqa: F821
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("convert_gguf", sm.log[0], source=sm.params.source, out_dir=sm.output[0])

@@ -1,14 +1,7 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.set_threads(snakemake.threads)  # noqa: F821
-    steps.cool_down(
-        snakemake.params.run,  # noqa: F821
-        snakemake.params.settings,  # noqa: F821
-        snakemake.params.cooldown,  # noqa: F821
-        snakemake.input.parent,  # noqa: F821
-        snakemake.input.tokens,  # noqa: F821
-        snakemake.output.checkpoint,  # noqa: F821
-        snakemake.output.training_log,  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("cool_down", sm.log[0], sm.threads, run=sm.params.run, settings=sm.params.settings,
+         cooldown=sm.params.cooldown, parent_dir=sm.input.parent, train_tokens=sm.input.tokens,
+         out_dir=sm.output.checkpoint, training_log=sm.output.training_log)

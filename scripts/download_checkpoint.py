@@ -1,10 +1,6 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.download_checkpoint(
-        slug=snakemake.wildcards.run,  # noqa: F821
-        source=snakemake.params.source,  # noqa: F821
-        tokenizer_dir=snakemake.input.tokenizer,  # noqa: F821
-        out_dir=snakemake.output[0],  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("download_checkpoint", sm.log[0], slug=sm.wildcards.run, source=sm.params.source,
+         tokenizer_dir=sm.input.tokenizer, out_dir=sm.output[0])

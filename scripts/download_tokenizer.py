@@ -1,10 +1,8 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
+from qtraj.steps import first_selected_revision
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.download_tokenizer(
-        snakemake.params.source,  # noqa: F821
-        snakemake.output[0],  # noqa: F821
-        # read from the config, not params: which revisions are selected must not rerun the tokenizer
-        default_revision=steps.first_selected_revision(snakemake.config, snakemake.wildcards.run),  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+# read from the config, not params: which revisions are selected must not rerun the tokenizer
+run_step("download_tokenizer", sm.log[0], source=sm.params.source, out_dir=sm.output[0],
+         default_revision=first_selected_revision(sm.config, sm.wildcards.run))

@@ -1,14 +1,8 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.set_threads(snakemake.threads)  # noqa: F821
-    steps.evaluate_fp(
-        snakemake.input.checkpoint,  # noqa: F821
-        snakemake.input.validation,  # noqa: F821
-        snakemake.params.evaluation,  # noqa: F821
-        snakemake.output.result,  # noqa: F821
-        snakemake.params.accuracy,  # noqa: F821
-        snakemake.params.task_files,  # noqa: F821
-        snakemake.output.accuracy,  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("evaluate_fp", sm.log[0], sm.threads, checkpoint_dir=sm.input.checkpoint,
+         validation_tokens=sm.input.validation,
+         evaluation=sm.params.evaluation, out_file=sm.output.result, accuracy=sm.params.accuracy,
+         task_files=sm.params.task_files, accuracy_file=sm.output.accuracy)

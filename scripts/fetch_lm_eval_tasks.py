@@ -1,8 +1,5 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.fetch_lm_eval_tasks(
-        snakemake.params.tasks,  # noqa: F821
-        snakemake.output[0],  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("fetch_lm_eval_tasks", sm.log[0], names=sm.params.tasks, out_file=sm.output[0])

@@ -1,11 +1,6 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.link_local_checkpoint(
-        source=snakemake.input.checkpoint,  # noqa: F821
-        tokenizer_dir=snakemake.input.tokenizer,  # noqa: F821
-        out_dir=snakemake.output[0],  # noqa: F821
-        info=snakemake.params.info,  # noqa: F821
-        allow_pickle=snakemake.params.allow_pickle,  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("link_local_checkpoint", sm.log[0], source=sm.input.checkpoint, tokenizer_dir=sm.input.tokenizer,
+         out_dir=sm.output[0], info=sm.params.info, allow_pickle=sm.params.allow_pickle)

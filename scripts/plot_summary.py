@@ -1,9 +1,5 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.plot_summary(
-        snakemake.params.results_dir,  # noqa: F821
-        snakemake.params.figure,  # noqa: F821
-        snakemake.output[0],  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("plot_summary", sm.log[0], results_dir=sm.params.results_dir, figure=sm.params.figure, out_file=sm.output[0])

@@ -1,11 +1,6 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.set_threads(snakemake.threads)  # noqa: F821
-    steps.sharpness(
-        snakemake.input.checkpoint,  # noqa: F821
-        snakemake.input.validation,  # noqa: F821
-        snakemake.params.settings,  # noqa: F821
-        snakemake.output[0],  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("sharpness", sm.log[0], sm.threads, checkpoint_dir=sm.input.checkpoint, validation_tokens=sm.input.validation,
+         settings=sm.params.settings, out_file=sm.output[0])

@@ -1,10 +1,6 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.split_corpus(
-        snakemake.input.corpus,  # noqa: F821
-        dict(snakemake.output.items()),  # noqa: F821
-        snakemake.params.validation_fraction,  # noqa: F821
-        snakemake.params.calibration_fraction,  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("split_corpus", sm.log[0], corpus=sm.input.corpus, outputs=dict(sm.output.items()),
+         validation_fraction=sm.params.validation_fraction, calibration_fraction=sm.params.calibration_fraction)

@@ -1,5 +1,6 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.tokenize_split(snakemake.input.split, snakemake.input.tokenizer, snakemake.output[0])  # noqa: F821
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("tokenize_split", sm.log[0], split_file=sm.input.split, tokenizer_dir=sm.input.tokenizer,
+         out_file=sm.output[0])

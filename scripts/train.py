@@ -1,14 +1,9 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.set_threads(snakemake.threads)  # noqa: F821
-    steps.train_run(
-        snakemake.params.run,  # noqa: F821
-        snakemake.params.settings,  # noqa: F821
-        snakemake.input.tokens,  # noqa: F821
-        snakemake.input.tokenizer,  # noqa: F821
-        {int(step): path for step, path in snakemake.params.checkpoint_dirs.items()},  # noqa: F821
-        snakemake.output.training_log,  # noqa: F821
-        snakemake.params.resume_steps,  # noqa: F821
-    )
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("train_run", sm.log[0], sm.threads, run=sm.params.run, settings=sm.params.settings,
+         train_tokens=sm.input.tokens,
+         tokenizer_dir=sm.input.tokenizer,
+         checkpoint_dirs={int(step): path for step, path in sm.params.checkpoint_dirs.items()},
+         training_log=sm.output.training_log, resume_steps=sm.params.resume_steps)

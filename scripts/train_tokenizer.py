@@ -1,5 +1,6 @@
-from qtraj import steps
-from qtraj.joblog import job_logging
+from qtraj.jobserver import run_step
 
-with job_logging(snakemake.log[0]):  # noqa: F821 - `snakemake` is injected by the script directive
-    steps.train_tokenizer(snakemake.input.train, snakemake.output[0], snakemake.params.vocab_size)  # noqa: F821
+# `snakemake` is injected by the script directive; the step runs on the job server when one is up (qtraj.jobserver)
+sm = snakemake  # noqa: F821
+run_step("train_tokenizer", sm.log[0], train_split=sm.input.train, out_dir=sm.output[0],
+         vocab_size=sm.params.vocab_size)

@@ -9,7 +9,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from qtraj.startup import quiet_progress_bars, silence_known_noise, skip_unused_imports
+from qtraj.startup import (
+    JOB_ENVIRONMENT,
+    quiet_progress_bars,
+    reconfigure_preloaded_logging,
+    silence_known_noise,
+    skip_unused_imports,
+)
 
 
 @contextlib.contextmanager
@@ -27,12 +33,13 @@ def job_logging(log_file: str) -> Iterator[logging.Logger]:
     # Set before the libraries are imported (the steps import them lazily): progress bars off (tqdm, which torch
     # has already imported, too), and llm-compressor's own (loguru) log into this job's file rather than onto
     # Snakemake's console.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for variable, value in JOB_ENVIRONMENT.items():
+        os.environ.setdefault(variable, value)
     quiet_progress_bars()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["LLM_COMPRESSOR_LOG_FILE"] = str(log_file)
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
     os.environ.setdefault("LLM_COMPRESSOR_LOG_FILE_LEVEL", "INFO")
+    reconfigure_preloaded_logging()
     handler = logging.FileHandler(log_file, mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

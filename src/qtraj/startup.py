@@ -34,6 +34,9 @@ from types import ModuleType
 #   `scipy.optimize` at import, for the Hungarian matching of DETR-style object-detection losses; the rest of
 #   transformers' scipy use is in vision and audio models. qtraj loads causal language models only.
 UNUSED_BY_QTRAJ = ("sklearn", "torchao", "scipy")
+# Defaults every job runs with (a value in the environment wins): no hub progress bars (huggingface_hub reads this
+# at import), no tokenizers thread pool that a fork would warn about.
+JOB_ENVIRONMENT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TRANSFORMERS_FLAGS = "transformers.utils.import_utils"
 
 # Known noise, by the logger that emits it and the start of its message (re.match): what a job prints at start-up
@@ -157,3 +160,11 @@ def quiet_progress_bars() -> None:
     init = vars(tqdm_std.tqdm).get("__init__")
     if isinstance(init, functools.partialmethod):  # how tqdm applies its environment defaults (tqdm.utils.envwrap)
         tqdm_std.tqdm.__init__ = functools.partialmethod(init.func, *init.args, **{**init.keywords, "disable": True})
+
+
+def reconfigure_preloaded_logging() -> None:
+    """llm-compressor configures its (loguru) logger from the environment when it is imported; a worker of the job
+    server (qtraj.jobserver) has it imported already, so its job's log file is applied here again."""
+    logger_module = sys.modules.get("llmcompressor.logger")
+    if logger_module is not None:
+        logger_module.configure_logger(logger_module.LoggerConfig())
