@@ -55,18 +55,20 @@ CANNED_VIEWS = {
         FROM ranked AS before JOIN ranked AS after USING (run, quantization)
         WHERE before.newest = 1 AND before.phase <> 'decay' AND after.newest = 1 AND after.phase = 'decay'"""),
     # the LR decay against the constant-LR control at equal tokens: each trained run with a decay phase against
-    # every constant-schedule run of the same seed, peak_lr and weight_decay, at each step (and token count) both
-    # have a checkpoint; at_end marks the decayed run's last checkpoint. The paper: there the decayed run has the
-    # lower fp loss (loss_fp_difference < 0) and the higher ΔQ L (delta_q_loss_difference > 0)
+    # every constant-schedule run of the same seed, peak_lr and weight_decay (a run trained at a constant LR from
+    # scratch, or a `constant` branch of this very run: cooldowns with shape constant), at each step (and token
+    # count) both have a checkpoint; at_end marks the decayed run's last checkpoint. The paper: there the decayed run
+    # has the lower fp loss (loss_fp_difference < 0) and the higher ΔQ L (delta_q_loss_difference > 0)
     "control_effect": (("results", "training_log"), """
         WITH decayed AS (
             SELECT run, schedule, peak_lr, weight_decay, seed FROM runs
             WHERE schedule <> 'constant'
               AND run IN (SELECT run FROM results WHERE phase = 'decay' AND source = 'trained')),
-        constant AS (SELECT run, peak_lr, weight_decay, seed FROM runs WHERE schedule = 'constant'),
+        constant AS (SELECT run, peak_lr, weight_decay, seed, parent_run FROM runs WHERE schedule = 'constant'),
         trained AS (
             SELECT *, step = max(step) OVER (PARTITION BY run, quantization) AS at_end
-            FROM results WHERE source = 'trained' AND step IS NOT NULL)
+            FROM results WHERE source = 'trained' AND step IS NOT NULL),
+        control AS (SELECT * FROM results WHERE source IN ('trained', 'cooldown') AND step IS NOT NULL)
         SELECT d.run AS decayed_run, c.run AS constant_run, d.schedule, d.seed, d.peak_lr, d.weight_decay,
                dr.quantization, dr.method, dr.bits, dr.step, dr.tokens, dr.phase, dr.at_end,
                dr.checkpoint AS checkpoint_decayed, cr.checkpoint AS checkpoint_constant,
@@ -77,8 +79,9 @@ CANNED_VIEWS = {
         FROM decayed AS d
         JOIN constant AS c ON c.seed = d.seed AND c.peak_lr = d.peak_lr
          AND c.weight_decay IS NOT DISTINCT FROM d.weight_decay
+         AND (c.parent_run IS NULL OR c.parent_run = d.run)  -- a constant branch controls only its own parent
         JOIN trained AS dr ON dr.run = d.run
-        JOIN trained AS cr ON cr.run = c.run AND cr.quantization = dr.quantization
+        JOIN control AS cr ON cr.run = c.run AND cr.quantization = dr.quantization
          AND cr.step = dr.step AND cr.tokens IS NOT DISTINCT FROM dr.tokens"""),
     # weight averaging: every averaged checkpoint against the newest checkpoint it averages (a soup: its last
     # ingredient), same quantization; the paper: averaging lowers ΔQ L (delta_q_loss_change < 0)

@@ -61,12 +61,18 @@ def lr_at(schedule: Schedule, step: int) -> float:
     return decayed_lr(peak, final, progress, "cosine" if schedule.kind == "cosine" else "linear")
 
 
-DECAY_SHAPES = ("linear", "cosine")
+# the LR shapes of a branch resumed from a run (config `cooldowns`): a decay, or `constant` for the control at equal
+# tokens (the run continued at the LR it had where it branched, which is what a constant-LR run from scratch with the
+# same seed does after that step)
+DECAY_SHAPES = ("linear", "cosine", "constant")
 
 
 def decayed_lr(start_lr: float, final_lr: float, progress: float, shape: str) -> float:
     """The LR `progress` (0..1) of the way through a decay from start_lr to final_lr: the decay of every schedule
-    and of every cooldown, so a cooldown branched where a WSD run starts its decay repeats that decay exactly."""
+    and of every cooldown, so a cooldown branched where a WSD run starts its decay repeats that decay exactly.
+    `constant` does not decay: start_lr throughout."""
+    if shape == "constant":
+        return start_lr
     if shape == "cosine":
         return final_lr + (start_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     if shape == "linear":

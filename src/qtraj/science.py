@@ -4,7 +4,8 @@ Per quantization and setting (a run's schedule, peak LR and weight decay: only s
 each as its mean over seeds with a 95% Student-t confidence interval:
 
 1. control: a decayed run at its last checkpoint against the constant-LR run of the same seed, peak LR and weight
-   decay at the same step, so after the same tokens (view `control_effect`). The paper: the decay lowers the fp
+   decay at the same step, so after the same tokens (view `control_effect`): trained from scratch, or the decayed
+   run's own `constant` branch from its decay start (the same run without the decay). The paper: the decay lowers the fp
    loss and raises ΔQ L beyond what training at a constant LR does.
 2. stable: ΔQ L's change over the decayed run's stable phase (its first stable checkpoint → its last one before
    the decay): training progress alone at a constant LR, shown to compare the decay's effect with (no expected
@@ -299,7 +300,8 @@ def _control(connection, decayed: list[_Run], runs: dict[str, dict],
     for run in trained:
         candidates = sorted(name for name, settings in constant.items()
                             if (settings["seed"], settings["peak_lr"], settings["weight_decay"])
-                            == (run.seed, run.settings["peak_lr"], run.settings["weight_decay"]))
+                            == (run.seed, run.settings["peak_lr"], run.settings["weight_decay"])
+                            and settings.get("parent_run") in (None, run.name))  # a branch: of this run only
         unpaired = [quantization for quantization in run.steps if (run.name, quantization) not in paired]
         if not candidates:
             missing.append(f"{run.label}: no constant-LR run of the same seed, peak LR and weight decay "

@@ -80,14 +80,17 @@ def train_run(run: str, settings: dict, train_tokens: str, tokenizer_dir: str,
 
 def cool_down(run: str, settings: dict, cooldown: dict, parent_dir: str, train_tokens: str, out_dir: str,
               training_log: str) -> None:
-    """One cooldown branch: resume the parent run's checkpoint and decay (settings: the parent run's)."""
+    """One cooldown branch: resume the parent run's checkpoint and decay (settings: the parent run's); a `constant`
+    branch is the parent continued at a constant LR, so its training log says schedule `constant`, as a constant-LR
+    run's does (the control the science check pairs with the parent at equal tokens)."""
     from qtraj.config import training_spec
     from qtraj.training import cool_down as resume_and_decay
 
     spec = training_spec(run, settings)
     rows = resume_and_decay(spec, parent_dir, np.load(train_tokens), cooldown["length"], cooldown["shape"],
                             cooldown["final_lr_fraction"] * settings["peak_lr"], out_dir)
-    columns = {**_run_columns(settings), "schedule": f"cooldown-{cooldown['shape']}"}
+    schedule = "constant" if cooldown["shape"] == "constant" else f"cooldown-{cooldown['shape']}"
+    columns = {**_run_columns(settings), "schedule": schedule}
     results.write_rows([{**row, **columns} for row in rows], results.TRAINING_LOG_SCHEMA, training_log)
     log.info("%s: %d cooldown steps from %s, final train loss %.4f", out_dir, cooldown["length"], parent_dir,
              rows[-1]["train_loss"])

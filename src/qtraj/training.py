@@ -99,8 +99,9 @@ def cool_down(spec: TrainingSpec, parent_dir: str | Path, train_tokens: np.ndarr
               final_lr: float, out_dir: str | Path) -> list[dict]:
     """Resume a run from a checkpoint saved with its training state (`train(resume_steps=...)`) and decay the LR
     from the one at the branch to `final_lr` over `length` steps: the paper's cooldowns branched from stable-phase
-    checkpoints. Weights, AdamW moments and the data order continue exactly where the run was; the checkpoint
-    after the last step is saved to `out_dir` (phase decay, parent = the branch point)."""
+    checkpoints (shape `constant`: no decay, the control at equal tokens). Weights, AdamW moments and the data order
+    continue exactly where the run was; the checkpoint after the last step is saved to `out_dir` (phase decay, or
+    stable for a constant branch; parent = the branch point)."""
     from transformers import AutoModelForCausalLM
 
     parent = read_checkpoint_info(parent_dir)
@@ -132,7 +133,8 @@ def cool_down(spec: TrainingSpec, parent_dir: str | Path, train_tokens: np.ndarr
             model.save_pretrained(str(out_dir), safe_serialization=True)
             write_checkpoint_info(out_dir, CheckpointInfo(
                 run=spec.run, checkpoint=Path(out_dir).name, step=step, tokens=step * spec.batch_size * spec.seq_len,
-                lr=lr, phase="decay", source="cooldown", parent_run=parent.run, parent_checkpoint=parent.checkpoint))
+                lr=lr, phase="stable" if shape == "constant" else "decay", source="cooldown", parent_run=parent.run,
+                parent_checkpoint=parent.checkpoint))
 
     lrs = {start + k: decayed_lr(start_lr, final_lr, k / length, shape) for k in range(1, length + 1)}
     rows = _train_steps(spec, model, optimizer, generator, train_tokens, lrs, save)
