@@ -60,6 +60,27 @@ def test_cooldown_from_the_decay_start_repeats_the_runs_own_decay(wsd_run, token
     assert log[-1]["train_loss"] == pytest.approx(next(row for row in rows if row["step"] == 40)["train_loss"])
 
 
+def test_a_constant_branch_from_the_decay_start_is_the_constant_lr_run_of_the_same_seed(wsd_run, token_stream,
+                                                                                      tokenizer_dir, tmp_path):
+    """The default's control: WSD continued at its peak LR from the decay start must be the constant-LR run trained
+    from scratch with the same seed (same init, data order and LR up to the branch), without its first steps."""
+    dirs, _ = wsd_run
+    branch = tmp_path / "branch" / "step000040"
+    log = cool_down(_spec("constant"), dirs[30], token_stream, length=10, shape="constant", final_lr=0.0,
+                    out_dir=branch)
+    scratch = tmp_path / "scratch" / "step000040"
+    constant = TrainingSpec(run="constant", model=TINY_MODEL, schedule=Schedule("constant", 3e-3, 40, 2),
+                            seq_len=32, batch_size=4, weight_decay=0.1, grad_clip=1.0, seed=3)
+    rows = train(constant, token_stream, tokenizer_dir, {40: scratch})
+    branched, trained = load_file(str(branch / "model.safetensors")), load_file(str(scratch / "model.safetensors"))
+    for key in trained:
+        torch.testing.assert_close(branched[key], trained[key], rtol=0, atol=1e-6)
+    assert {row["lr"] for row in log} == {3e-3}
+    assert [row["train_loss"] for row in log] == pytest.approx([row["train_loss"] for row in rows[-10:]])
+    info = read_checkpoint_info(branch)
+    assert (info.step, info.phase, info.source, info.lr) == (40, "stable", "cooldown", 3e-3)
+
+
 def test_an_earlier_branch_is_a_different_model_that_ends_at_zero_lr(wsd_run, token_stream, tmp_path):
     dirs, _ = wsd_run
     out = tmp_path / "step000030"

@@ -24,7 +24,7 @@ LIGHT = ("qtraj.steps", "tests.jobserver_steps")
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))  # as the clients have it: the server imports the test's steps
-    process = jobserver.start(str(tmp_path / "server-log"), preload=LIGHT)
+    process = jobserver.start(str(tmp_path / "server-log"), preload=LIGHT, wait_seconds=30)
     assert process is not None, (tmp_path / "server-log" / jobserver.SERVER_LOG).read_text()
     address = os.environ[jobserver.SOCKET_VARIABLE]
     yield address
@@ -127,7 +127,7 @@ def test_evaluation_on_the_server_gives_the_same_numbers_as_in_its_own_process(t
 
     np.save(tmp_path / "validation.npy", token_stream)
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-    process = jobserver.start(str(tmp_path / "server-log"))
+    process = jobserver.start(str(tmp_path / "server-log"), wait_seconds=120)
     assert process is not None
     address = os.environ[jobserver.SOCKET_VARIABLE]
     try:

@@ -148,6 +148,31 @@ def test_control_view_pairs_same_seed_peak_lr_and_step_only(tmp_path):
     assert end["loss_fp_difference"] == pytest.approx(3.92 - 4.15)
 
 
+def test_constant_branches_control_their_own_parent_only_and_measure_as_constant_runs(tmp_path):
+    """The default's controls: each WSD run continued at a constant LR from its decay start (a cooldown branch of
+    shape constant). A decayed run of the same seed and peak LR that is not the branch's parent gets no control."""
+    rows, logs = [], []
+    for seed in SEEDS:
+        wsd, constant = seeded("wsd", seed), seeded("constant", seed)
+        rows += wsd_rows(seed)
+        logs += log_rows(wsd, "wsd", seed)
+        rows += [{**one, "source": "cooldown", "parent_run": wsd, "parent_checkpoint": "step000600"}
+                 for one in constant_rows(constant, seed)]
+        logs += [{**one, "parent_run": wsd, "parent_checkpoint": "step000600"}
+                 for one in log_rows(constant, "constant", seed)]
+    rows += [{**one, "run": "cosine"} for one in wsd_rows(0)]  # seed 0, same peak LR, decayed: not the parent
+    logs += log_rows("cosine", "cosine", 0)
+    branched = science.measure(write_dataset(tmp_path / "branched", rows, logs))
+    pairs = query("SELECT DISTINCT decayed_run, constant_run FROM control_effect ORDER BY ALL", tmp_path / "branched")
+    assert [(pair["decayed_run"], pair["constant_run"]) for pair in pairs] == [
+        ("wsd", "constant"), ("wsd-seed1", "constant-seed1"), ("wsd-seed2", "constant-seed2")]
+    assert any("cosine" in line and "no constant-LR run" in line for line in branched.section("control").missing)
+    scratch = science.measure(paper_dataset(tmp_path / "scratch"))
+    for quantity, quantization in ((science.DELTA_Q_LOSS, "rtn-w3g32"), (science.LOSS_FP, science.FP)):
+        found, expected = (effect(check, "control", quantity, quantization) for check in (branched, scratch))
+        assert (found.mean, found.half_width) == pytest.approx((expected.mean, expected.half_width))
+
+
 def test_control_view_marks_the_decayed_runs_end_even_without_a_control_there(tmp_path):
     rows = wsd_rows(0) + constant_rows("constant", 0, steps=(400,))
     write_dataset(tmp_path, rows, log_rows("wsd", "wsd", 0) + log_rows("constant", "constant", 0))

@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import random
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,6 +306,53 @@ def shared_context_lm_class() -> type:
     class SharedContextHFLM(HFLM):
         # None until the first shared batch has been compared with lm-eval's own scoring of it
         _cache_is_trusted: bool | None = None
+        # string -> its tokens as lm-eval's `tok_encode(string)` gives them, encoded in batches (`loglikelihood`)
+        _encodings: dict[str, list[int]] | None = None
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            # lm-eval encodes each request's context + continuation and its context one call at a time (~0.27 ms
+            # each, the context once per choice): ~30% of scoring 600 items with a micro model. The same strings
+            # encoded in one batch call of the same tokenizer with the same arguments, checked against lm-eval's
+            # own call on a sample; any string not prepared here is encoded by lm-eval as before.
+            self._encodings = self._encoded_in_batches(
+                {text for context, continuation in (request.args for request in requests) if context
+                 for text in (context + continuation, context[:len(context.rstrip())])})
+            try:
+                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._encodings = None
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                       left_truncate_len: int | None = None, **kwargs) -> list[int]:
+            if self._encodings and add_special_tokens is None and not left_truncate_len and not kwargs:
+                encoded = self._encodings.get(string)
+                if encoded is not None:
+                    return list(encoded)
+            return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+
+        def _encoded_in_batches(self, texts: set[str]) -> dict[str, list[int]]:
+            """`tok_encode(text)` for every text, one tokenizer call per set of special-token arguments; empty
+            when a sample disagrees with lm-eval's one-at-a-time encoding (then lm-eval encodes everything)."""
+            try:
+                from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
+            except ImportError:  # another lm-eval: its own encoding throughout
+                return {}
+            bos = self.tokenizer.decode(self.prefix_token_id)
+            by_arguments: dict[tuple, list[str]] = defaultdict(list)
+            for text in sorted(texts):
+                arguments = _add_special_kwargs(None, self.add_bos_token)
+                if has_bos_prefix(text, bos):
+                    arguments["add_special_tokens"] = False
+                by_arguments[tuple(sorted(arguments.items()))].append(text)
+            encoded = {}
+            for arguments, group in by_arguments.items():
+                ids = self.tokenizer(group, **dict(arguments))["input_ids"]
+                encoded.update(zip(group, ids, strict=True))
+            sample = sorted(encoded)[:: max(1, len(encoded) // 16)]
+            if any(encoded[text] != HFLM.tok_encode(self, text) for text in sample):
+                log.warning("batched tokenization differs from lm-eval's; lm-eval encodes every request")
+                return {}
+            return encoded
 
         def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
                                   override_bs: int | None = None) -> list[tuple[float, bool]]:

@@ -23,8 +23,9 @@ How a job runs (`run_step`, called by each `scripts/*.py` adapter):
 
 The Snakefile starts the server for local, non-dry runs on a machine without an NVIDIA GPU (`start`; CUDA does not
 survive a fork after it was initialised, and llm-compressor queries the accelerator at import) and stops it when the
-run ends; it also exits by itself when the Snakemake process that started it is gone. `job_server: false` in the
-config turns it off.
+run ends; it also exits by itself when the Snakemake process that started it is gone. Its socket appears once the
+imports are done (~6 s): the first jobs (corpus, tokenizer) run in their own processes meanwhile.
+`job_server: false` in the config turns it off.
 """
 
 from __future__ import annotations
@@ -170,12 +171,15 @@ def _receive_exactly(connection: socket.socket, size: int) -> bytes:
 
 def serve(address: str, parent_pid: int, preload: tuple[str, ...] = PRELOAD) -> None:
     """Accept jobs on `address` until the process `parent_pid` is gone or SIGTERM arrives."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(address)  # bound before the imports: jobs that come early wait in the backlog
-    listener.listen(256)
     started = time.perf_counter()
     environment = dict(os.environ)  # as Snakemake gave it, before the imports add their own
     imported = preload_modules(preload)
+    # The socket appears under its address only now: jobs that start during the imports (the corpus and tokenizer
+    # steps, which need none of them) find no server and run in their own process instead of waiting for it.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address + ".binding")
+    listener.listen(256)
+    os.rename(address + ".binding", address)
     log.info("preloaded %d modules in %.1f s; serving on %s", len(imported), time.perf_counter() - started, address)
     snapshot = ServerState.of(environment)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # managers are reaped by the kernel
@@ -195,8 +199,9 @@ def serve(address: str, parent_pid: int, preload: tuple[str, ...] = PRELOAD) -> 
             connection.close()
     finally:
         listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address)
+        for path in (address, address + ".binding"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def preload_modules(names: tuple[str, ...]) -> list[str]:
@@ -394,9 +399,10 @@ def should_start(local_exec: bool, enabled: bool) -> bool:
 
 
 def start(log_dir: str = ".snakemake", preload: tuple[str, ...] = PRELOAD,
-          wait_seconds: float = 10.0) -> subprocess.Popen | None:
-    """Start a server for this process's jobs and point QTRAJ_JOB_SERVER at it; None (jobs then run in their own
-    processes) when it does not come up."""
+          wait_seconds: float | None = None) -> subprocess.Popen | None:
+    """Start a server for this process's jobs and point QTRAJ_JOB_SERVER at it. Jobs run in their own processes
+    until it has imported its modules (a few seconds), and throughout if it fails to start (see its log).
+    `wait_seconds`: wait until it serves (None: do not wait); None is returned if it is not serving by then."""
     folder = tempfile.mkdtemp(prefix="qtraj-jobs-")  # private (0700): only this user can send jobs
     address = os.path.join(folder, "socket")
     Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -404,8 +410,8 @@ def start(log_dir: str = ".snakemake", preload: tuple[str, ...] = PRELOAD,
         server = subprocess.Popen([sys.executable, "-m", "qtraj.jobserver", address, str(os.getpid()), *preload],
                                   stdin=subprocess.DEVNULL, stdout=server_log, stderr=subprocess.STDOUT,
                                   start_new_session=True)  # Ctrl-C stops the jobs; the server follows Snakemake
-    deadline = time.monotonic() + wait_seconds
-    while not os.path.exists(address):
+    deadline = time.monotonic() + (wait_seconds or 0.0)
+    while wait_seconds is not None and not os.path.exists(address):
         if server.poll() is not None or time.monotonic() > deadline:
             server.kill()
             print(f"qtraj: the job server did not start (see {Path(log_dir, SERVER_LOG)}); jobs run in their own "
@@ -426,8 +432,9 @@ def stop(server: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         server.kill()
     address = server.args[3]
-    with contextlib.suppress(OSError):
-        os.unlink(address)
+    for path in (address, address + ".binding"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(address))
 
