@@ -68,6 +68,7 @@ WORKER_LINE = re.compile(r"job server worker \d+: exit -?\d+, cpu_s ([0-9.]+), m
 @dataclass
 class JobFigures:
     seconds: float  # wall, Snakemake's benchmark
+    ended: float  # the benchmark file's modification time: when the job ended
     cpu: float  # the adapter's (benchmark) plus, on the job server, its worker's (job log)
     rss_mb: float
     on_server: bool
@@ -85,7 +86,8 @@ def job_figures(benchmark: Path, log_file: Path) -> JobFigures:
     if worker:
         cpu += float(worker.group(1))
         rss = max(rss, float(worker.group(2)))
-    return JobFigures(seconds, cpu, rss, on_server, float(done.group(1)) if done else None)
+    return JobFigures(seconds, benchmark.stat().st_mtime, cpu, rss, on_server,
+                      float(done.group(1)) if done else None)
 
 
 def rule_figures(results_dir: Path) -> dict[str, list[JobFigures]]:
@@ -155,6 +157,10 @@ def main() -> None:
               f"{max(job.rss_mb for job in jobs):>12.0f}{paid:>12.1f}{paid / total:>7.0%}")
     print(f"{'all':<22}{int(totals['jobs']):>6}{int(totals['served']):>8}{'':>9}{totals['total']:>10.1f}"
           f"{totals['cpu']:>9.1f}{'':>12}{totals['startup']:>12.1f}{totals['startup'] / totals['total']:>7.0%}")
+    every = [job for jobs in figures.values() for job in jobs]
+    span = max(job.ended for job in every) - min(job.ended - job.seconds for job in every)
+    print(f"jobs with a benchmark ran from the first one's start to the last one's end in {span:.0f} s "
+          f"({int(span // 60)} min {span % 60:.0f} s); the job time above is {totals['total'] / span:.2f}x that")
     print("start-up: jobs on the job server (column server): wall time minus the step's own time, from the job "
           "log; others: a fresh process's imports (bench/startup.py)"
           + (", CPU s measured now: " + ", ".join(f"{rule}: {startup[kind_of(rule)]:.2f}" for rule in fresh)

@@ -59,8 +59,10 @@ def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
     jobs = planned_jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
                                   workdir=tmp_path).stdout)
     rules = [rule for rule, _ in jobs]
-    runs = ("wsd", "wsd-seed1", "wsd-seed2", "constant", "constant-seed1", "constant-seed2")
-    assert [rules.count(f"train_{run}") for run in runs] == [1] * 6
+    runs = ("wsd", "wsd-seed1", "wsd-seed2")
+    assert [rules.count(f"train_{run}") for run in runs] == [1] * 3 and rules.count("train_constant") == 0
+    # the constant-LR control of each seed: its WSD run continued from step 600 at the peak LR, to step 800
+    assert rules.count("cooldown") == 3
     assert rules.count("average_checkpoints") == 3  # LAWA of steps 700 and 800, per WSD seed
     checkpoints = 3 * 8 + 3 * 1 + 3  # WSD at 8 checkpoints, its constant-LR control at its end, LAWA at its end
     assert rules.count("evaluate_fp") == checkpoints
