@@ -3,7 +3,15 @@ import copy
 import pytest
 import yaml
 
-from qtraj.config import ConfigError, checkpoints_of, load_config, quant_spec, run_settings, validate_config
+from qtraj.config import (
+    ConfigError,
+    checkpoints_of,
+    load_config,
+    make_schedule,
+    quant_spec,
+    run_settings,
+    validate_config,
+)
 from tests.conftest import REPO_ROOT
 
 DEFAULT = REPO_ROOT / "config" / "config.yaml"
@@ -17,16 +25,21 @@ def default_config():
 def test_default_config_is_valid_and_has_the_issue_grid():
     config = load_config(DEFAULT)
     settings = {run: run_settings(config, run) for run in config["runs"]}
-    assert {run["schedule"] for run in settings.values()} == {"constant", "wsd"}
+    assert {run["schedule"] for run in settings.values()} == {"wsd"}
     assert len({(run["peak_lr"], run["steps"], run["batch_size"]) for run in settings.values()}) == 1  # equal tokens
+    assert sorted(run["seed"] for run in settings.values()) == [0, 1, 2]
     # the science check: WSD at >= 8 checkpoints under three seeds, each with a LAWA average at its end and a
-    # constant-LR control with the same seed that reaches WSD's last step
-    wsd = {run: setting for run, setting in settings.items() if setting["schedule"] == "wsd"}
-    assert all(len(checkpoints_of(config, run)) >= 8 for run in wsd)
-    assert len({setting["seed"] for setting in wsd.values()}) >= 3 and len(config["averages"]) == len(wsd)
-    controls = {setting["seed"]: checkpoints_of(config, run)[-1] for run, setting in settings.items()
-                if setting["schedule"] == "constant"}
-    assert all(controls[setting["seed"]] == checkpoints_of(config, run)[-1] for run, setting in wsd.items())
+    # constant-LR control: the run continued at a constant LR from its decay start to its last step
+    assert all(len(checkpoints_of(config, run)) >= 8 for run in settings)
+    controls = {spec["from"]: spec for spec in config["cooldowns"].values() if spec["shape"] == "constant"}
+    assert controls.keys() == settings.keys()
+    for run, spec in controls.items():
+        schedule = make_schedule(settings[run])
+        assert spec["at"] == [schedule.decay_start] and schedule.decay_start + spec["length"] == settings[run]["steps"]
+    assert len(config["averages"]) == len(settings)
+    # each control's checkpoint lines up with its run's last one (equal steps, so equal tokens)
+    ends = {spec["from"]: checkpoints_of(config, name)[-1] for name, spec in config["cooldowns"].items()}
+    assert all(ends[run] == checkpoints_of(config, run)[-1] for run in settings)
     grid = {(entry["method"], entry["bits"]) for entry in config["quantizations"].values()}
     assert grid >= {("rtn", 3), ("rtn", 4), ("gptq", 3), ("gptq", 4)}
     assert config["accuracy"]["local_tasks"]
@@ -78,8 +91,8 @@ def test_unknown_top_level_key_and_bad_run_override(default_config):
     broken["trainig"] = {}
     with pytest.raises(ConfigError, match="known keys"):
         validate_config(broken)
-    default_config["runs"]["constant"]["peak_lr"] = -1
-    with pytest.raises(ConfigError, match="runs.constant.peak_lr"):
+    default_config["runs"]["wsd-seed1"]["peak_lr"] = -1
+    with pytest.raises(ConfigError, match="runs.wsd-seed1.peak_lr"):
         validate_config(default_config)
 
 
