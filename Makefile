@@ -38,6 +38,7 @@ report: setup
 lint: setup
 	$(BIN)/ruff check src scripts tests bench
 	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check Snakefile rules
 
 test: setup
 	$(BIN)/pytest

@@ -1,7 +1,10 @@
 # qtraj: quantization robustness along training trajectories. Logic lives in src/qtraj/ and rules/common.smk.
 from snakemake.utils import min_version
 
+from snakemake.exceptions import WorkflowError
+
 from qtraj import jobserver as job_server
+from qtraj.resources import unexpanded_profile_variables
 
 min_version("9.20")
 
@@ -33,7 +36,14 @@ include: "rules/results.smk"
 # Local runs send their jobs to one warm process that has the libraries imported (qtraj.jobserver): ~0.1 s to
 # start a job instead of ~8 CPU-s. Cluster jobs, dry runs and `job_server: false` start every job fresh.
 onstart:
-    if job_server.should_start(workflow.local_exec, config.get("job_server", True)):
+    # before the first submission: an unset variable of profiles/slurm would reach sbatch literally
+    if unset := unexpanded_profile_variables(workflow.resource_settings.default_resources):
+        raise WorkflowError(
+            f"profiles/slurm needs {', '.join(unset)} set (e.g. `export QTRAJ_SLURM_PARTITION=gpu "
+            "QTRAJ_SLURM_ACCOUNT=myproject`); to let the Slurm plugin pick your default account instead, delete "
+            "slurm_account from profiles/slurm/config.v8+.yaml. Nothing was submitted."
+        )
+    if job_server.should_start(workflow.local_exec, config["job_server"]):
         JOB_SERVER.append(job_server.start())
 
 

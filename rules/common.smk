@@ -119,17 +119,11 @@ def resource(step, key, run=None):
         elif is_local(config, source):
             parameters = local_parameter_count(config, source)
         elif config["resources"]["trained_on_gpu"]:
-            parameters = llama_parameters(
-                config["model"], config["tokenizer"]["vocab_size"]
-            )
+            parameters = llama_parameters(config["model"], config["tokenizer"]["vocab_size"])
         else:
             parameters = None
-        lm_eval_tasks = bool(
-            data_settings(config, run or wildcards.run)["accuracy"]["lm_eval_tasks"]
-        )
-        return job_resources(step, parameters, config["resources"], lm_eval_tasks).get(
-            key, 0
-        )
+        lm_eval_tasks = bool(data_settings(config, run or wildcards.run)["accuracy"]["lm_eval_tasks"])
+        return job_resources(step, parameters, config["resources"], lm_eval_tasks).get(key, 0)
 
     return value
 
@@ -183,9 +177,7 @@ def local_checkpoint_facts(wildcards):
     entry = config["local"][wildcards.run]
     revision = local_revision_of(config, wildcards.run, wildcards.checkpoint)
     return {
-        key: value
-        for key, value in asdict(checkpoint_info(wildcards.run, entry, revision)).items()
-        if key != "path"
+        key: value for key, value in asdict(checkpoint_info(wildcards.run, entry, revision)).items() if key != "path"
     }
 
 
@@ -198,10 +190,7 @@ def local_tokenizer_folder(wildcards):
 
 def checkpoint_dirs(run):
     """step -> checkpoint folder for every checkpoint the run saves."""
-    return {
-        step: f"{RESULTS}/checkpoints/{run}/{checkpoint_name(step)}"
-        for step in checkpoint_steps(config, run)
-    }
+    return {step: f"{RESULTS}/checkpoints/{run}/{checkpoint_name(step)}" for step in checkpoint_steps(config, run)}
 
 
 def cooldown_parent(wildcards):
@@ -226,9 +215,7 @@ def per_job_files(table):
             for name in config["cooldowns"]
             for checkpoint in cooldown_branches(config, name)
         ]
-    runs = [
-        run for run in TRAJECTORIES if table != "sharpness" or measures_sharpness(config, run)
-    ]
+    runs = [run for run in TRAJECTORIES if table != "sharpness" or measures_sharpness(config, run)]
     files = []
     for pattern in TABLES[table].per_job:
         quantizations = QUANTIZATIONS if "{quantization}" in pattern else [None]
@@ -245,11 +232,7 @@ def packed_model_output():
     """The quantize rule's extra output when the config keeps packed models (an empty dict otherwise)."""
     if not config["packed_models"]:
         return {}
-    return {
-        "packed": directory(
-            f"{RESULTS}/packed/{{run}}/{{checkpoint}}/{{quantization}}"
-        )
-    }
+    return {"packed": directory(f"{RESULTS}/packed/{{run}}/{{checkpoint}}/{{quantization}}")}
 
 
 def dataset_tables():
@@ -288,6 +271,8 @@ def check_results_readable():
 
 def all_targets():
     check_results_readable()
-    figures = [f"{RESULTS}/figures/{run}.png" for run in TRAJECTORIES]
+    # averages and cooldowns have no figure of their own: they are drawn in their parent's (qtraj.plotting)
+    figures = [f"{RESULTS}/figures/{run}.png" for run in RUNS + FAMILIES + LOCAL]
     figures += [f"{RESULTS}/figures/{name}.png" for name in summary_figures(config)]
-    return per_job_results() + dataset_tables() + figures
+    # the headline numbers that report/workflow.rst shows first
+    return per_job_results() + dataset_tables() + figures + [f"{RESULTS}/science_check.txt"]

@@ -84,8 +84,6 @@ rule fetch_lm_eval_tasks:
     conda:
         "../envs/qtraj.yaml"
     params:
-        tasks=lambda wildcards: (config["hub_data"] if wildcards.text == "hub" else config)[
-            "accuracy"
-        ]["lm_eval_tasks"],
+        tasks=lambda wildcards: (config["hub_data"] if wildcards.text == "hub" else config)["accuracy"]["lm_eval_tasks"],
     script:
         "../scripts/fetch_lm_eval_tasks.py"

@@ -16,9 +16,7 @@ rule download_checkpoint:
     conda:
         "../envs/qtraj.yaml"
     params:
-        source=lambda wildcards: checkpoint_source(
-            config, wildcards.run, wildcards.checkpoint
-        ),
+        source=lambda wildcards: checkpoint_source(config, wildcards.run, wildcards.checkpoint),
     script:
         "../scripts/download_checkpoint.py"
 

@@ -9,10 +9,10 @@ rule quantize:
         tasks=lambda wildcards: task_files(wildcards).values(),
         lm_eval_tasks=lm_eval_marker,
     output:
+        **packed_model_output(),
         result=result_file("results"),
         layer_errors=result_file("layer_errors"),
         accuracy=result_file("accuracy", 1),
-        **packed_model_output(),
     log:
         f"{LOGS}/quantize/{{run}}/{{checkpoint}}/{{quantization}}.log",
     benchmark:

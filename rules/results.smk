@@ -60,3 +60,25 @@ for _figure in summary_figures(config):
             figure=_figure,
         script:
             "../scripts/plot_summary.py"
+
+
+# The headline numbers: `qtraj science-check` on the dataset, which report/workflow.rst shows first.
+rule science_check:
+    input:
+        dataset_tables(),
+    output:
+        report(
+            f"{RESULTS}/science_check.txt",
+            caption="../report/science_check.rst",
+            category="Headline numbers",
+        ),
+    log:
+        f"{LOGS}/science_check.log",
+    localrule: True
+    params:
+        results_dir=lambda wildcards, input: os.path.dirname(os.path.dirname(input[0])),
+    run:
+        from qtraj.science import report as science_check
+
+        with open(output[0], "w") as text:
+            text.write(science_check(params.results_dir) + "\n")

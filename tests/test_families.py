@@ -7,6 +7,7 @@ import yaml
 
 from qtraj.config import ConfigError
 from qtraj.families import (
+    checkpoint_source,
     expand_revisions,
     load_family,
     revision_lr_and_phase,
@@ -111,3 +112,42 @@ def test_every_shipped_family_validates_and_its_selectors_resolve(path):
         assert lr is None or 0 <= lr <= family["schedule"]["peak_lr"] * (1 + 1e-9)
     assert select_revisions(revisions, {"last": 3})[-1] == revisions[-1]
     assert len(select_revisions(revisions, {"every": 10})) == -(-len(revisions) // 10)
+
+
+# The smallest family file (README: adding a family): no schedule, no stages; every revision is pretraining.
+MINIMAL_FAMILY = """\
+name: Pythia 70M
+repo: EleutherAI/pythia-70m
+parameters: 70426624
+revisions:
+  - {revision: step143000, step: 143000}
+"""
+
+
+def test_a_five_line_family_file_loads_and_its_checkpoints_get_null_lr_and_phase(tmp_path):
+    path = tmp_path / "pythia-70m.yaml"
+    path.write_text(MINIMAL_FAMILY)
+    assert len(MINIMAL_FAMILY.splitlines()) == 5
+    family = load_family(path)
+    assert family["schedule"] is None and family["stages"] == {"pretraining": "pretraining"}
+    [revision] = expand_revisions(family)
+    assert (revision.revision, revision.step, revision.stage) == ("step143000", 143000, "pretraining")
+    assert revision_lr_and_phase(family, revision) == (None, None)
+    # what the download job records for it
+    config = {"families_dir": str(tmp_path), "families": {"pythia-70m": {"select": {}}}}
+    source = checkpoint_source(config, "pythia-70m", "step143000")
+    assert (source["lr"], source["phase"]) == (None, None)
+
+
+def test_without_a_schedule_anneal_and_post_training_stages_keep_their_phase(tmp_path):
+    family = {key: value for key, value in WSD_FAMILY.items() if key != "schedule"}
+    by_name = {r.revision: r for r in expand_revisions(load_family(write_family(tmp_path, "noschedule", family)))}
+    loaded = load_family(tmp_path / "noschedule.yaml")
+    assert revision_lr_and_phase(loaded, by_name["main"]) == (None, "post-training")
+    assert revision_lr_and_phase(loaded, by_name["step950-special"]) == (None, None)
+
+
+def test_a_revision_without_a_stage_needs_the_stage_pretraining_declared(tmp_path):
+    family = {**WSD_FAMILY, "revisions": [{"revision": "main"}], "revision_ranges": []}
+    with pytest.raises(ConfigError, match="revision 'main' has stage 'pretraining', which `stages` does not declare"):
+        load_family(write_family(tmp_path, "nostage", family))

@@ -110,7 +110,8 @@ def test_adding_a_family_file_runs_only_that_familys_jobs(family_a_run):
     config = hub_config(root, families, ["tiny-a", "tiny-b"])
     before = {path: path.stat().st_mtime_ns for path in (root / "results" / "evals").rglob("*.parquet")}
     jobs = planned_jobs(run(root, config, env, "--dry-run").stdout)
-    new = [(rule, output) for rule, output in jobs if rule not in ("aggregate", "all") and not rule.startswith("plot_")]
+    new = [(rule, output) for rule, output in jobs
+           if rule not in ("aggregate", "science_check", "all") and not rule.startswith("plot_")]
     assert "sharpness" not in [rule for rule, _ in jobs]  # off for families by default
     assert new and all("tiny-b" in output for _, output in new), new
 
@@ -149,7 +150,7 @@ def test_kept_checkpoints_let_a_new_quantization_plan_only_its_jobs(family_a_run
     path = root / "config-more-quantizations.yaml"
     path.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(run(root, path, env, "--dry-run").stdout)
-    rules = sorted({rule for rule, _ in jobs if not rule.startswith("plot_")} - {"aggregate", "all"})
+    rules = sorted({rule for rule, _ in jobs if not rule.startswith("plot_")} - {"aggregate", "science_check", "all"})
     assert rules == ["quantize"], rules
     assert all("rtn-w3g16" in output for rule, output in jobs if rule == "quantize")
 
@@ -175,4 +176,4 @@ def test_editing_a_family_file_reruns_only_what_the_edit_changes(family_a_run):
 def work_planned(dry_run_output: str) -> list[tuple[str, str]]:
     """The jobs of a dry run that compute something (not the cheap aggregate and figures)."""
     return [(rule, output) for rule, output in planned_jobs(dry_run_output)
-            if rule not in ("aggregate", "all") and not rule.startswith("plot_")]
+            if rule not in ("aggregate", "science_check", "all") and not rule.startswith("plot_")]

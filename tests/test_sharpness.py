@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from qtraj.sharpness import _loss, top_hessian_eigenvalue
+from qtraj.sharpness import _loss, largest_eigenvalue, top_hessian_eigenvalue
 
 
 def tiny_llama():
@@ -49,7 +49,7 @@ def test_power_iteration_finds_the_exact_top_eigenvalue():
     model = tiny_llama()
     blocks = np.random.default_rng(0).integers(0, 12, size=(4, 9))
     eigenvalues = exact_hessian_eigenvalues(model, blocks)
-    expected = eigenvalues[eigenvalues.abs().argmax()].item()
+    expected = eigenvalues.max().item()  # the largest algebraic eigenvalue: the paper's sharpness
     result = top_hessian_eigenvalue(model, blocks, batch_size=2, iterations=500, tolerance=1e-7, seed=0)
     assert result.converged and result.tokens == 4 * 8
     assert result.top_eigenvalue == pytest.approx(expected, rel=1e-3)
@@ -66,3 +66,16 @@ def test_the_estimate_is_seeded_and_does_not_touch_the_weights():
     assert first == second
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_dominant_negative_eigenvalue_is_shifted_away():
+    """Power iteration alone converges to -5 here (largest magnitude); sharpness is the largest eigenvalue, 2."""
+    rotation, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    matrix = rotation @ torch.diag(torch.tensor([-5.0, 2.0, 1.0, -0.5], dtype=torch.float64)) @ rotation.T
+    start = [torch.ones(4, dtype=torch.float64) / 2]
+    top, first, second = largest_eigenvalue(lambda vector: [matrix @ vector[0]], start, 2000, 1e-12)
+    assert first.eigenvalue == pytest.approx(-5.0, rel=1e-6) and second is not None
+    assert top == pytest.approx(2.0, rel=1e-6)
+    positive = rotation @ torch.diag(torch.tensor([5.0, 2.0, -1.0, 0.5], dtype=torch.float64)) @ rotation.T
+    top, first, second = largest_eigenvalue(lambda vector: [positive @ vector[0]], start, 2000, 1e-12)
+    assert top == pytest.approx(5.0, rel=1e-6) and second is None

@@ -123,3 +123,23 @@ def test_progress_bars_are_off_even_when_tqdm_was_imported_first():
     # a caller's explicit disable=False (lm-eval's) is its own choice and stays
     assert json.loads(run_python(code, env=env).stdout) == [False, True, False]
 
+
+
+def test_a_waiting_loguru_patch_does_not_stop_the_transformers_one():
+    # each import hook waits for its own module: route_loguru_to_logging's (for loguru and llm-compressor's logger
+    # module, neither imported yet) must not make skip_unused_imports think its own is installed already
+    code = """
+    import json, sys
+    from qtraj.startup import route_loguru_to_logging, skip_unused_imports
+
+    route_loguru_to_logging()
+    skip_unused_imports()
+    import transformers.modeling_utils  # noqa: F401
+    import loguru
+
+    print(json.dumps({"sklearn": "sklearn" in sys.modules,
+                      "sinks": [type(getattr(handler._sink, "_function", handler._sink)).__name__
+                                for handler in loguru.logger._core.handlers.values()]}))
+    """
+    # loguru's own stderr sink replaced by the one into Python logging
+    assert json.loads(run_python(code).stdout) == {"sklearn": False, "sinks": ["_LoguruToLogging"]}

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qtraj.joblog import Progress
+
 log = logging.getLogger(__name__)
 
 # Local multiple-choice tasks, built from held-out text (words, so any tokenizer can be scored on them):
@@ -362,6 +364,7 @@ def shared_context_lm_class() -> type:
             answers: list[tuple[float, bool] | None] = [None] * len(requests)
             progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                             desc="Running loglikelihood requests (shared contexts)")
+            progress_lines = Progress(log, "accuracy scoring", len(requests), "requests")
             for batch in batch_shared_contexts(groups, self.batch_size):
                 positions = [position for group in batch for position in group.requests]
                 scored = self._score_batch(batch, requests) if self._cache_is_trusted is not False else None
@@ -375,6 +378,7 @@ def shared_context_lm_class() -> type:
                     if requests[position][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[position][0], answer)
                 progress.update(len(positions))
+                progress_lines.advance(len(positions))
             progress.close()
             if unshared:
                 unshared.sort()
@@ -382,6 +386,7 @@ def shared_context_lm_class() -> type:
                                                     disable_tqdm=disable_tqdm)
                 for position, answer in zip(unshared, own, strict=True):
                     answers[position] = answer
+                progress_lines.advance(len(unshared))
             return answers
 
         def _can_share_contexts(self, override_bs: int | None) -> bool:

@@ -1,14 +1,21 @@
-"""The `qtraj` command line: `qtraj query "SQL"`, `qtraj science-check` and `qtraj check-config FILE`."""
+"""The `qtraj` command line: `qtraj query "SQL"`, `qtraj science-check`, `qtraj check-config FILE`, `qtraj status`,
+`qtraj plan`, `qtraj families` and `qtraj --version`. Thin: the logic lives in qtraj.query, qtraj.science,
+qtraj.status, qtraj.plan and qtraj.catalog."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
 
+import qtraj
 from qtraj.query import CANNED_VIEWS, DATASET_FILES, QueryError, connect, run_query
+from qtraj.schema import ConfigError
+
+DEFAULT_CONFIG = "config/config.yaml"  # what the Snakefile reads when no --configfile is given
 
 
 def _print(relation, output_format: str, max_rows: int) -> None:
@@ -24,8 +31,24 @@ def _print(relation, output_format: str, max_rows: int) -> None:
         relation.show(max_rows=max_rows, max_width=10_000)
 
 
+def _print_json(value) -> None:
+    print(json.dumps(value, default=str, indent=1))
+
+
+def _results_dir(args) -> str:
+    """--results-dir, else the results_dir of --configfile, else $QTRAJ_RESULTS_DIR, else ./results."""
+    if args.results_dir is not None:
+        return args.results_dir
+    if args.configfile is not None:
+        from qtraj.status import results_dir_of
+
+        return results_dir_of(args.configfile)
+    return os.environ.get("QTRAJ_RESULTS_DIR", "results")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qtraj", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"qtraj {qtraj.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     query = commands.add_parser(
         "query", help="answer SQL over the results dataset",
@@ -54,13 +77,52 @@ def main(argv: list[str] | None = None) -> int:
                     "without running anything. Snakemake itself reports a missing or unparsable --configfile with "
                     "a traceback; this says it in one line.")
     check_config.add_argument("file")
+    status = commands.add_parser(
+        "status", help="per trajectory: checkpoints measured, pending and failed",
+        description="Reads the config and the results tree (per-job Parquet files, job logs); runs nothing. A "
+                    "checkpoint is done when every job measuring it wrote its files, failed when a file is "
+                    "unreadable or a job's log records a failure, pending otherwise (a job killed without a word, "
+                    "e.g. by a time limit, counts as pending). The logs of what failed are listed.")
+    plan = commands.add_parser(
+        "plan", help="the jobs and GPU-hours a config asks a cluster for",
+        description="Per trajectory and rule: jobs, GPUs, requested runtime and memory per job, GPU-hours, sized as "
+                    "the rules size them (qtraj.resources, the Slurm profile's resources). Runtimes are requested "
+                    "limits, so the hours are upper bounds. Downloads, data preparation, averaging and figures "
+                    "need no GPU and are not counted.")
+    families = commands.add_parser(
+        "families", help="the catalog of model family files: repo, revisions, parameters, schedule",
+        description="Every family file (<slug>.yaml) of a folder, validated as the workflow validates it; a file "
+                    "that does not validate is named on stderr (exit status 1).")
+    families.add_argument("--families-dir", default=None,
+                          help="the folder of family files (default: the config schema's families_dir, "
+                               "config/families)")
     for command in (query, check):
-        command.add_argument("--results-dir", default=os.environ.get("QTRAJ_RESULTS_DIR", "results"),
-                             help="the workflow's results_dir (default: $QTRAJ_RESULTS_DIR or ./results)")
+        command.add_argument("--results-dir", default=None,
+                             help="the workflow's results_dir (default: the --configfile's results_dir, else "
+                                  "$QTRAJ_RESULTS_DIR, else ./results)")
+        command.add_argument("--configfile", default=None, help="a workflow config: read its results_dir")
+    status.add_argument("--results-dir", default=None, help="the workflow's results_dir (default: the config's)")
+    for command in (status, plan):
+        command.add_argument("--configfile", default=DEFAULT_CONFIG,
+                             help=f"the workflow config (default: {DEFAULT_CONFIG})")
+    for command in (status, plan, families):
+        command.add_argument("--format", choices=["table", "json"], default="table")
     args = parser.parse_args(argv)
 
+    if args.command in ("status", "plan", "families"):
+        try:
+            return {"status": _status, "plan": _plan, "families": _families}[args.command](args)
+        except ConfigError as error:
+            print(f"qtraj: {error}", file=sys.stderr)
+            return 2
+    if args.command in ("query", "science-check"):
+        try:
+            args.results_dir = _results_dir(args)
+        except ConfigError as error:
+            print(f"qtraj: {error}", file=sys.stderr)
+            return 2
     if args.command == "check-config":
-        from qtraj.config import ConfigError, load_config, trajectories
+        from qtraj.config import load_config, trajectories
 
         try:
             config = load_config(args.file)
@@ -101,6 +163,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qtraj: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _status(args) -> int:
+    from qtraj.config import load_config
+    from qtraj.status import render_status, workflow_status
+
+    statuses = workflow_status(load_config(args.configfile), args.results_dir)
+    if args.format == "json":
+        _print_json([{**dataclasses.asdict(status), "checkpoints": status.checkpoints} for status in statuses])
+    else:
+        print(render_status(statuses))
+    return 0
+
+
+def _plan(args) -> int:
+    from qtraj.config import load_config
+    from qtraj.plan import plan, render_plan, totals_by_rule
+
+    rows = plan(load_config(args.configfile))
+    if args.format == "json":
+        _print_json({"jobs": [{**dataclasses.asdict(row), "hours": row.hours, "gpu_hours": row.gpu_hours}
+                              for row in rows], "totals": totals_by_rule(rows)})
+    else:
+        print(render_plan(rows))
+    return 0
+
+
+def _families(args) -> int:
+    from qtraj.catalog import default_families_dir, family_catalog, render_catalog
+
+    entries, problems = family_catalog(args.families_dir or default_families_dir())
+    if args.format == "json":
+        _print_json([dataclasses.asdict(entry) for entry in entries])
+    else:
+        print(render_catalog(entries))
+    for problem in problems:
+        print(f"qtraj: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

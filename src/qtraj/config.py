@@ -13,7 +13,7 @@ from qtraj.schedules import Schedule
 
 # the validation basics live in qtraj.schema, which family and local-trajectory files use too (no import cycle);
 # ConfigError and read_yaml are re-exported: they are part of this module's API
-from qtraj.schema import REPO_ROOT, SCHEMA_PATH, ConfigError, load_schema, read_yaml  # noqa: F401
+from qtraj.schema import SCHEMA_PATH, ConfigError, load_schema, read_yaml  # noqa: F401
 from qtraj.schema import validate_against as _validate
 
 # The summary figures and what a config needs to have data for each: the one list (qtraj.plotting.SUMMARY_FIGURES

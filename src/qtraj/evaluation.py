@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from qtraj.joblog import Progress
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -173,6 +178,7 @@ def cross_entropy(model: torch.nn.Module, blocks: np.ndarray, batch_size: int) -
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    progress = Progress(log, "validation loss", len(blocks) * (blocks.shape[1] - 1), "tokens")
     for start in range(0, len(blocks), batch_size):
         batch = torch.from_numpy(blocks[start : start + batch_size].astype(np.int64)).to(device)
         logits = model(input_ids=batch[:, :-1]).logits.float()
@@ -181,6 +187,7 @@ def cross_entropy(model: torch.nn.Module, blocks: np.ndarray, batch_size: int) -
         )
         total += losses.double().item()
         count += batch[:, 1:].numel()
+        progress.advance(batch[:, 1:].numel())
     loss = total / count
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"validation loss is {loss}")

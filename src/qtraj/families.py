@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qtraj.schedules import Schedule, lr_at, phase_at
-from qtraj.schema import REPO_ROOT, ConfigError, load_schema, read_yaml
+from qtraj.schema import FAMILY_SCHEMA_PATH, ConfigError, load_schema, read_yaml
 from qtraj.schema import validate_against as _validate
-
-FAMILY_SCHEMA_PATH = REPO_ROOT / "config" / "schemas" / "family.schema.yaml"
 
 
 @dataclass(frozen=True)
@@ -63,21 +61,27 @@ def check_family(family: dict) -> None:
     for revision in revisions:
         if revision.stage not in family["stages"]:
             raise ConfigError(f"revision {revision.revision!r} has stage {revision.stage!r}, which `stages` does "
-                              f"not declare (declared: {', '.join(family['stages'])})")
+                              f"not declare (declared: {', '.join(family['stages'])}); a revision without `stage:` "
+                              "is in stage pretraining")
     names = [revision.revision for revision in revisions]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ConfigError(f"revisions listed twice: {', '.join(duplicates[:5])}")
+    if family["schedule"] is not None:  # a family without one is fine: its revisions get null LR and phase
+        check_schedule(family)
+    for number, series in enumerate(family["revision_ranges"]):
+        if series["stop"] < series["start"]:
+            raise ConfigError(f"revision_ranges.{number}: stop {series['stop']} is below start {series['start']}")
+
+
+def check_schedule(family: dict) -> None:
     schedule = family["schedule"]
     if schedule["type"] == "wsd" and schedule["decay_start_step"] is None:
         raise ConfigError("schedule.decay_start_step is required for a wsd schedule")
     if schedule["decay_start_step"] is not None and schedule["decay_start_step"] >= schedule["total_steps"]:
         raise ConfigError(f"schedule.decay_start_step {schedule['decay_start_step']} must be below total_steps "
                           f"{schedule['total_steps']}")
-    family_schedule(family)  # raises ValueError for impossible schedules
-    for number, series in enumerate(family["revision_ranges"]):
-        if series["stop"] < series["start"]:
-            raise ConfigError(f"revision_ranges.{number}: stop {series['stop']} is below start {series['start']}")
+    family_schedule(family)  # raises ConfigError for impossible schedules
 
 
 def family_schedule(family: dict) -> Schedule:
@@ -119,15 +123,18 @@ def expand_revisions(family: dict) -> list[Revision]:
     return [Revision(r.revision, r.step, r.tokens, r.stage, r.commit, index) for index, r in enumerate(found)]
 
 
-def revision_lr_and_phase(family: dict, revision: Revision) -> tuple[float | None, str]:
+def revision_lr_and_phase(family: dict, revision: Revision) -> tuple[float | None, str | None]:
     """The LR the schedule gives at the revision's step, and its phase.
 
-    Pretraining stages get warmup / stable / decay from the schedule; annealing and post-training stages are
-    named by their stage, and their LR is left null (their schedules are not the pretraining one).
+    Pretraining stages get warmup / stable / decay from the schedule (both null for a family whose file gives no
+    schedule); annealing and post-training stages are named by their stage, and their LR is left null (their
+    schedules are not the pretraining one).
     """
     kind = family["stages"][revision.stage]
     if kind != "pretraining":
         return None, kind
+    if family["schedule"] is None:
+        return None, None
     if revision.step is None:
         return None, "decay" if family["schedule"]["type"] != "constant" else "stable"
     schedule = family_schedule(family)

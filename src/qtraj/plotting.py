@@ -1,256 +1,436 @@
-"""Figures, drawn from the results dataset's Parquet files only (never from a job's memory)."""
+"""Figures, drawn from the results dataset's Parquet files only (never from a job's memory).
+
+Each `*_figure` function returns a matplotlib Figure and `save_figure` writes it (qtraj.steps calls both), so that
+tests can check what a figure shows, not only that a file appeared.
+"""
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on compute nodes
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from qtraj.query import connect  # noqa: E402
 
-BITS_COLORS = {2: "tab:purple", 3: "tab:red", 4: "tab:blue", 8: "tab:green"}
-METHOD_STYLES = ["-", "--", ":", "-."]
+# Quantization colours, one mapping for every figure: the method picks the hue, the bit width the shade (fewer bits
+# darker), so a config keeps its colour in every panel and every figure of a dataset.
+METHOD_COLORMAPS = {"gptq": "Blues", "rtn": "Oranges", "awq": "Greens", "bnb": "Purples"}
+SPARE_COLORMAPS = ("Reds", "Greys", "YlOrBr", "PuRd", "BuGn")  # for methods added later, in name order
+RUN_MARKERS = "osD^v<>P*X"  # one per trajectory where a panel mixes trajectories
+LR_COLOR = "tab:brown"  # not a method's hue
+
+# Averages and cooldown branches are drawn as marked points in their parent's trajectory figure, not in one of their
+# own: kind -> markers, one per trajectory of that kind in the figure (in name order).
+FOLDED_MARKERS = {
+    "average": ("D", "P", "X", "d"),
+    "constant-LR branch": ("s", "p", "h"),
+    "cooldown": ("v", "^", "<", ">"),
+}
+DECAY_SPAN_ID, DECAY_SHADE = "lr-decay", "0.9"  # the gid and colour of the shaded spans where the LR falls
 
 
-def _shade_decay(axis, checkpoints: list[dict]) -> None:
-    """Shade the span of checkpoints saved while the LR was decaying."""
-    decay_tokens = [row["tokens"] for row in checkpoints if row["phase"] == "decay"]
-    if decay_tokens:
-        earlier = [row["tokens"] for row in checkpoints if row["tokens"] < min(decay_tokens)]
-        start = max(earlier) if earlier else 0
-        axis.axvspan(start, max(decay_tokens), color="0.9", zorder=0, label="LR decay")
-
-
-def plot_trajectory(results_dir: str | Path, run: str, out_file: str | Path) -> None:
-    """The paper's Figure 1 for one run: ΔQ L vs tokens (top) over validation loss and LR (bottom).
-
-    Checkpoints without a token count (a family's final `main` soup, say) have no place on the axis and are
-    left out, which the title says.
-    """
-    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
-    rows = connection.execute(
-        "SELECT method, bits, quantization, tokens, delta_q_loss FROM results WHERE run = ? AND tokens IS NOT NULL "
-        "ORDER BY method, bits, tokens", [run]).fetchall()
-    checkpoints = [dict(zip(("tokens", "loss_fp", "phase", "lr"), row, strict=True)) for row in connection.execute(
-        "SELECT tokens, loss_fp, phase, lr FROM fp_evals WHERE run = ? AND tokens IS NOT NULL ORDER BY tokens",
-        [run]).fetchall()]
-    untimed = connection.execute("SELECT count(*) FROM fp_evals WHERE run = ? AND tokens IS NULL", [run]).fetchone()[0]
-    # one LR line per branch: a cooldown trajectory's branches overlap in tokens
-    logged = connection.execute(
-        "SELECT coalesce(parent_checkpoint, ''), tokens, lr FROM training_log WHERE run = ? ORDER BY 1, tokens",
-        [run]).fetchall() if "training_log" in _tables(connection) else []
-    schedules = [[(row[1], row[2]) for row in logged if row[0] == branch] for branch in sorted({r[0] for r in logged})]
-    if not schedules:  # a hub family: the LR its schedule gives at each checkpoint
-        schedules = [[(c["tokens"], c["lr"]) for c in checkpoints if c["lr"] is not None]]
-    if not rows:
-        figure = plt.figure(figsize=(7, 2))
-        figure.text(0.5, 0.5, f"{run}: no quantized checkpoint with a token count to plot", ha="center")
-        figure.savefig(out_file, dpi=120)
-        plt.close(figure)
-        return
-
-    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6.5), height_ratios=[3, 2])
-    methods = sorted({row[0] for row in rows})
-    for quantization in sorted({row[2] for row in rows}):
-        series = [row for row in rows if row[2] == quantization]
-        method, bits = series[0][0], series[0][1]
-        top.plot([row[3] for row in series], [100 * row[4] for row in series], marker="o", markersize=3,
-                 color=BITS_COLORS.get(bits, "black"), linestyle=METHOD_STYLES[methods.index(method) % 4],
-                 label=quantization)
-    top.set_ylabel("ΔQ L  (L_q / L_fp − 1, %)")
-    left_out = f" ({untimed} checkpoint(s) without a token count not shown)" if untimed else ""
-    top.set_title(f"{run}: quantization error along training{left_out}", fontsize=10)
-    _shade_decay(top, checkpoints)
-    top.legend(fontsize=8, ncol=2)
-    top.grid(alpha=0.3)
-
-    bottom.plot([c["tokens"] for c in checkpoints], [c["loss_fp"] for c in checkpoints], marker="o",
-                markersize=3, color="black", label="validation loss (fp)")
-    bottom.set_ylabel("validation loss (nats)")
-    bottom.set_xlabel("tokens seen")
-    _shade_decay(bottom, checkpoints)
-    bottom.grid(alpha=0.3)
-    if any(schedules):
-        lr_axis = bottom.twinx()
-        for schedule in schedules:
-            lr_axis.plot([row[0] for row in schedule], [row[1] for row in schedule], color="tab:orange", alpha=0.7)
-        lr_axis.set_ylabel("learning rate", color="tab:orange")
-    figure.tight_layout()
+def save_figure(figure: Figure, out_file: str | Path) -> None:
     figure.savefig(out_file, dpi=120)
     plt.close(figure)
 
 
-def plot_sharpness(results_dir: str | Path, out_file: str | Path) -> None:
-    """ΔQ L against the top Hessian eigenvalue of the checkpoint, one panel per bit width, colour per quantization
-    config, marker per trajectory."""
-    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
-    tables = {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
-    rows = connection.execute(
-        "SELECT r.run, r.quantization, r.bits, s.top_eigenvalue, r.delta_q_loss FROM results r "
-        "JOIN sharpness s USING (run, checkpoint) ORDER BY r.bits, r.quantization, r.run, s.top_eigenvalue"
-    ).fetchall() if "sharpness" in tables else []
-    bits = sorted({row[2] for row in rows}) or [None]
-    figure, axes = plt.subplots(1, len(bits), figsize=(4.2 * len(bits), 3.8), squeeze=False)
-    runs = sorted({row[0] for row in rows})
-    markers = "osD^v<>P*X"
-    for axis, width in zip(axes[0], bits, strict=True):
-        for index, quantization in enumerate(sorted({row[1] for row in rows if row[2] == width})):
-            for run in runs:
-                series = [row for row in rows if row[1] == quantization and row[0] == run]
-                if series:
-                    axis.plot([row[3] for row in series], [100 * row[4] for row in series],
-                              marker=markers[runs.index(run) % len(markers)], linestyle="-", alpha=0.8,
-                              color=f"C{index % 10}", label=f"{quantization} · {run}")
-        axis.set_title(f"{width}-bit" if width else "no sharpness rows yet")
-        axis.set_xlabel("top Hessian eigenvalue of the validation loss")
-        axis.grid(alpha=0.3)
-        if rows:
-            axis.legend(fontsize=7)
-    axes[0][0].set_ylabel("ΔQ L (%)")
-    figure.tight_layout()
-    figure.savefig(out_file, dpi=120)
-    plt.close(figure)
+def _rows(connection, sql: str, parameters: list | None = None) -> list[dict]:
+    relation = connection.execute(sql, parameters or [])
+    columns = [column[0] for column in relation.description]
+    return [dict(zip(columns, row, strict=True)) for row in relation.fetchall()]
 
 
 def _tables(connection) -> set[str]:
     return {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
 
 
-def _save(figure, out_file: str | Path) -> None:
-    figure.tight_layout()
-    figure.savefig(out_file, dpi=120)
-    plt.close(figure)
-
-
-def _empty(out_file: str | Path, message: str) -> None:
+def _message_figure(message: str) -> Figure:
+    """What a figure shows when the dataset has nothing for it: a sentence saying why."""
     figure = plt.figure(figsize=(7, 2))
     figure.text(0.5, 0.5, message, ha="center")
-    figure.savefig(out_file, dpi=120)
-    plt.close(figure)
+    return figure
 
 
-def _bits_panels(rows: list[tuple], bits_index: int, width: float = 4.2, height: float = 3.8):
-    bits = sorted({row[bits_index] for row in rows})
+def quantization_colors(quantizations: Iterable[tuple[str, str | None, int | None]]) -> dict[str, tuple]:
+    """quantization -> RGBA colour, from (quantization, method, bits) triples: every figure passes all of the
+    dataset's, never a panel's subset, so that the same config has the same colour everywhere."""
+    by_method = defaultdict(list)
+    # by method, then bits: the shades below run from the fewest bits (darkest) up
+    for name, method, _ in sorted(set(quantizations), key=lambda entry: (entry[1] or "", entry[2] or 0, entry[0])):
+        by_method[method or ""].append(name)
+    spare = itertools.cycle(SPARE_COLORMAPS)
+    colors = {}
+    for method in sorted(by_method):
+        colormap = matplotlib.colormaps[METHOD_COLORMAPS.get(method) or next(spare)]
+        names = by_method[method]
+        # from 0.9 (dark) to 0.45 (light): the light end of a sequential colormap is too pale on white
+        shades = [0.7] if len(names) == 1 else [0.9 - 0.45 * index / (len(names) - 1) for index in range(len(names))]
+        colors.update({name: colormap(shade) for name, shade in zip(names, shades, strict=True)})
+    return colors
+
+
+def _dataset_colors(connection) -> dict[str, tuple]:
+    return quantization_colors(connection.execute("SELECT DISTINCT quantization, method, bits FROM results").fetchall())
+
+
+def token_unit(max_tokens: float) -> tuple[float, str]:
+    """(divisor, unit) for a token axis: millions, or billions / trillions for real pretraining runs."""
+    for divisor, unit in ((1e12, "T"), (1e9, "B")):
+        if max_tokens >= divisor:
+            return divisor, unit
+    return 1e6, "M"
+
+
+def _token_axis(axis, unit: str) -> None:
+    axis.set_xlabel(f"tokens seen ({unit} tokens)")
+    axis.ticklabel_format(axis="x", style="plain", useOffset=False)
+
+
+def decreasing_spans(schedule: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(start, end) of each stretch of a (tokens, lr) schedule, in token order, over which the LR falls: from the last
+    point before the fall to its last point. Warmup (rising) and constant stretches are not shaded."""
+    spans = []
+    for (start, lr_before), (end, lr_after) in itertools.pairwise(schedule):
+        if lr_after < lr_before and not math.isclose(lr_after, lr_before, rel_tol=1e-9):
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((start, end))
+    return spans
+
+
+def figure_owner(parents: dict[str, str], run: str) -> str:
+    """The trajectory whose figure draws `run`: itself, or for an average or cooldown (`parents`: derived run -> the
+    run it derives from) its parent's owner, so that an average of a cooldown lands in the trained run's figure."""
+    seen = {run}
+    while run in parents and parents[run] not in seen:
+        run = parents[run]
+        seen.add(run)
+    return run
+
+
+def folded_kind(source: str, schedule: str | None) -> str:
+    """A derived trajectory's kind (FOLDED_MARKERS): an average, or a cooldown branch that decays or keeps the LR."""
+    if source == "averaged":
+        return "average"
+    return "constant-LR branch" if schedule == "constant" else "cooldown"
+
+
+def folded_markers(kinds: dict[str, str]) -> dict[str, str]:
+    """run -> marker for the folded trajectories of one figure (run -> kind): each kind its own markers, the next one
+    for each further trajectory of the same kind."""
+    markers, used = {}, defaultdict(int)
+    for run in sorted(kinds):
+        choices = FOLDED_MARKERS[kinds[run]]
+        markers[run] = choices[used[kinds[run]] % len(choices)]
+        used[kinds[run]] += 1
+    return markers
+
+
+def _shade_decay(axis, spans: list[tuple[float, float]], divisor: float) -> None:
+    for start, end in spans:
+        axis.axvspan(start / divisor, end / divisor, color=DECAY_SHADE, zorder=0, gid=DECAY_SPAN_ID)
+
+
+def _lr_schedules(connection, run: str, folded: list[str]) -> tuple[list, list]:
+    """(the run's own (tokens, lr) schedule, one per cooldown branch folded in): from the training log, or for
+    checkpoints trained elsewhere the LR their family's schedule gives at each checkpoint."""
+    logged = _rows(connection, "SELECT run, coalesce(parent_checkpoint, '') AS branch, tokens, lr FROM training_log "
+                   "WHERE run IN (SELECT unnest(?)) AND tokens IS NOT NULL AND lr IS NOT NULL ORDER BY run, branch, "
+                   "tokens", [[run, *folded]]) if "training_log" in _tables(connection) else []
+    own = [(row["tokens"], row["lr"]) for row in logged if row["run"] == run]
+    if not own:
+        own = [(row["tokens"], row["lr"]) for row in _rows(
+            connection, "SELECT tokens, lr FROM fp_evals WHERE run = ? AND tokens IS NOT NULL AND lr IS NOT NULL "
+            "ORDER BY tokens", [run])]
+    branches = defaultdict(list)
+    for row in logged:
+        if row["run"] != run:
+            branches[row["run"], row["branch"]].append((row["tokens"], row["lr"]))
+    return own, [branches[key] for key in sorted(branches)]
+
+
+def _folded_trajectories(connection, run: str) -> dict[str, str]:
+    """run -> kind of every average and cooldown drawn in `run`'s figure."""
+    derived = _rows(connection, "SELECT DISTINCT run, source, parent_run FROM results "
+                    "WHERE source IN ('averaged', 'cooldown') AND parent_run IS NOT NULL")
+    parents = {row["run"]: row["parent_run"] for row in derived}
+    schedules = dict(connection.execute("SELECT run, any_value(schedule) FROM training_log GROUP BY run").fetchall()) \
+        if "training_log" in _tables(connection) else {}
+    return {row["run"]: folded_kind(row["source"], schedules.get(row["run"])) for row in derived
+            if row["run"] != run and figure_owner(parents, row["run"]) == run}
+
+
+def trajectory_figure(results_dir: str | Path, run: str) -> Figure:
+    """The paper's Figure 1 for one trajectory: ΔQ L against tokens (top) over the validation loss and the LR
+    (bottom), the stretches where the LR falls shaded. Its averages and cooldown branches are marked points (a
+    dotted line joins a branch to the checkpoint it branched from).
+
+    Checkpoints without a token count (a family's final `main` soup, say) have no place on the axis and are
+    left out, which the title says.
+    """
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
+    kinds = _folded_trajectories(connection, run)
+    members = [run, *sorted(kinds)]
+    rows = _rows(connection, "SELECT run, checkpoint, tokens, quantization, delta_q_loss, parent_run, "
+                 "parent_checkpoint FROM results WHERE run IN (SELECT unnest(?)) AND tokens IS NOT NULL "
+                 "ORDER BY run, quantization, tokens", [members])
+    if not rows:
+        return _message_figure(f"{run}: no quantized checkpoint with a token count to plot")
+    checkpoints = _rows(connection, "SELECT run, checkpoint, tokens, loss_fp, parent_run, parent_checkpoint "
+                        "FROM fp_evals WHERE run IN (SELECT unnest(?)) AND tokens IS NOT NULL ORDER BY run, tokens",
+                        [members])
+    untimed = connection.execute("SELECT count(*) FROM fp_evals WHERE run IN (SELECT unnest(?)) AND tokens IS NULL",
+                                 [members]).fetchone()[0]
+    schedule, branch_schedules = _lr_schedules(connection, run, sorted(kinds))
+    divisor, unit = token_unit(max(row["tokens"] for row in rows))
+    spans = decreasing_spans(schedule)
+    markers = folded_markers(kinds)
+
+    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7.5, 6.5), height_ratios=[3, 2])
+    colors = _dataset_colors(connection)
+    handles = _draw_quantization_error(top, run, rows, colors, divisor)
+    _draw_folded(top, rows, kinds, markers, divisor, lambda row: 100 * row["delta_q_loss"],
+                 lambda row: colors[row["quantization"]], match_on=("quantization",))
+    _draw_loss_and_lr(bottom, [row for row in checkpoints if row["run"] == run], schedule, branch_schedules, divisor)
+    _draw_folded(bottom, checkpoints, kinds, markers, divisor, lambda row: row["loss_fp"], lambda row: "black",
+                 match_on=())
+    for axis in (top, bottom):
+        _shade_decay(axis, spans, divisor)
+    handles += [Line2D([], [], color="black", marker=markers[name], linestyle="none", markerfacecolor="white",
+                       label=f"{name}: {kinds[name]}") for name in sorted(kinds)]
+    handles += [Patch(color=DECAY_SHADE, label="LR decay")] if spans else []
+    top.legend(handles=handles, fontsize=7, ncol=2)
+    left_out = f" ({untimed} checkpoint(s) without a token count not shown)" if untimed else ""
+    top.set_title(f"{run}: quantization error along training{left_out}", fontsize=10)
+    _token_axis(bottom, unit)
+    figure.tight_layout()
+    return figure
+
+
+def _draw_quantization_error(axis, run: str, rows: list[dict], colors: dict[str, tuple], divisor: float) -> list:
+    """One ΔQ L line per quantization config of `run` (rows: the figure's); returns their legend entries."""
+    handles = []
+    for quantization in sorted({row["quantization"] for row in rows}, key=list(colors).index):
+        own = [row for row in rows if row["quantization"] == quantization and row["run"] == run]
+        axis.plot([row["tokens"] / divisor for row in own], [100 * row["delta_q_loss"] for row in own], marker="o",
+                  markersize=3, color=colors[quantization])
+        handles.append(Line2D([], [], color=colors[quantization], marker="o", markersize=3, label=quantization))
+    axis.set_ylabel("ΔQ L  (L_q / L_fp − 1, %)")
+    axis.grid(alpha=0.3)
+    return handles
+
+
+def _draw_loss_and_lr(axis, checkpoints: list[dict], schedule: list, branch_schedules: list[list],
+                      divisor: float) -> None:
+    """The run's full-precision validation loss, and on a second y axis its LR and each cooldown branch's."""
+    axis.plot([row["tokens"] / divisor for row in checkpoints], [row["loss_fp"] for row in checkpoints],
+              marker="o", markersize=3, color="black", label="validation loss (fp)")
+    axis.set_ylabel("validation loss (nats)")
+    axis.grid(alpha=0.3)
+    if not schedule and not any(branch_schedules):
+        return
+    lr_axis = axis.twinx()
+    lr_axis.plot([tokens / divisor for tokens, _ in schedule], [lr for _, lr in schedule], color=LR_COLOR, alpha=0.8)
+    for branch in branch_schedules:
+        lr_axis.plot([tokens / divisor for tokens, _ in branch], [lr for _, lr in branch], color=LR_COLOR, alpha=0.8,
+                     linestyle="--", linewidth=1)
+    lr_axis.set_ylim(bottom=0)  # an LR is never negative; a single constant value would otherwise centre on it
+    lr_axis.set_ylabel("learning rate", color=LR_COLOR)
+
+
+def _draw_folded(axis, rows: list[dict], kinds: dict[str, str], markers: dict[str, str], divisor: float,
+                 value, color, match_on: tuple[str, ...]) -> None:
+    """The folded trajectories' points (`value` of each row) on `axis`, and a dotted line from each cooldown branch's
+    end back to the checkpoint it branched from (rows: the figure's; a branch point also matches on `match_on`)."""
+    by_checkpoint = {(row["run"], row["checkpoint"], *(row[column] for column in match_on)): row for row in rows}
+    for row in rows:
+        if row["run"] not in kinds:
+            continue
+        branch_point = by_checkpoint.get((row["parent_run"], row["parent_checkpoint"],
+                                          *(row[column] for column in match_on)))
+        if kinds[row["run"]] != "average" and branch_point is not None:
+            axis.plot([branch_point["tokens"] / divisor, row["tokens"] / divisor], [value(branch_point), value(row)],
+                      color=color(row), linestyle=":", linewidth=1, alpha=0.7)
+        axis.scatter([row["tokens"] / divisor], [value(row)], marker=markers[row["run"]], s=36, color=color(row),
+                     edgecolors="black", linewidths=0.6, zorder=3, gid=f"folded:{row['run']}")
+
+
+def sharpness_figure(results_dir: str | Path) -> Figure:
+    """ΔQ L against the top Hessian eigenvalue of the checkpoint, one panel per bit width, colour per quantization
+    config, marker per trajectory; a trajectory's points are joined in training order (by step), its first hollow."""
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
+    rows = _rows(connection, "SELECT r.run, r.quantization, r.bits, r.step, s.top_eigenvalue, r.delta_q_loss "
+                 "FROM results r JOIN sharpness s USING (run, checkpoint) ORDER BY r.bits, r.quantization, r.run, "
+                 "r.step") if "sharpness" in _tables(connection) else []
+    if not rows:
+        return _message_figure("no sharpness rows yet (config `sharpness`)")
+    colors = _dataset_colors(connection)
+    figure, panels = _bits_panels(rows)
+    runs = sorted({row["run"] for row in rows})
+    for axis, width in panels:
+        for quantization in sorted({row["quantization"] for row in rows if row["bits"] == width}):
+            for run in runs:
+                series = [row for row in rows if row["quantization"] == quantization and row["run"] == run]
+                if not series:
+                    continue
+                marker = RUN_MARKERS[runs.index(run) % len(RUN_MARKERS)]
+                axis.plot([row["top_eigenvalue"] for row in series], [100 * row["delta_q_loss"] for row in series],
+                          marker=marker, linestyle="-", alpha=0.8, color=colors[quantization],
+                          label=f"{quantization} · {run}", gid=f"{quantization}|{run}")
+                # the first checkpoint hollow: where the line starts, so its direction reads
+                axis.plot([series[0]["top_eigenvalue"]], [100 * series[0]["delta_q_loss"]], marker=marker,
+                          markerfacecolor="white", color=colors[quantization], zorder=3)
+    return _finish_bits_panels(figure, panels, "top Hessian eigenvalue of the validation loss")
+
+
+def _bits_panels(rows: list[dict], width: float = 4.2, height: float = 3.8):
+    """A figure with one panel per bit width of `rows`: (figure, [(axis, bits)])."""
+    bits = sorted({row["bits"] for row in rows})
     figure, axes = plt.subplots(1, len(bits), figsize=(width * len(bits), height), squeeze=False)
     return figure, list(zip(axes[0], bits, strict=True))
 
 
-def _finish_bits_panels(figure, panels, xlabel: str, out_file: str | Path) -> None:
-    """Titles, x labels, grids and legends of per-bit-width ΔQ L panels (from _bits_panels), then save."""
+def _finish_bits_panels(figure: Figure, panels, xlabel: str | None) -> Figure:
+    """Titles, x labels, grids and legends of per-bit-width ΔQ L panels (from _bits_panels)."""
     for axis, width in panels:
         axis.set_title(f"{width}-bit")
-        axis.set_xlabel(xlabel)
+        if xlabel:
+            axis.set_xlabel(xlabel)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=6)
     panels[0][0].set_ylabel("ΔQ L (%)")
-    _save(figure, out_file)
+    figure.tight_layout()
+    return figure
 
 
-def plot_loss(results_dir: str | Path, out_file: str | Path) -> None:
+def loss_figure(results_dir: str | Path) -> Figure:
     """Full-precision validation loss against tokens seen, one line per trajectory (averages dashed)."""
     connection = connect(results_dir, read_only=False)  # qtraj's own SQL
-    rows = connection.execute(
-        "SELECT run, source, tokens, loss_fp FROM fp_evals WHERE tokens IS NOT NULL ORDER BY run, tokens").fetchall()
+    rows = _rows(connection, "SELECT run, source, tokens, loss_fp FROM fp_evals WHERE tokens IS NOT NULL "
+                 "ORDER BY run, tokens")
     if not rows:
-        _empty(out_file, "no checkpoint with a token count to plot")
-        return
+        return _message_figure("no checkpoint with a token count to plot")
+    divisor, unit = token_unit(max(row["tokens"] for row in rows))
     figure, axis = plt.subplots(figsize=(7, 4.2))
-    for index, run in enumerate(sorted({row[0] for row in rows})):
-        series = [row for row in rows if row[0] == run]
-        styles = {"averaged": "--", "cooldown": ":"}
+    styles = {"averaged": "--", "cooldown": ":"}
+    for index, run in enumerate(sorted({row["run"] for row in rows})):
+        series = [row for row in rows if row["run"] == run]
         # a trajectory of one checkpoint (an average at the end only) is a point: draw it large enough to see
-        axis.plot([row[2] for row in series], [row[3] for row in series], marker="o" if len(series) > 1 else "D",
-                  markersize=3 if len(series) > 1 else 7, linestyle=styles.get(series[0][1], "-"),
-                  color=f"C{index % 10}", label=run)
-    axis.set_xlabel("tokens seen")
+        axis.plot([row["tokens"] / divisor for row in series], [row["loss_fp"] for row in series],
+                  marker="o" if len(series) > 1 else "D", markersize=3 if len(series) > 1 else 7,
+                  linestyle=styles.get(series[0]["source"], "-"), color=f"C{index % 10}", label=run)
+    _token_axis(axis, unit)
     axis.set_ylabel("validation loss, full precision (nats)")
     axis.set_title("Validation loss along training", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
-    _save(figure, out_file)
+    figure.tight_layout()
+    return figure
 
 
-def plot_lr(results_dir: str | Path, out_file: str | Path) -> None:
+def lr_figure(results_dir: str | Path) -> Figure:
     """ΔQ L against the learning rate at the checkpoint (the paper: quantization error grows as the LR is decayed),
-    one panel per bit width, colour per method, marker per trajectory."""
+    one panel per bit width, colour per quantization config, marker per trajectory."""
     connection = connect(results_dir, read_only=False)  # qtraj's own SQL
-    rows = connection.execute(
-        "SELECT run, method, bits, lr, delta_q_loss FROM results WHERE lr IS NOT NULL "
-        "ORDER BY bits, method, run, lr").fetchall()
+    rows = _rows(connection, "SELECT run, quantization, bits, lr, delta_q_loss FROM results WHERE lr IS NOT NULL "
+                 "ORDER BY bits, quantization, run, lr")
     if not rows:
-        _empty(out_file, "no checkpoint with a known learning rate")
-        return
-    figure, panels = _bits_panels(rows, 2)
-    runs = sorted({row[0] for row in rows})
-    markers = "osD^v<>P*X"
+        return _message_figure("no checkpoint with a known learning rate")
+    colors = _dataset_colors(connection)
+    figure, panels = _bits_panels(rows)
+    runs = sorted({row["run"] for row in rows})
     for axis, width in panels:
-        methods = sorted({row[1] for row in rows if row[2] == width})
-        for method in methods:
+        for quantization in sorted({row["quantization"] for row in rows if row["bits"] == width}):
             for run in runs:
-                series = [row for row in rows if row[2] == width and row[1] == method and row[0] == run]
+                series = [row for row in rows if row["quantization"] == quantization and row["run"] == run]
                 if series:
-                    axis.scatter([row[3] for row in series], [100 * row[4] for row in series], s=22, alpha=0.8,
-                                 marker=markers[runs.index(run) % len(markers)], color=f"C{methods.index(method)}",
-                                 label=f"{method} · {run}")
-    _finish_bits_panels(figure, panels, "learning rate at the checkpoint", out_file)
+                    axis.scatter([row["lr"] for row in series], [100 * row["delta_q_loss"] for row in series], s=22,
+                                 alpha=0.8, marker=RUN_MARKERS[runs.index(run) % len(RUN_MARKERS)],
+                                 color=colors[quantization], label=f"{quantization} · {run}")
+    return _finish_bits_panels(figure, panels, "learning rate at the checkpoint")
 
 
-def plot_averaging(results_dir: str | Path, out_file: str | Path) -> None:
-    """Weight averaging against none: ΔQ L of each averaged checkpoint and of the newest checkpoint it averages,
-    against tokens; one panel per bit width, colour per quantization config, solid line / filled marker = no
-    averaging, dashed / hollow = averaged, marker shape per average."""
+def averaging_figure(results_dir: str | Path) -> Figure:
+    """Weight averaging against none, as a slope chart: per bit width, one line per averaged checkpoint and
+    quantization config from the ΔQ L of the newest checkpoint it averages (left) to the average's own (right);
+    colour per quantization config, marker per trajectory averaged (a seed)."""
     connection = connect(results_dir, read_only=False)  # qtraj's own SQL
-    rows = connection.execute(
-        "SELECT average, run, quantization, bits, tokens, delta_q_loss_parent, delta_q_loss_average "
-        "FROM averaging_effect WHERE tokens IS NOT NULL ORDER BY bits, quantization, average, tokens").fetchall() \
+    rows = _rows(connection, "SELECT average, checkpoint, run, quantization, bits, delta_q_loss_parent, "
+                 "delta_q_loss_average FROM averaging_effect ORDER BY bits, quantization, run, average, checkpoint") \
         if "averaging_effect" in _tables(connection) else []
     if not rows:
-        _empty(out_file, "no averaged checkpoint (config `averages`) to compare")
-        return
-    figure, panels = _bits_panels(rows, 3)
+        return _message_figure("no averaged checkpoint (config `averages`) to compare")
+    colors = _dataset_colors(connection)
+    runs = sorted({row["run"] for row in rows})
+    figure, panels = _bits_panels(rows, width=3.6)
     for axis, width in panels:
-        quantizations = sorted({row[2] for row in rows if row[3] == width})
-        averages = sorted({row[0] for row in rows if row[3] == width})
-        for quantization in quantizations:
-            for number, average in enumerate(averages):
-                series = [row for row in rows if row[2] == quantization and row[0] == average]
-                if not series:
-                    continue
-                color, marker = f"C{quantizations.index(quantization) % 10}", "osD^v"[number % 5]
-                tokens, size = [row[4] for row in series], 3 if len(series) > 1 else 7
-                axis.plot(tokens, [100 * row[5] for row in series], color=color, marker=marker, markersize=size,
-                          linestyle="-", label=f"{quantization} · {series[0][1]}")
-                axis.plot(tokens, [100 * row[6] for row in series], color=color, marker=marker, markersize=size,
-                          linestyle="--", markerfacecolor="none", label=f"{quantization} · {average}")
-    _finish_bits_panels(figure, panels, "tokens seen (newest checkpoint averaged)", out_file)
+        labelled = set()
+        for row in (row for row in rows if row["bits"] == width):
+            label = f"{row['quantization']} · {row['run']}"
+            axis.plot([0, 1], [100 * row["delta_q_loss_parent"], 100 * row["delta_q_loss_average"]],
+                      color=colors[row["quantization"]], marker=RUN_MARKERS[runs.index(row["run"]) % len(RUN_MARKERS)],
+                      markersize=5, alpha=0.8, label=None if label in labelled else label)
+            labelled.add(label)
+        axis.set_xticks([0, 1], ["newest checkpoint\naveraged", "its average"])
+        axis.set_xlim(-0.35, 1.35)
+    return _finish_bits_panels(figure, panels, None)
 
 
-def plot_accuracy(results_dir: str | Path, out_file: str | Path) -> None:
-    """Loss degradation (ΔQ L) against accuracy degradation (relative increase of the task error rate, averaged
-    over tasks), one point per quantized model; colour = bits, marker = method."""
+# The accuracy drops of view accuracy_summary (the same headline metric per task: acc, else acc_norm), with standard
+# errors from lm-eval's per-task ones: fp and quantized combined as if independent (an upper bound: both score the
+# same items), then averaged over tasks like the drops.
+ACCURACY_SQL = """
+    WITH headline AS (
+        SELECT d.run, d.checkpoint, d.quantization, d.abs_drop, d.rel_drop, d.acc_fp,
+               fp.stderr ^ 2 + q.stderr ^ 2 AS drop_variance,
+               row_number() OVER (PARTITION BY d.run, d.checkpoint, d.quantization, d.task
+                                  ORDER BY d.metric = 'acc' DESC, d.metric) AS pick
+        FROM accuracy_drop AS d
+        JOIN accuracy AS q ON q.run = d.run AND q.checkpoint = d.checkpoint AND q.quantization = d.quantization
+         AND q.task = d.task AND q.metric = d.metric AND q.filter = d.filter
+        JOIN accuracy AS fp ON fp.run = d.run AND fp.checkpoint = d.checkpoint AND fp.quantization IS NULL
+         AND fp.task = d.task AND fp.metric = d.metric AND fp.filter = d.filter
+        WHERE d.metric IN ('acc', 'acc_norm') AND d.filter = 'none' AND d.configured IS NOT false)
+    SELECT h.run, h.checkpoint, h.quantization, any_value(r.bits) AS bits,
+           any_value(r.delta_q_loss) AS delta_q_loss, avg(h.rel_drop) AS mean_rel_drop,
+           avg(h.abs_drop) AS mean_abs_drop,
+           sqrt(sum(h.drop_variance)) / count(*) AS abs_drop_stderr,
+           sqrt(sum(h.drop_variance / nullif(1 - h.acc_fp, 0) ^ 2)) / count(h.rel_drop) AS rel_drop_stderr
+    FROM headline AS h JOIN results AS r USING (run, checkpoint, quantization)
+    WHERE h.pick = 1 GROUP BY h.run, h.checkpoint, h.quantization HAVING avg(h.rel_drop) IS NOT NULL
+    ORDER BY bits, h.quantization, h.run, h.checkpoint"""
+
+
+def accuracy_figure(results_dir: str | Path) -> Figure:
+    """Loss degradation (ΔQ L) against accuracy degradation (the relative increase of the task error rate, and the
+    absolute drop, averaged over tasks), one point per quantized model with ±1 standard error; colour per
+    quantization config."""
     connection = connect(results_dir, read_only=False)  # qtraj's own SQL
-    rows = connection.execute(
-        "SELECT r.method, r.bits, r.delta_q_loss, a.mean_rel_drop, a.mean_abs_drop FROM results r "
-        "JOIN accuracy_summary a USING (run, checkpoint, quantization) WHERE a.mean_rel_drop IS NOT NULL "
-        "ORDER BY r.bits, r.method").fetchall() \
-        if "accuracy_summary" in _tables(connection) else []
+    rows = _rows(connection, ACCURACY_SQL) if "accuracy_drop" in _tables(connection) else []
     if not rows:
-        _empty(out_file, "no task accuracy (config `accuracy`) to compare")
-        return
+        return _message_figure("no task accuracy (config `accuracy`) to compare")
+    colors = _dataset_colors(connection)
     figure, (relative, absolute) = plt.subplots(1, 2, figsize=(9.5, 4))
-    methods = sorted({row[0] for row in rows})
-    for method in methods:
-        for width in sorted({row[1] for row in rows}):
-            series = [row for row in rows if row[0] == method and row[1] == width]
-            if not series:
-                continue
-            style = {"marker": "osD^v"[methods.index(method) % 5], "color": BITS_COLORS.get(width, "black"),
-                     "alpha": 0.75, "s": 22, "label": f"{method} {width}-bit"}
-            relative.scatter([100 * row[2] for row in series], [100 * row[3] for row in series], **style)
-            absolute.scatter([100 * row[2] for row in series], [100 * row[4] for row in series], **style)
+    for quantization in sorted({row["quantization"] for row in rows}, key=list(colors).index):
+        series = [row for row in rows if row["quantization"] == quantization]
+        style = {"fmt": "o", "markersize": 4, "color": colors[quantization], "alpha": 0.8, "elinewidth": 0.8,
+                 "capsize": 2, "label": quantization}
+        x = [100 * row["delta_q_loss"] for row in series]
+        relative.errorbar(x, [100 * row["mean_rel_drop"] for row in series],
+                          yerr=[100 * _or_nan(row["rel_drop_stderr"]) for row in series], **style)
+        absolute.errorbar(x, [100 * row["mean_abs_drop"] for row in series],
+                          yerr=[100 * _or_nan(row["abs_drop_stderr"]) for row in series], **style)
     relative.set_ylabel("relative accuracy drop (%)\n(acc_fp − acc_q) / (1 − acc_fp)")
     absolute.set_ylabel("absolute accuracy drop (points)")
     for axis in (relative, absolute):
@@ -258,10 +438,17 @@ def plot_accuracy(results_dir: str | Path, out_file: str | Path) -> None:
         axis.axhline(0, color="0.6", linewidth=0.8)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    _save(figure, out_file)
+    figure.tight_layout()
+    return figure
+
+
+def _or_nan(value: float | None) -> float:
+    """A missing standard error (a task lm-eval gives none for) as NaN: that point is drawn without a bar."""
+    return math.nan if value is None else value
 
 
 # name (qtraj.config.SUMMARY_FIGURE_NEEDS: the list, and when a config has data for each) -> function drawing
-# results/figures/<name>.png from the whole dataset, besides one trajectory figure per run
-SUMMARY_FIGURES = {"loss": plot_loss, "lr": plot_lr, "sharpness": plot_sharpness, "averaging": plot_averaging,
-                   "accuracy": plot_accuracy}
+# results/figures/<name>.png from the whole dataset, besides one trajectory figure per trained run, family or local
+# folder (its averages and cooldowns drawn in it)
+SUMMARY_FIGURES = {"loss": loss_figure, "lr": lr_figure, "sharpness": sharpness_figure,
+                   "averaging": averaging_figure, "accuracy": accuracy_figure}

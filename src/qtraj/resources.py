@@ -8,6 +8,7 @@ a bf16 model needs 2 bytes per parameter, and each step holds a known number of 
 from __future__ import annotations
 
 import math
+import re
 
 # Model copies a step holds on the GPUs at once (bf16), and a headroom factor for activations, GPTQ's Hessians
 # and the engines' buffers. quantize: on one GPU, one model at a time (the fp model moves to host memory once its
@@ -67,3 +68,18 @@ def job_resources(step: str, parameters: float | None, settings: dict, lm_eval_t
 def _accuracy_minutes(parameters: float) -> int:
     floor, per_billion = ACCURACY_RUNTIME
     return int(floor + per_billion * parameters / 1e9)
+
+
+UNEXPANDED = re.compile(r"\$\{?(QTRAJ_SLURM_\w+)")
+
+
+def unexpanded_profile_variables(default_resources: object) -> list[str]:
+    """Environment variables of profiles/slurm that were unset when Snakemake read the profile: Snakemake leaves
+    `$NAME` as it is then, and the cluster would be asked for a partition literally called "$QTRAJ_SLURM_PARTITION".
+    `default_resources`: Snakemake's parsed default resources (name -> Resource, whose `raw` is the profile's
+    expression), or any mapping of names to expressions."""
+    values = default_resources.values() if hasattr(default_resources, "values") else ()
+    found = set()
+    for value in values:
+        found.update(UNEXPANDED.findall(str(getattr(value, "raw", value))))
+    return sorted(found)

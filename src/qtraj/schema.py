@@ -8,13 +8,18 @@ allowed — jsonschema's own messages do not say where in the file the problem i
 from __future__ import annotations
 
 import copy
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import jsonschema
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "config" / "schemas" / "config.schema.yaml"
+# The JSON schemas ship inside the package (package data), so an installed qtraj (a wheel, `pip install .`) finds
+# them wherever it lives; read through importlib.resources, never through the source tree's layout.
+SCHEMAS = files("qtraj") / "schemas"
+SCHEMA_PATH = SCHEMAS / "config.schema.yaml"
+FAMILY_SCHEMA_PATH = SCHEMAS / "family.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -69,8 +74,9 @@ def read_yaml(path: str | Path) -> object:
         raise ConfigError(f"{path} cannot be read: {error.strerror or error}") from None
 
 
-def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+def load_schema(path: str | Path | Traversable = SCHEMA_PATH) -> dict:
+    """A JSON schema: the workflow config's by default (a packaged resource), or the one at `path`."""
+    return yaml.safe_load((Path(path) if isinstance(path, str) else path).read_text(encoding="utf-8"))
 
 
 def _key_path(parts) -> str:

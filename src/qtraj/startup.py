@@ -64,8 +64,7 @@ def skip_unused_imports(keep_torchao: bool = False) -> None:
     if flags is not None:
         report_unavailable(flags, names)
         return
-    if not any(isinstance(finder, _PatchAfterImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _PatchAfterImport(TRANSFORMERS_FLAGS, lambda module: report_unavailable(module, names)))
+    patch_after_import(TRANSFORMERS_FLAGS, lambda module: report_unavailable(module, names))
 
 
 def report_unavailable(flags: ModuleType, names: tuple[str, ...]) -> None:
@@ -95,6 +94,13 @@ def _not_installed(function: str) -> Callable[..., bool]:
     # like transformers' own flags: a constant for torch.compile rather than a call to trace
     not_installed._dynamo_marked_constant = True
     return not_installed
+
+
+def patch_after_import(name: str, patch: Callable[[ModuleType], None]) -> None:
+    """Run `patch(module)` once module `name` has executed, the next time it is imported (once per name: a patch
+    already waiting for `name` stays, and this one is dropped)."""
+    if not any(isinstance(finder, _PatchAfterImport) and finder.name == name for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport(name, patch))
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
@@ -162,9 +168,57 @@ def quiet_progress_bars() -> None:
         tqdm_std.tqdm.__init__ = functools.partialmethod(init.func, *init.args, **{**init.keywords, "disable": True})
 
 
-def reconfigure_preloaded_logging() -> None:
-    """llm-compressor configures its (loguru) logger from the environment when it is imported; a worker of the job
-    server (qtraj.jobserver) has it imported already, so its job's log file is applied here again."""
-    logger_module = sys.modules.get("llmcompressor.logger")
-    if logger_module is not None:
-        logger_module.configure_logger(logger_module.LoggerConfig())
+# Where llm-compressor and compressed-tensors log: loguru, a logger of its own beside Python's logging. The modules
+# whose import sets its sinks up: loguru adds one to stderr; llm-compressor's logger module removes every sink and adds
+# one to stdout (and a JSON file when LLM_COMPRESSOR_LOG_FILE is set).
+LOGURU_CONFIGURED_BY = ("loguru", "llmcompressor.logger")
+
+
+def route_loguru_to_logging() -> None:
+    """Send what the libraries log through loguru (llm-compressor, compressed-tensors) to Python logging, and only
+    there: a job's log then has one writer, `job_logging`'s handler, which also filters the levels (a second writer on
+    the same file interleaves partial lines), and nothing reaches the console.
+
+    Works whether loguru is imported already (a worker forked from the job server) or later (a job in its own
+    process): the sinks are replaced now, and again right after an import that sets its own up
+    (LOGURU_CONFIGURED_BY). llm-compressor's `oneshot` adds a DEBUG file sink of its own when LLM_COMPRESSOR_LOG_FILE
+    is set, so `job_logging` unsets it."""
+    if "loguru" in sys.modules:
+        _forward_loguru(sys.modules["loguru"])
+    for name in LOGURU_CONFIGURED_BY:
+        if name not in sys.modules:
+            patch_after_import(name, lambda _module: _forward_loguru(sys.modules["loguru"]))
+
+
+def _forward_loguru(loguru: ModuleType) -> None:
+    loguru.logger.remove()  # every sink: the library's console and file ones
+    # level 0: every record goes on; whether it is written is decided by the Python logger it goes to
+    loguru.logger.add(_LoguruToLogging(), level=0, format="{message}")
+
+
+class _LoguruToLogging:
+    """A loguru sink that hands each record to the Python logger named after the module that logged it
+    (`llmcompressor.modifiers.gptq.base`, ...), with its level, place and exception.
+
+    llm-compressor's `logger.bind(log_once=True)` (a message logged once per process) is honoured as its own sinks
+    do; levels loguru has and logging lacks keep their name (METRIC, SUCCESS)."""
+
+    def __init__(self) -> None:
+        self.logged_once: set[tuple[int, str]] = set()
+
+    def __call__(self, message) -> None:
+        record = message.record
+        level = record["level"].no
+        logger = logging.getLogger(record["name"] or "loguru")
+        if not logger.isEnabledFor(level):
+            return
+        if record["extra"].get("log_once"):
+            if (level, record["message"]) in self.logged_once:
+                return
+            self.logged_once.add((level, record["message"]))
+        exception = record["exception"]
+        python_record = logger.makeRecord(
+            logger.name, level, record["file"].path, record["line"], record["message"], (),
+            (exception.type, exception.value, exception.traceback) if exception else None, record["function"])
+        python_record.levelname = record["level"].name
+        logger.handle(python_record)

@@ -371,8 +371,9 @@ def sharpness(checkpoint_dir: str, validation_tokens: str, settings: dict, out_f
            "converged": result.converged, "sharpness_tokens": result.tokens,
            "sharpness_seconds": time.perf_counter() - started, **provenance({"sharpness": settings}, device.type)}
     results.write_rows([row], results.SHARPNESS_SCHEMA, out_file)
-    log.info("%s/%s: top Hessian eigenvalue %.4g after %d iterations (converged: %s)", info.run, info.checkpoint,
-             result.top_eigenvalue, result.iterations, result.converged)
+    log.info("%s/%s: largest Hessian eigenvalue %.4g (of largest magnitude: %.4g) after %d iterations "
+             "(converged: %s)", info.run, info.checkpoint, result.top_eigenvalue, result.largest_magnitude,
+             result.iterations, result.converged)
 
 
 def aggregate(inputs: dict[str, list[str]], output_dir: str) -> None:
@@ -381,12 +382,12 @@ def aggregate(inputs: dict[str, list[str]], output_dir: str) -> None:
 
 
 def plot_run(results_dir: str, run: str, out_file: str) -> None:
-    from qtraj.plotting import plot_trajectory
+    from qtraj.plotting import save_figure, trajectory_figure
 
-    plot_trajectory(results_dir, run, out_file)
+    save_figure(trajectory_figure(results_dir, run), out_file)
 
 
 def plot_summary(results_dir: str, figure: str, out_file: str) -> None:
-    from qtraj.plotting import SUMMARY_FIGURES
+    from qtraj.plotting import SUMMARY_FIGURES, save_figure
 
-    SUMMARY_FIGURES[figure](results_dir, out_file)
+    save_figure(SUMMARY_FIGURES[figure](results_dir), out_file)

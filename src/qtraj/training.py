@@ -21,6 +21,7 @@ from qtraj.checkpoints import (
     write_checkpoint_info,
 )
 from qtraj.evaluation import check_finite_weights, check_loading_info, pick_device
+from qtraj.joblog import format_duration, remaining_seconds
 from qtraj.schedules import Schedule, decayed_lr, lr_at, phase_at
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,11 @@ def _train_steps(spec: TrainingSpec, model, optimizer, generator: torch.Generato
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         optimizer.step()
         if step % log_every == 0 or index == 0:
+            elapsed = time.perf_counter() - started
             rows.append({"run": spec.run, "step": step, "tokens": step * tokens_per_step, "lr": lr,
-                         "train_loss": loss.item(), "elapsed_s": time.perf_counter() - started})
-            log.info("run %s step %d lr %.3g loss %.4f", spec.run, step, lr, loss.item())
+                         "train_loss": loss.item(), "elapsed_s": elapsed})
+            log.info("run %s step %d lr %.3g loss %.4f (%d/%d steps, %s left)", spec.run, step, lr, loss.item(),
+                     index + 1, len(lrs), format_duration(remaining_seconds(elapsed, index + 1, len(lrs))))
         save(step, lr)
     return rows
 

@@ -11,6 +11,8 @@ passed as `ignore`, and what llm-compressor actually quantized is checked agains
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +20,10 @@ import numpy as np
 import torch
 
 from qtraj.checkpoints import trusts_remote_code
+from qtraj.joblog import format_duration
 from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules, model_with_state
+
+log = logging.getLogger(__name__)
 
 
 def weight_scheme(spec: QuantSpec) -> dict:
@@ -82,7 +87,13 @@ def run_oneshot(method: QuantizationMethod, fp_model: torch.nn.Module, checkpoin
     kwargs = {} if calibration_blocks is None else calibration_kwargs(checkpoint_dir, calibration_blocks)
     # llm-compressor re-reads the model's config from its folder; remote-code families need the same trust there
     kwargs["trust_remote_code_model"] = trusts_remote_code(checkpoint_dir)
+    # GPTQ then logs each batch of layers it quantizes ("Quantizing 1 module(s): [...]"), in the job's log too
+    log.info("%s: quantizing %d linear layers with llm-compressor, %s", spec.name, len(quantized),
+             "without calibration data" if calibration_blocks is None
+             else f"on {len(calibration_blocks)} calibration blocks of {calibration_blocks.shape[1]} tokens")
+    started = time.perf_counter()
     oneshot(model=model, recipe=recipe(ignored_linears(model, quantized)), **kwargs)
+    log.info("%s: llm-compressor done in %s", spec.name, format_duration(time.perf_counter() - started))
     state = fake_quant_state_dict(model, keys, expected=set(quantized))
     if transform is not None:
         state = transform(state, model, {key: value.detach().cpu() for key, value in fp_model.state_dict().items()})
