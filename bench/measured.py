@@ -1,11 +1,11 @@
-"""The README's measured figures, from commands: a snapshot of the default run's results and the blocks they print.
+"""The measured figures of README.md and docs/*.md, from commands: a snapshot of the default run and its blocks.
 
     .venv/bin/python bench/measured.py refresh [results_dir]   # after `make run`: snapshot, bench output, README
     .venv/bin/python bench/measured.py check                   # README == what the commands print on the snapshot
 
 `refresh` copies the run's results dataset (the small Parquet tables, not checkpoints) to docs/measured/default/,
 with the default config's hash and the output of bench/workflow_jobs.py on that run (timings cannot be recomputed
-from a snapshot, so they are kept as the bench printed them), then rewrites every README block
+from a snapshot, so they are kept as the bench printed them), then rewrites every block of README.md and docs/*.md
 
     <!-- measured: NAME -->
     ```
@@ -31,6 +31,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = REPO_ROOT / "docs" / "measured" / "default"
 README = REPO_ROOT / "README.md"
+DOCS = REPO_ROOT / "docs"
+
+
+def documents() -> list[Path]:
+    """The files whose measured blocks are kept in step: the README and docs/*.md."""
+    return [README, *sorted(DOCS.glob("*.md"))]
 BIN = Path(sys.executable).parent
 # NAME -> the command whose output the README block shows (run in the repository root)
 BLOCKS = {
@@ -44,6 +50,8 @@ BLOCKS = {
                       "SELECT quantization, round(100 * avg(mean_rel_drop), 2) AS mean_rel_drop_pct, "
                       "count(*) AS checkpoints FROM accuracy_summary GROUP BY ALL ORDER BY ALL"],
     "workflow-jobs": ["cat", str(SNAPSHOT / "workflow_jobs.txt")],
+    # computed from the config alone (the resource model the rules use), so it is rechecked exactly, not snapshot
+    "paper-plan": [str(BIN / "qtraj"), "plan", "--configfile", str(REPO_ROOT / "config" / "paper.yaml")],
 }
 BLOCK = re.compile(r"(<!-- measured: (?P<name>[\w-]+) -->\n```\n)(?P<body>.*?)(```\n<!-- /measured -->)", re.S)
 
@@ -72,10 +80,13 @@ def refresh(results_dir: Path) -> None:
                            capture_output=True, text=True, check=True)
     (SNAPSHOT / "workflow_jobs.txt").write_text(bench.stdout)
     (SNAPSHOT / "config.json").write_text(json.dumps({"config_hash": default_config_hash()}, indent=1) + "\n")
-    text = README.read_text()
-    README.write_text(BLOCK.sub(lambda match: match.group(1) + output_of(match.group("name")) + match.group(4), text))
-    print(f"snapshot in {SNAPSHOT.relative_to(REPO_ROOT)}; README blocks: "
-          + ", ".join(match.group("name") for match in BLOCK.finditer(text)))
+    names = []
+    for document in documents():
+        text = document.read_text()
+        names += [match.group("name") for match in BLOCK.finditer(text)]
+        document.write_text(BLOCK.sub(lambda match: match.group(1) + output_of(match.group("name")) + match.group(4),
+                                      text))
+    print(f"snapshot in {SNAPSHOT.relative_to(REPO_ROOT)}; blocks: {', '.join(names)}")
 
 
 def problems() -> list[str]:
@@ -86,13 +97,15 @@ def problems() -> list[str]:
         found.append(f"{SNAPSHOT.relative_to(REPO_ROOT)} is a run of another default config: rerun `make run`, "
                      "then `bench/measured.py refresh`")
     names = set()
-    for match in BLOCK.finditer(README.read_text()):
-        names.add(match.group("name"))
-        if match.group("name") not in BLOCKS:
-            found.append(f"README block {match.group('name')!r} has no command in bench/measured.py")
-        elif match.group("body") != output_of(match.group("name")):
-            found.append(f"README block {match.group('name')!r} differs from what its command prints")
-    found += [f"README has no block {name!r}" for name in sorted(set(BLOCKS) - names)]
+    for document in documents():
+        for match in BLOCK.finditer(document.read_text()):
+            names.add(match.group("name"))
+            where = f"{document.name} block {match.group('name')!r}"
+            if match.group("name") not in BLOCKS:
+                found.append(f"{where} has no command in bench/measured.py")
+            elif match.group("body") != output_of(match.group("name")):
+                found.append(f"{where} differs from what its command prints")
+    found += [f"no document has block {name!r}" for name in sorted(set(BLOCKS) - names)]
     return found
 
 
@@ -105,7 +118,7 @@ def main() -> None:
         refresh(Path(args.results_dir))
     else:
         found = problems()
-        print("\n".join(found) or "README figures are in step with the snapshot")
+        print("\n".join(found) or "measured blocks are in step with the snapshot")
         sys.exit(1 if found else 0)
 
 

@@ -24,10 +24,10 @@ def test_readme_figures_are_in_step_with_the_default_runs_snapshot(measured):
 
 def test_a_figure_typed_into_the_readme_is_caught(measured, tmp_path, monkeypatch):
     text = measured.README.read_text()
-    match = next(measured.BLOCK.finditer(text))
+    match = next(measured.BLOCK.finditer(text))  # the science check's
     body = match.group("body")
     tampered = body.replace("0", "1", 1) if "0" in body else body + "x\n"
     readme = tmp_path / "README.md"
     readme.write_text(text[:match.start("body")] + tampered + text[match.end("body"):])
     monkeypatch.setattr(measured, "README", readme)
-    assert measured.problems() == [f"README block {match.group('name')!r} differs from what its command prints"]
+    assert measured.problems() == [f"README.md block {match.group('name')!r} differs from what its command prints"]

@@ -84,7 +84,7 @@ def test_default_config_dry_run_plans_the_whole_grid(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "config.yaml"),
                                   workdir=tmp_path).stdout)
-    packed = [output.rsplit(", ", 1)[-1] for rule, output in jobs if rule == "quantize"]
+    packed = [path for rule, output in jobs if rule == "quantize" for path in output.split(", ") if "/packed/" in path]
     assert len(packed) == checkpoints * 4 and all(
         path.startswith(f"{tmp_path}/results/packed/") for path in packed), packed[:2]
 

@@ -1,7 +1,7 @@
 """Model families on the Hugging Face hub: one YAML file each, expanded into revisions with step, tokens,
 LR and phase, and narrowed down by the selectors of the main config.
 
-A family file is declarative (config/families/README.md); everything the DAG needs from it comes from here.
+A family file is declarative (config/README.md, "Family files"); everything the DAG needs from it comes from here.
 """
 
 from __future__ import annotations
