@@ -1,7 +1,8 @@
 # qtraj: quantization robustness along training trajectories. Logic lives in src/qtraj/ and rules/common.smk.
-from snakemake.utils import min_version
+import os
 
 from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
 
 from qtraj import jobserver as job_server
 from qtraj.resources import unexpanded_profile_variables
@@ -37,7 +38,7 @@ include: "rules/results.smk"
 # start a job instead of ~8 CPU-s. Cluster jobs, dry runs and `job_server: false` start every job fresh.
 onstart:
     # before the first submission: an unset variable of profiles/slurm would reach sbatch literally
-    if unset := unexpanded_profile_variables(workflow.resource_settings.default_resources):
+    if unset := unexpanded_profile_variables(workflow.resource_settings.default_resources, os.environ):
         raise WorkflowError(
             f"profiles/slurm needs {', '.join(unset)} set (e.g. `export QTRAJ_SLURM_PARTITION=gpu "
             "QTRAJ_SLURM_ACCOUNT=myproject`); to let the Slurm plugin pick your default account instead, delete "

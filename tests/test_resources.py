@@ -42,22 +42,17 @@ def test_trained_models_are_sized_from_their_llama_config():
     assert job_resources("train", llama_parameters(big, 50304), {"gpu_memory_gb": 80, "cpus_per_gpu": 8})["gpu"] == 1
 
 
-def test_unset_slurm_profile_variables_are_named_before_anything_is_submitted(monkeypatch):
-    """The profile's default resources as Snakemake reads them (environment variables expanded, unset ones left as
-    `$NAME`): the Snakefile's onstart refuses to submit while any is left."""
-    import os
-
+def test_unset_slurm_profile_variables_are_named_before_anything_is_submitted():
+    """The profile's default resources as Snakemake parses them (the expression `'$QTRAJ_SLURM_PARTITION'`, expanded
+    only when evaluated): the Snakefile's onstart refuses to submit while a variable they name is unset."""
     import yaml
 
     from qtraj.resources import unexpanded_profile_variables
     from tests.conftest import REPO_ROOT
 
     profile = yaml.safe_load((REPO_ROOT / "profiles" / "slurm" / "config.v8+.yaml").read_text())
-    monkeypatch.delenv("QTRAJ_SLURM_PARTITION", raising=False)
-    monkeypatch.delenv("QTRAJ_SLURM_ACCOUNT", raising=False)
-    unset = {name: os.path.expandvars(str(value)) for name, value in profile["default-resources"].items()}
-    assert unexpanded_profile_variables(unset) == ["QTRAJ_SLURM_ACCOUNT", "QTRAJ_SLURM_PARTITION"]
-    monkeypatch.setenv("QTRAJ_SLURM_PARTITION", "gpu")
-    monkeypatch.setenv("QTRAJ_SLURM_ACCOUNT", "project")
-    expanded = {name: os.path.expandvars(str(value)) for name, value in profile["default-resources"].items()}
-    assert unexpanded_profile_variables(expanded) == []
+    resources = profile["default-resources"]
+    assert unexpanded_profile_variables(resources, {}) == ["QTRAJ_SLURM_ACCOUNT", "QTRAJ_SLURM_PARTITION"]
+    assert unexpanded_profile_variables(resources, {"QTRAJ_SLURM_PARTITION": "gpu"}) == ["QTRAJ_SLURM_ACCOUNT"]
+    both = {"QTRAJ_SLURM_PARTITION": "gpu", "QTRAJ_SLURM_ACCOUNT": "project"}
+    assert unexpanded_profile_variables(resources, both) == []

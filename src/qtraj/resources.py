@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 # Model copies a step holds on the GPUs at once (bf16), and a headroom factor for activations, GPTQ's Hessians
 # and the engines' buffers. quantize: on one GPU, one model at a time (the fp model moves to host memory once its
@@ -73,13 +74,14 @@ def _accuracy_minutes(parameters: float) -> int:
 UNEXPANDED = re.compile(r"\$\{?(QTRAJ_SLURM_\w+)")
 
 
-def unexpanded_profile_variables(default_resources: object) -> list[str]:
-    """Environment variables of profiles/slurm that were unset when Snakemake read the profile: Snakemake leaves
-    `$NAME` as it is then, and the cluster would be asked for a partition literally called "$QTRAJ_SLURM_PARTITION".
+def unexpanded_profile_variables(default_resources: object, environment: Mapping[str, str]) -> list[str]:
+    """Environment variables that profiles/slurm's default resources name (`$QTRAJ_SLURM_PARTITION`) but
+    `environment` lacks: Snakemake expands them when it evaluates a resource and leaves an unset one as it is, so
+    the cluster would be asked for a partition literally called "$QTRAJ_SLURM_PARTITION".
     `default_resources`: Snakemake's parsed default resources (name -> Resource, whose `raw` is the profile's
     expression), or any mapping of names to expressions."""
     values = default_resources.values() if hasattr(default_resources, "values") else ()
-    found = set()
+    named = set()
     for value in values:
-        found.update(UNEXPANDED.findall(str(getattr(value, "raw", value))))
-    return sorted(found)
+        named.update(UNEXPANDED.findall(str(getattr(value, "raw", value))))
+    return sorted(name for name in named if not environment.get(name))
