@@ -14,8 +14,6 @@ from qtraj.config import (
     data_settings,
     data_source,
     is_external,
-    is_family,
-    is_local,
     measures_sharpness,
     quant_spec,
     read_yaml,
@@ -27,8 +25,8 @@ from qtraj.config import (
 )
 from qtraj.checkpoints import checkpoint_name
 from qtraj.families import checkpoint_source, configured_family, selected_revisions
-from qtraj.local import local_revision_of, parameter_count as local_parameter_count, selected_checkpoints
-from qtraj.resources import job_resources, llama_parameters
+from qtraj.local import local_revision_of, selected_checkpoints
+from qtraj.plan import step_resources
 from qtraj.results import TABLES, dataset_file, per_job_file
 
 # Snakemake reads --configfile itself and keeps the last of duplicate keys; read each again, strictly.
@@ -113,17 +111,8 @@ def resource(step, key, run=None):
     (qtraj.resources; micro models trained here ask for no GPU). `run`: for rules without a run wildcard."""
 
     def value(wildcards):
-        source = data_source(config, run or wildcards.run)
-        if is_family(config, source):
-            parameters = configured_family(config, source)["parameters"]
-        elif is_local(config, source):
-            parameters = local_parameter_count(config, source)
-        elif config["resources"]["trained_on_gpu"]:
-            parameters = llama_parameters(config["model"], config["tokenizer"]["vocab_size"])
-        else:
-            parameters = None
-        lm_eval_tasks = bool(data_settings(config, run or wildcards.run)["accuracy"]["lm_eval_tasks"])
-        return job_resources(step, parameters, config["resources"], lm_eval_tasks).get(key, 0)
+        # the same sizing `qtraj plan` reports (qtraj.plan.step_resources)
+        return step_resources(config, step, run or wildcards.run).get(key, 0)
 
     return value
 

@@ -1,9 +1,10 @@
 """What a config asks for: its sized jobs (train, cooldown, evaluate_fp, sharpness, quantize), the per-job files and
 logs each one writes, and the GPU-hours they request from a cluster (`qtraj plan`, `qtraj status`).
 
-Jobs are sized as the rules size them (`rules/common.smk`: `resource`), with qtraj.resources.job_resources on the
-trajectory's model. The runtimes are the requested limits, so GPU-hours here are an upper bound, not a forecast.
-Downloads, data preparation, averaging, aggregation and figures ask for no GPU and are not counted.
+Jobs are sized by `step_resources` (qtraj.resources.job_resources on the trajectory's model), which the rules'
+`resource` (rules/common.smk) calls too. The runtimes are the requested limits, so GPU-hours here are an upper
+bound, not a forecast. Downloads, data preparation, averaging, aggregation and figures ask for no GPU and are not
+counted.
 """
 
 from __future__ import annotations

@@ -277,20 +277,13 @@ def sharpness_figure(results_dir: str | Path) -> Figure:
         return _message_figure("no sharpness rows yet (config `sharpness`)")
     colors = _dataset_colors(connection)
     figure, panels = _bits_panels(rows)
-    runs = sorted({row["run"] for row in rows})
-    for axis, width in panels:
-        for quantization in sorted({row["quantization"] for row in rows if row["bits"] == width}):
-            for run in runs:
-                series = [row for row in rows if row["quantization"] == quantization and row["run"] == run]
-                if not series:
-                    continue
-                marker = RUN_MARKERS[runs.index(run) % len(RUN_MARKERS)]
-                axis.plot([row["top_eigenvalue"] for row in series], [100 * row["delta_q_loss"] for row in series],
-                          marker=marker, linestyle="-", alpha=0.8, color=colors[quantization],
-                          label=f"{quantization} · {run}", gid=f"{quantization}|{run}")
-                # the first checkpoint hollow: where the line starts, so its direction reads
-                axis.plot([series[0]["top_eigenvalue"]], [100 * series[0]["delta_q_loss"]], marker=marker,
-                          markerfacecolor="white", color=colors[quantization], zorder=3)
+    for axis, quantization, run, marker, series in _panel_series(rows, panels):
+        axis.plot([row["top_eigenvalue"] for row in series], [100 * row["delta_q_loss"] for row in series],
+                  marker=marker, linestyle="-", alpha=0.8, color=colors[quantization],
+                  label=f"{quantization} · {run}", gid=f"{quantization}|{run}")
+        # the first checkpoint hollow: where the line starts, so its direction reads
+        axis.plot([series[0]["top_eigenvalue"]], [100 * series[0]["delta_q_loss"]], marker=marker,
+                  markerfacecolor="white", color=colors[quantization], zorder=3)
     return _finish_bits_panels(figure, panels, "top Hessian eigenvalue of the validation loss")
 
 
@@ -299,6 +292,18 @@ def _bits_panels(rows: list[dict], width: float = 4.2, height: float = 3.8):
     bits = sorted({row["bits"] for row in rows})
     figure, axes = plt.subplots(1, len(bits), figsize=(width * len(bits), height), squeeze=False)
     return figure, list(zip(axes[0], bits, strict=True))
+
+
+def _panel_series(rows: list[dict], panels):
+    """(axis, quantization, run, marker, rows in their order) of every series in per-bit-width panels: one per
+    quantization of the panel's bit width and trajectory that has rows; markers by trajectory, alike in all panels."""
+    runs = sorted({row["run"] for row in rows})
+    for axis, width in panels:
+        for quantization in sorted({row["quantization"] for row in rows if row["bits"] == width}):
+            for run in runs:
+                series = [row for row in rows if row["quantization"] == quantization and row["run"] == run]
+                if series:
+                    yield axis, quantization, run, RUN_MARKERS[runs.index(run) % len(RUN_MARKERS)], series
 
 
 def _finish_bits_panels(figure: Figure, panels, xlabel: str | None) -> Figure:
@@ -349,15 +354,9 @@ def lr_figure(results_dir: str | Path) -> Figure:
         return _message_figure("no checkpoint with a known learning rate")
     colors = _dataset_colors(connection)
     figure, panels = _bits_panels(rows)
-    runs = sorted({row["run"] for row in rows})
-    for axis, width in panels:
-        for quantization in sorted({row["quantization"] for row in rows if row["bits"] == width}):
-            for run in runs:
-                series = [row for row in rows if row["quantization"] == quantization and row["run"] == run]
-                if series:
-                    axis.scatter([row["lr"] for row in series], [100 * row["delta_q_loss"] for row in series], s=22,
-                                 alpha=0.8, marker=RUN_MARKERS[runs.index(run) % len(RUN_MARKERS)],
-                                 color=colors[quantization], label=f"{quantization} · {run}")
+    for axis, quantization, run, marker, series in _panel_series(rows, panels):
+        axis.scatter([row["lr"] for row in series], [100 * row["delta_q_loss"] for row in series], s=22,
+                     alpha=0.8, marker=marker, color=colors[quantization], label=f"{quantization} · {run}")
     return _finish_bits_panels(figure, panels, "learning rate at the checkpoint")
 
 
