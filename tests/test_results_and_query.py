@@ -103,3 +103,49 @@ def test_cli_reports_bad_sql_and_missing_results(results_dir, tmp_path, capsys):
     assert "no_such_column" in capsys.readouterr().err
     assert main(["query", "SELECT 1", "--results-dir", str(tmp_path / "nowhere")]) == 2
     assert "run the workflow first" in capsys.readouterr().err
+
+
+def accuracy_row(task, value, stderr, quantization=None, metric="acc"):
+    return {"run": "wsd", "checkpoint": "step000010", "step": 10, "quantization": quantization,
+            "method": quantization and "gptq", "bits": quantization and 3, "task": task, "configured": True,
+            "metric": metric, "filter": "none", "value": value, "stderr": stderr}
+
+
+def accuracy_dataset(tmp_path, rows):
+    path = tmp_path / "accuracy.parquet"
+    results.write_rows(rows, results.ACCURACY_SCHEMA, path)
+    evals = tmp_path / "evals.parquet"
+    results.write_rows([quantized_row()], results.QUANTIZED_EVAL_SCHEMA, evals)
+    results.aggregate({"results": [str(evals)], "accuracy": [str(path)]}, tmp_path / "dataset")
+    return tmp_path
+
+
+def test_accuracy_views_carry_standard_errors(tmp_path):
+    """Per task: fp and quantized standard errors combined as independent; the summary's mean: the root of the
+    summed variances over the task count, and the relative drop's scaled by 1 / (1 - acc_fp). acc_norm of t1 is
+    not the headline metric (acc is) and must not count."""
+    directory = accuracy_dataset(tmp_path, [
+        accuracy_row("t1", 0.6, 0.03), accuracy_row("t1", 0.55, 0.04, "gptq-w3g32"),
+        accuracy_row("t1", 0.9, 0.5, metric="acc_norm"), accuracy_row("t1", 0.1, 0.5, "gptq-w3g32", "acc_norm"),
+        accuracy_row("t2", 0.7, 0.02), accuracy_row("t2", 0.66, 0.05, "gptq-w3g32")])
+    drops = query("SELECT task, abs_drop_stderr, rel_drop_stderr FROM accuracy_drop WHERE metric = 'acc' "
+                  "ORDER BY task", directory)
+    assert drops[0]["abs_drop_stderr"] == pytest.approx(0.05)
+    assert drops[0]["rel_drop_stderr"] == pytest.approx(0.05 / 0.4)
+    (summary,) = query("SELECT * FROM accuracy_summary", directory)
+    variances = {"t1": 0.03**2 + 0.04**2, "t2": 0.02**2 + 0.05**2}
+    assert summary["tasks"] == 2
+    assert summary["mean_abs_drop_stderr"] == pytest.approx(math.sqrt(sum(variances.values())) / 2)
+    assert summary["mean_rel_drop_stderr"] == pytest.approx(
+        math.sqrt(variances["t1"] / 0.4**2 + variances["t2"] / 0.3**2) / 2)
+
+
+def test_accuracy_summary_has_no_standard_error_when_a_task_lacks_one(tmp_path):
+    """A mean over two tasks with one standard error missing would understate it: null instead."""
+    directory = accuracy_dataset(tmp_path, [
+        accuracy_row("t1", 0.6, 0.03), accuracy_row("t1", 0.55, 0.04, "gptq-w3g32"),
+        accuracy_row("t2", 0.7, None), accuracy_row("t2", 0.66, 0.05, "gptq-w3g32")])
+    (summary,) = query("SELECT mean_abs_drop, mean_abs_drop_stderr, mean_rel_drop_stderr FROM accuracy_summary",
+                       directory)
+    assert summary["mean_abs_drop"] == pytest.approx((0.05 + 0.04) / 2)
+    assert summary["mean_abs_drop_stderr"] is None and summary["mean_rel_drop_stderr"] is None

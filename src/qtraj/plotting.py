@@ -386,29 +386,14 @@ def averaging_figure(results_dir: str | Path) -> Figure:
     return _finish_bits_panels(figure, panels, None)
 
 
-# The accuracy drops of view accuracy_summary (the same headline metric per task: acc, else acc_norm), with standard
-# errors from lm-eval's per-task ones: fp and quantized combined as if independent (an upper bound: both score the
-# same items), then averaged over tasks like the drops.
+# One point per quantized model: view accuracy_summary (its headline metric per task and its standard errors) beside
+# the model's ΔQ L
 ACCURACY_SQL = """
-    WITH headline AS (
-        SELECT d.run, d.checkpoint, d.quantization, d.abs_drop, d.rel_drop, d.acc_fp,
-               fp.stderr ^ 2 + q.stderr ^ 2 AS drop_variance,
-               row_number() OVER (PARTITION BY d.run, d.checkpoint, d.quantization, d.task
-                                  ORDER BY d.metric = 'acc' DESC, d.metric) AS pick
-        FROM accuracy_drop AS d
-        JOIN accuracy AS q ON q.run = d.run AND q.checkpoint = d.checkpoint AND q.quantization = d.quantization
-         AND q.task = d.task AND q.metric = d.metric AND q.filter = d.filter
-        JOIN accuracy AS fp ON fp.run = d.run AND fp.checkpoint = d.checkpoint AND fp.quantization IS NULL
-         AND fp.task = d.task AND fp.metric = d.metric AND fp.filter = d.filter
-        WHERE d.metric IN ('acc', 'acc_norm') AND d.filter = 'none' AND d.configured IS NOT false)
-    SELECT h.run, h.checkpoint, h.quantization, any_value(r.bits) AS bits,
-           any_value(r.delta_q_loss) AS delta_q_loss, avg(h.rel_drop) AS mean_rel_drop,
-           avg(h.abs_drop) AS mean_abs_drop,
-           sqrt(sum(h.drop_variance)) / count(*) AS abs_drop_stderr,
-           sqrt(sum(h.drop_variance / nullif(1 - h.acc_fp, 0) ^ 2)) / count(h.rel_drop) AS rel_drop_stderr
-    FROM headline AS h JOIN results AS r USING (run, checkpoint, quantization)
-    WHERE h.pick = 1 GROUP BY h.run, h.checkpoint, h.quantization HAVING avg(h.rel_drop) IS NOT NULL
-    ORDER BY bits, h.quantization, h.run, h.checkpoint"""
+    SELECT s.run, s.checkpoint, s.quantization, s.bits, r.delta_q_loss, s.mean_rel_drop, s.mean_abs_drop,
+           s.mean_abs_drop_stderr, s.mean_rel_drop_stderr
+    FROM accuracy_summary AS s JOIN results AS r USING (run, checkpoint, quantization)
+    WHERE s.mean_rel_drop IS NOT NULL
+    ORDER BY s.bits, s.quantization, s.run, s.checkpoint"""
 
 
 def accuracy_figure(results_dir: str | Path) -> Figure:
@@ -416,7 +401,7 @@ def accuracy_figure(results_dir: str | Path) -> Figure:
     absolute drop, averaged over tasks), one point per quantized model with ±1 standard error; colour per
     quantization config."""
     connection = connect(results_dir, read_only=False)  # qtraj's own SQL
-    rows = _rows(connection, ACCURACY_SQL) if "accuracy_drop" in _tables(connection) else []
+    rows = _rows(connection, ACCURACY_SQL) if "accuracy_summary" in _tables(connection) else []
     if not rows:
         return _message_figure("no task accuracy (config `accuracy`) to compare")
     colors = _dataset_colors(connection)
@@ -427,9 +412,9 @@ def accuracy_figure(results_dir: str | Path) -> Figure:
                  "capsize": 2, "label": quantization}
         x = [100 * row["delta_q_loss"] for row in series]
         relative.errorbar(x, [100 * row["mean_rel_drop"] for row in series],
-                          yerr=[100 * _or_nan(row["rel_drop_stderr"]) for row in series], **style)
+                          yerr=[100 * _or_nan(row["mean_rel_drop_stderr"]) for row in series], **style)
         absolute.errorbar(x, [100 * row["mean_abs_drop"] for row in series],
-                          yerr=[100 * _or_nan(row["abs_drop_stderr"]) for row in series], **style)
+                          yerr=[100 * _or_nan(row["mean_abs_drop_stderr"]) for row in series], **style)
     relative.set_ylabel("relative accuracy drop (%)\n(acc_fp − acc_q) / (1 − acc_fp)")
     absolute.set_ylabel("absolute accuracy drop (points)")
     for axis in (relative, absolute):

@@ -112,17 +112,23 @@ CANNED_VIEWS = {
          AND same.quantization = c.quantization
         WHERE c.source = 'cooldown'"""),
     # accuracy of each quantized model against its fp checkpoint, per task / metric / filter: the absolute drop
-    # and rel_drop = (acc_fp - acc_q) / (1 - acc_fp), the relative increase of the error rate (ΔQ L's analogue)
+    # and rel_drop = (acc_fp - acc_q) / (1 - acc_fp), the relative increase of the error rate (ΔQ L's analogue).
+    # Standard errors from lm-eval's per-task ones, fp and quantized combined as if independent (an upper bound:
+    # both score the same items); rel_drop's treats 1 - acc_fp as exact
     "accuracy_drop": (("accuracy",), """
         SELECT q.run, q.checkpoint, q.step, q.tokens, q.lr, q.phase, q.source, q.quantization, q.method, q.bits,
                q.task, q.metric, q.filter, fp.value AS acc_fp, q.value AS acc_q, fp.value - q.value AS abs_drop,
-               (fp.value - q.value) / nullif(1 - fp.value, 0) AS rel_drop, q.samples, q.configured
+               (fp.value - q.value) / nullif(1 - fp.value, 0) AS rel_drop,
+               sqrt(fp.stderr ^ 2 + q.stderr ^ 2) AS abs_drop_stderr,
+               sqrt(fp.stderr ^ 2 + q.stderr ^ 2) / nullif(1 - fp.value, 0) AS rel_drop_stderr,
+               q.samples, q.configured
         FROM accuracy AS q JOIN accuracy AS fp
           ON fp.run = q.run AND fp.checkpoint = q.checkpoint AND fp.quantization IS NULL
          AND fp.task = q.task AND fp.metric = q.metric AND fp.filter = q.filter
         WHERE q.quantization IS NOT NULL"""),
     # the drops averaged over the configured tasks (a group such as mmlu once, by its own score), one headline
-    # metric per task (acc, else acc_norm), per quantized model
+    # metric per task (acc, else acc_norm), per quantized model; the mean's standard error from the tasks' ones
+    # (sqrt of the summed variances over the count; null when a task has none)
     "accuracy_summary": (("accuracy",), """
         WITH headline AS (
             SELECT *, row_number() OVER (PARTITION BY run, checkpoint, quantization, task
@@ -131,7 +137,11 @@ CANNED_VIEWS = {
         SELECT run, checkpoint, any_value(step) AS step, any_value(tokens) AS tokens, any_value(phase) AS phase,
                quantization, any_value(method) AS method, any_value(bits) AS bits, count(*) AS tasks,
                avg(acc_fp) AS mean_acc_fp, avg(acc_q) AS mean_acc_q, avg(abs_drop) AS mean_abs_drop,
-               avg(rel_drop) AS mean_rel_drop
+               avg(rel_drop) AS mean_rel_drop,
+               CASE WHEN count(abs_drop_stderr) = count(*)
+                    THEN sqrt(sum(abs_drop_stderr ^ 2)) / count(*) END AS mean_abs_drop_stderr,
+               CASE WHEN count(rel_drop_stderr) = count(rel_drop)
+                    THEN sqrt(sum(rel_drop_stderr ^ 2)) / count(rel_drop) END AS mean_rel_drop_stderr
         FROM headline WHERE pick = 1 GROUP BY run, checkpoint, quantization"""),
 }
 
