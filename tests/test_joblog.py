@@ -79,6 +79,8 @@ def test_a_job_log_has_one_writer_and_every_message_once(tmp_path, tiny_model_di
     # llm-compressor printed its log to stdout (Snakemake's console)
     assert result.stdout.split("job starts\n")[1] == ""
     assert "loguru line" not in result.stderr and "Compression lifecycle" not in result.stderr
+    # no progress bar on the console either, also those whose caller passes disable=False (compressed-tensors')
+    assert "Applying quantization config" not in result.stderr and "it/s]" not in result.stderr
     lines = log_file.read_text().splitlines()
     assert not [line for line in lines if line.startswith("{")]  # no JSON: one format, one writer
     assert [line for line in lines if not LINE_START.match(line)] == []  # no line starts mid-line of another

@@ -120,8 +120,10 @@ def test_progress_bars_are_off_even_when_tqdm_was_imported_first():
     print(json.dumps([default_before, tqdm.tqdm(range(3)).disable, tqdm.tqdm(range(3), disable=False).disable]))
     """
     env = {key: value for key, value in os.environ.items() if not key.startswith("TQDM_")}
-    # a caller's explicit disable=False (lm-eval's) is its own choice and stays
-    assert json.loads(run_python(code, env=env).stdout) == [False, True, False]
+    # a caller's explicit disable=False (compressed-tensors', lm-eval's) is overridden too: a job draws no bar
+    assert json.loads(run_python(code, env=env).stdout) == [False, True, True]
+    # an empty TQDM_DISABLE asks for bars, and gets them
+    assert json.loads(run_python(code, env={**env, "TQDM_DISABLE": ""}).stdout) == [False, False, False]
 
 
 

@@ -153,8 +153,9 @@ def evaluate_accuracy(model, tokenizer, tasks: dict, batch_size: int, limit: int
     model.eval()
     lm_class = shared_context_lm_class() if shared_context else HFLM
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    # lm-eval draws progress bars on stderr (Snakemake's console) and passes tqdm `disable=False` explicitly, so
-    # TQDM_DISABLE cannot turn them off; its messages go through logging, which keeps its own streams.
+    # lm-eval draws progress bars on stderr and passes tqdm `disable=False` explicitly: in a job
+    # (qtraj.startup.quiet_progress_bars) they are off anyway; called as a library, they are kept off the caller's
+    # console here. Its messages go through logging, which keeps its own streams.
     with contextlib.redirect_stderr(io.StringIO()):
         output = evaluator.evaluate(lm=lm, task_dict=tasks, limit=limit, log_samples=False, verbosity="WARNING")
     samples = output.get("n-samples", {})

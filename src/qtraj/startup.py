@@ -153,19 +153,32 @@ def silence_known_noise(noise: dict[str, tuple[str, ...]] = KNOWN_NOISE) -> None
 
 
 def quiet_progress_bars() -> None:
-    """Progress bars off (TQDM_DISABLE=1, unless the environment says otherwise) also in this process.
+    """Progress bars off in this process (TQDM_DISABLE=1, unless the environment says otherwise), including those
+    whose caller passes `disable=False` itself.
 
-    tqdm reads its TQDM_* variables once, when it is imported, and a job's `from qtraj import steps` imports torch,
-    which imports tqdm, before `job_logging` runs: so tqdm's own environment default is applied again here.
-    llm-compressor's calibration bars would otherwise print about 10 lines per GPTQ job on the console.
-    Bars whose caller passes `disable=` itself (lm-eval's) are left to it."""
+    A job's progress goes to its log as `Progress` lines; a bar on stderr is Snakemake's console, and in a log file
+    it is carriage-return noise. tqdm reads its TQDM_* variables once, when it is imported, and a job's
+    `from qtraj import steps` imports torch, which imports tqdm, before `job_logging` runs, so the environment
+    default alone is not enough; and compressed-tensors ("Applying quantization config") and lm-eval pass
+    `disable=` explicitly, which would override it. So tqdm's constructor is wrapped to force `disable=True`
+    (idempotent: a worker forked from the job server calls this again)."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     tqdm_std = sys.modules.get("tqdm.std")
-    if tqdm_std is None or not os.environ["TQDM_DISABLE"]:  # tqdm too reads any non-empty value as True
+    if not os.environ["TQDM_DISABLE"]:  # tqdm too reads any non-empty value as True: empty asks for bars
         return
-    init = vars(tqdm_std.tqdm).get("__init__")
-    if isinstance(init, functools.partialmethod):  # how tqdm applies its environment defaults (tqdm.utils.envwrap)
-        tqdm_std.tqdm.__init__ = functools.partialmethod(init.func, *init.args, **{**init.keywords, "disable": True})
+    if tqdm_std is None:
+        import tqdm.std as tqdm_std  # imported now, so the wrapper is in place before any library draws a bar
+    init = tqdm_std.tqdm.__init__
+    if getattr(init, "_qtraj_forced_off", False):
+        return
+
+    @functools.wraps(init)
+    def init_without_bar(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    init_without_bar._qtraj_forced_off = True
+    tqdm_std.tqdm.__init__ = init_without_bar
 
 
 # Where llm-compressor and compressed-tensors log: loguru, a logger of its own beside Python's logging. The modules
