@@ -128,6 +128,7 @@ def test_a_five_line_family_file_loads_and_its_checkpoints_get_null_lr_and_phase
     path = tmp_path / "pythia-70m.yaml"
     path.write_text(MINIMAL_FAMILY)
     assert len(MINIMAL_FAMILY.splitlines()) == 5
+    assert MINIMAL_FAMILY in (Path(__file__).parents[1] / "README.md").read_text()  # the README's example, verbatim
     family = load_family(path)
     assert family["schedule"] is None and family["stages"] == {"pretraining": "pretraining"}
     [revision] = expand_revisions(family)
