@@ -111,9 +111,10 @@ LAYER_ERROR_SCHEMA = pa.schema([
 
 SHARPNESS_SCHEMA = pa.schema([
     *CHECKPOINT_FIELDS,
-    pa.field("top_eigenvalue", pa.float64()),  # Hessian eigenvalue of largest magnitude of the validation loss
-    pa.field("iterations", pa.int32()),  # power-iteration steps taken
+    pa.field("top_eigenvalue", pa.float64()),  # largest (algebraic) Hessian eigenvalue of the validation loss
+    pa.field("iterations", pa.int32()),  # Lanczos steps (Hessian-vector products) taken
     pa.field("converged", pa.bool_()),
+    pa.field("eigenvalue_residual", pa.float64()),  # ‖Hv − θv‖: bounds |top_eigenvalue − the true eigenvalue|
     pa.field("sharpness_tokens", pa.int64()),  # scored predictions the loss averages over
     pa.field("sharpness_seconds", pa.float64()),
     *PROVENANCE_FIELDS,

@@ -1,14 +1,17 @@
-"""Sharpness of the loss at a checkpoint: the Hessian's largest eigenvalue, by power iteration on Hessian-vector
-products.
+"""Sharpness of the loss at a checkpoint: the Hessian's largest (algebraic) eigenvalue, by the Lanczos method on
+Hessian-vector products.
 
-Power iteration converges to the eigenvalue of largest *magnitude*; near initialisation, or for a checkpoint that is
-not at a minimum, that can be a negative one (a saddle direction). The paper's sharpness is the largest algebraic
-eigenvalue, so when the first iteration ends on a negative μ, a second runs on H − μI (every eigenvalue shifted to
-≥ 0, the largest one now the largest in magnitude) and μ is added back.
+Lanczos, not power iteration: power iteration converges to the eigenvalue of largest *magnitude* (a negative one at a
+saddle) and, with a relative-change stopping rule, stops early whenever the top two eigenvalues are close — on the
+default's wsd checkpoints it printed 0.0012 and 5.06 where the largest eigenvalue is 6.56 and 9.16 (scipy's ARPACK on
+the same operator). Lanczos finds the largest algebraic eigenvalue directly, its stopping rule is a bound on the
+Ritz pair's residual rather than a change between steps, and it needs ~10-20 products where power iteration took 60.
 
-Written here because none of the field's maintained libraries does it for a Hugging Face causal LM (PyHessian is
-unmaintained and targets vision models); torch.autograd supplies the Hessian-vector product (double backward), so
-the Hessian itself is never formed.
+Written here because none of the field's maintained libraries does it for a Hugging Face causal LM: PyHessian is
+unmaintained, targets vision models and uses power iteration; scipy's `eigsh` (ARPACK) keeps ≥ 20 float64 basis
+vectors of the parameter count on the host (hundreds of GB for a 7B model) and `torch.lobpcg` wants a matrix.
+torch.autograd supplies the Hessian-vector product (double backward), so the Hessian itself is never formed; the
+three-term recurrence keeps three parameter-sized vectors.
 """
 
 from __future__ import annotations
@@ -24,17 +27,18 @@ import torch
 @dataclass(frozen=True)
 class SharpnessResult:
     top_eigenvalue: float  # the Hessian's largest (algebraic) eigenvalue: the paper's sharpness
-    iterations: int  # Hessian-vector products, both iterations together
-    converged: bool  # relative change of the estimate fell below the tolerance (in each iteration run)
+    iterations: int  # Hessian-vector products (Lanczos steps)
+    converged: bool  # the top Ritz pair's residual fell below tolerance × |eigenvalue|
     tokens: int  # scored predictions in the fixed batches the loss is averaged over
-    largest_magnitude: float  # the first power iteration's limit: equal to top_eigenvalue unless it is negative
+    residual: float  # ‖Av − θv‖ of the returned Ritz pair: |λ − θ| ≤ residual for the nearest eigenvalue λ
 
 
 @dataclass(frozen=True)
-class PowerIteration:
+class Lanczos:
     eigenvalue: float
     iterations: int
     converged: bool
+    residual: float
 
 
 Vector = list[torch.Tensor]
@@ -59,45 +63,51 @@ def hessian_vector_product(model: torch.nn.Module, batches: list[torch.Tensor], 
     return list(torch.autograd.grad(dot, params))
 
 
-def power_iteration(product: Callable[[Vector], Vector], start: Vector, iterations: int,
-                    tolerance: float) -> PowerIteration:
-    """The eigenvalue of largest magnitude of the symmetric operator `product` (v ↦ Av): v ← Av / ‖Av‖ from `start`
-    (unit norm), until the Rayleigh quotient vᵀAv changes by less than `tolerance` (relative)."""
-    vector, estimate, converged, done = start, 0.0, False, 0
-    for done in range(1, iterations + 1):
-        image = product(vector)
-        new_estimate = sum((a * v).sum().item() for a, v in zip(image, vector, strict=True))
-        norm = math.sqrt(sum((a * a).sum().item() for a in image))
-        if not math.isfinite(new_estimate) or norm == 0:
-            raise FloatingPointError(f"the Hessian-vector product is not finite (estimate {new_estimate})")
-        vector = [a / norm for a in image]
-        if done > 1 and abs(new_estimate - estimate) <= tolerance * abs(new_estimate):
-            estimate, converged = new_estimate, True
-            break
-        estimate = new_estimate
-    return PowerIteration(estimate, done, converged)
+def _dot(left: Vector, right: Vector) -> float:
+    return sum(torch.sum(a * b).item() for a, b in zip(left, right, strict=True))
 
 
 def largest_eigenvalue(product: Callable[[Vector], Vector], start: Vector, iterations: int,
-                       tolerance: float) -> tuple[float, PowerIteration, PowerIteration | None]:
-    """The largest (algebraic) eigenvalue of the symmetric operator `product`, the plain power iteration and, when
-    that ended on a negative eigenvalue μ, the one on A − μI (whose eigenvalues λ − μ are all ≥ 0)."""
-    first = power_iteration(product, start, iterations, tolerance)
-    if first.eigenvalue >= 0:
-        return first.eigenvalue, first, None
-    shift = first.eigenvalue
+                       tolerance: float) -> Lanczos:
+    """The largest (algebraic) eigenvalue of the symmetric operator `product` (v ↦ Av) by Lanczos from `start`
+    (unit norm): after step j the tridiagonal T_j = Q_jᵀAQ_j has the Ritz values; stop when the top one θ has
+    residual ‖Ay − θy‖ = |β_j · s_j| ≤ tolerance·|θ| (s the eigenvector of T_j, s_j its last entry).
 
-    def shifted(vector: Vector) -> Vector:
-        return [a - shift * v for a, v in zip(product(vector), vector, strict=True)]
-
-    second = power_iteration(shifted, start, iterations, tolerance)
-    return second.eigenvalue + shift, first, second
+    No reorthogonalisation: lost orthogonality only adds copies of already converged Ritz values ("ghosts"), it does
+    not move the largest one, and keeping the basis would cost a parameter-sized vector per step."""
+    previous: Vector | None = None
+    current = start
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta, residual = math.nan, math.inf
+    for step in range(1, iterations + 1):
+        image = product(current)
+        alpha = _dot(image, current)
+        if not math.isfinite(alpha):
+            raise FloatingPointError(f"the Hessian-vector product is not finite (Rayleigh quotient {alpha})")
+        # in place: the product's tensors are fresh, so the recurrence holds three parameter-sized vectors
+        for a, q in zip(image, current, strict=True):
+            a.sub_(q, alpha=alpha)
+        if previous is not None:
+            for a, p in zip(image, previous, strict=True):
+                a.sub_(p, alpha=betas[-1])
+        alphas.append(alpha)
+        beta = math.sqrt(max(_dot(image, image), 0.0))
+        ritz_values, ritz_vectors = np.linalg.eigh(
+            np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
+        theta, residual = float(ritz_values[-1]), abs(beta * float(ritz_vectors[-1, -1]))
+        # beta == 0: the Krylov space is invariant, the Ritz values are exact eigenvalues
+        if residual <= tolerance * abs(theta) or beta == 0.0:
+            return Lanczos(theta, step, True, residual)
+        betas.append(beta)
+        previous, current = current, [a.div_(beta) for a in image]
+    return Lanczos(theta, iterations, False, residual)
 
 
 def top_hessian_eigenvalue(model: torch.nn.Module, blocks: np.ndarray, batch_size: int, iterations: int,
                            tolerance: float, seed: int) -> SharpnessResult:
-    """The largest eigenvalue of the Hessian of the loss over `blocks` (each block is inputs + 1 target), by power
-    iteration from a seeded random start (`largest_eigenvalue`)."""
+    """The largest eigenvalue of the Hessian of the loss over `blocks` (each block is inputs + 1 target), by Lanczos
+    from a seeded random start (`largest_eigenvalue`)."""
     model.eval()
     # Fused attention kernels (SDPA, flash) have no second derivative: Hessian-vector products need eager attention.
     if hasattr(model, "set_attn_implementation"):
@@ -110,10 +120,9 @@ def top_hessian_eigenvalue(model: torch.nn.Module, blocks: np.ndarray, batch_siz
     start = [torch.randn(p.shape, generator=generator).to(device=device, dtype=p.dtype) for p in params]
     norm = math.sqrt(sum((v * v).sum().item() for v in start))
     start = [v / norm for v in start]
-    top, first, second = largest_eigenvalue(lambda vector: hessian_vector_product(model, batches, params, vector),
-                                            start, iterations, tolerance)
+    found = largest_eigenvalue(lambda vector: hessian_vector_product(model, batches, params, vector),
+                               start, iterations, tolerance)
     model.zero_grad(set_to_none=True)
     tokens = sum(batch[:, 1:].numel() for batch in batches)
-    return SharpnessResult(top_eigenvalue=top, iterations=first.iterations + (second.iterations if second else 0),
-                           converged=first.converged and (second is None or second.converged), tokens=tokens,
-                           largest_magnitude=first.eigenvalue)
+    return SharpnessResult(top_eigenvalue=found.eigenvalue, iterations=found.iterations, converged=found.converged,
+                           tokens=tokens, residual=found.residual)
