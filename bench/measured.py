@@ -1,7 +1,7 @@
 """The measured figures of README.md and docs/*.md, from commands: a snapshot of the default run and its blocks.
 
-    .venv/bin/python bench/measured.py refresh [results_dir]   # after `make run`: snapshot, bench output, README
-    .venv/bin/python bench/measured.py check                   # README == what the commands print on the snapshot
+    .venv/bin/python bench/measured.py refresh [results_dir]   # after `make run`: snapshot, bench output, blocks
+    .venv/bin/python bench/measured.py check                   # blocks == what their commands print on the snapshot
 
 `refresh` copies the run's results dataset (the small Parquet tables, not checkpoints) to docs/measured/default/,
 with the default config's hash and the output of bench/workflow_jobs.py on that run (timings cannot be recomputed
@@ -38,7 +38,7 @@ def documents() -> list[Path]:
     """The files whose measured blocks are kept in step: the README and docs/*.md."""
     return [README, *sorted(DOCS.glob("*.md"))]
 BIN = Path(sys.executable).parent
-# NAME -> the command whose output the README block shows (run in the repository root)
+# NAME -> the command whose output the block shows (run in the repository root)
 BLOCKS = {
     "science-check": [str(BIN / "qtraj"), "science-check", "--results-dir", str(SNAPSHOT)],
     "wsd-seed0": [str(BIN / "qtraj"), "query", "--results-dir", str(SNAPSHOT),
