@@ -8,12 +8,13 @@ import torch
 from qtraj.sharpness import _loss, largest_eigenvalue, top_hessian_eigenvalue
 
 
-def tiny_llama():
+def tiny_llama(seed: int = 0, **sizes):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=12, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{"vocab_size": 12, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 16,
+                            **sizes})
     config._attn_implementation = "eager"  # the exact Hessian below needs double backward through attention
     return LlamaForCausalLM(config).float()
 
@@ -103,15 +104,11 @@ def test_an_invariant_start_space_ends_with_the_exact_eigenvalue():
 
 def test_agrees_with_scipy_arpack_on_a_model_too_large_for_the_exact_hessian():
     from scipy.sparse.linalg import LinearOperator, eigsh
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from qtraj.sharpness import hessian_vector_product
 
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    config._attn_implementation = "eager"
-    model = LlamaForCausalLM(config).double()
+    model = tiny_llama(seed=1, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=32).double()
     blocks = np.random.default_rng(2).integers(0, 64, size=(4, 17))
     result = top_hessian_eigenvalue(model, blocks, batch_size=2, iterations=100, tolerance=1e-6, seed=0)
 

@@ -92,7 +92,7 @@ def largest_eigenvalue(product: Callable[[Vector], Vector], start: Vector, itera
             for a, p in zip(image, previous, strict=True):
                 a.sub_(p, alpha=betas[-1])
         alphas.append(alpha)
-        beta = math.sqrt(max(_dot(image, image), 0.0))
+        beta = math.sqrt(_dot(image, image))
         ritz_values, ritz_vectors = np.linalg.eigh(
             np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
         theta, residual = float(ritz_values[-1]), abs(beta * float(ritz_vectors[-1, -1]))
@@ -118,7 +118,7 @@ def top_hessian_eigenvalue(model: torch.nn.Module, blocks: np.ndarray, batch_siz
                for start in range(0, len(blocks), batch_size)]
     generator = torch.Generator().manual_seed(seed)
     start = [torch.randn(p.shape, generator=generator).to(device=device, dtype=p.dtype) for p in params]
-    norm = math.sqrt(sum((v * v).sum().item() for v in start))
+    norm = math.sqrt(_dot(start, start))
     start = [v / norm for v in start]
     found = largest_eigenvalue(lambda vector: hessian_vector_product(model, batches, params, vector),
                                start, iterations, tolerance)
