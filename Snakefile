@@ -44,8 +44,9 @@ onstart:
             "QTRAJ_SLURM_ACCOUNT=myproject`); to let the Slurm plugin pick your default account instead, delete "
             "slurm_account from profiles/slurm/config.v8+.yaml. Nothing was submitted."
         )
+    claim_results()
     if job_server.should_start(workflow.local_exec, config["job_server"]):
-        JOB_SERVER.append(job_server.start())
+        JOB_SERVER.append(job_server.start(LOGS))
 
 
 onsuccess:

@@ -1,5 +1,7 @@
 """The fault drill: run the tiny test config, kill the workflow mid-job, rerun, corrupt one per-job result and one
-dataset file, rerun, and compare with an undisturbed run of the same config.
+dataset file, rerun, and compare with an undisturbed run of the same config; then evaluate two of its checkpoints
+as a `local` trajectory, overwrite one's weights in place (its folder's modification time kept) and compare the
+rerun with a run from scratch on the new weights.
 
     .venv/bin/python bench/fault_drill.py [workdir]
 
@@ -10,6 +12,7 @@ whether the final rows equal the undisturbed run's (they must: every job is dete
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +86,43 @@ def kill_mid_job(workdir: Path, config: Path, after_files: int) -> None:
     process.wait()
 
 
+def local_config(workdir: Path, name: str, checkpoints: Path) -> Path:
+    """The tiny config's data, quantizations and tasks, over the checkpoint folders in `checkpoints` (read in place)."""
+    config = yaml.safe_load(write_config(workdir, name).read_text())
+    for key in ("runs", "cooldowns", "averages", "training", "model", "tokenizer"):
+        config.pop(key, None)
+    config["local"] = {"mine": {"path": str(checkpoints), "pattern": "step{step}"}}
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def overwrite_in_place(root: Path, trained: Path) -> bool:
+    """Returns whether the rerun after an in-place overwrite equals a run from scratch on the new weights."""
+    import shutil
+
+    checkpoints = root / "local-checkpoints"
+    for step in ("step000020", "step000040"):
+        shutil.copytree(trained / "wsd" / step, checkpoints / step, symlinks=False)
+        (checkpoints / step / ".qtraj-folder.json").unlink(missing_ok=True)
+    config = local_config(root, "local", checkpoints)
+    jobs = jobs_run(run(root, config))
+    before = per_job_files(root / "local")
+    target = checkpoints / "step000040"
+    times = target.stat()
+    shutil.copyfile(trained / "cosine" / "step000040" / "model.safetensors", target / "model.safetensors")
+    os.utime(target, ns=(times.st_atime_ns, times.st_mtime_ns))
+    rerun = run(root, config)
+    after = per_job_files(root / "local")
+    remeasured = sorted({re.search(r"step\d+", name).group() for name in after if after[name] != before.get(name)})
+    fresh = run(root, local_config(root, "local-fresh", checkpoints))
+    same = rows(root / "local") == rows(root / "local-fresh")
+    print(f"local trajectory of 2 checkpoints ({jobs} jobs): overwrote step000040/model.safetensors in place (folder "
+          f"time kept); the rerun ran {jobs_run(rerun)} jobs, re-measured checkpoints {remeasured}; rows equal to a "
+          f"run from scratch on the new weights ({jobs_run(fresh)} jobs): {same}")
+    return same and remeasured == ["step000040"]
+
+
 def main(workdir: str | None = None) -> None:
     root = Path(workdir or tempfile.mkdtemp(prefix="qtraj-fault-drill-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -124,8 +164,9 @@ def main(workdir: str | None = None) -> None:
     final = rows(results_dir)
     same = final == reference
     print(f"final results: {len(final)} rows, equal to the undisturbed run's: {same}")
+    overwritten_right = overwrite_in_place(root, root / "undisturbed" / "checkpoints")
     print(f"drill took {time.perf_counter() - started:.0f} s in {root}")
-    sys.exit(0 if same and named and restored and lost == 0 and lost_after_kill == 0 else 1)
+    sys.exit(0 if same and named and restored and lost == 0 and lost_after_kill == 0 and overwritten_right else 1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import os
 import re
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
@@ -27,7 +28,7 @@ from qtraj.checkpoints import checkpoint_name
 from qtraj.families import checkpoint_source, configured_family, selected_revisions
 from qtraj.local import local_revision_of, selected_checkpoints
 from qtraj.plan import step_resources
-from qtraj.results import TABLES, dataset_file, per_job_file
+from qtraj.results import DATASET_MANIFEST, TABLES, dataset_file, per_job_file
 
 # Snakemake reads --configfile itself and keeps the last of duplicate keys; read each again, strictly.
 for configfile_path in workflow.configfiles:
@@ -170,6 +171,43 @@ def local_checkpoint_facts(wildcards):
     }
 
 
+def fingerprint_cache():
+    """Where digests are kept: in the results folder once qtraj owns it (a dry run writes nothing)."""
+    from qtraj.ownership import RESULTS_MARKER
+
+    owned = os.path.isfile(f"{RESULTS}/{RESULTS_MARKER}")
+    return f"{RESULTS}/data/fingerprints.json" if owned else None
+
+
+def local_checkpoint_fingerprint(wildcards):
+    """Params function: the content of the files a local checkpoint contributes (qtraj.fingerprint), so that
+    weights overwritten in place rerun exactly this checkpoint's jobs. None for a folder a rule of this workflow
+    makes (a converted GGUF model: its own job reruns on a change) or one not there yet."""
+    from qtraj.fingerprint import fingerprint
+    from qtraj.local import external_link_target, linked_files
+
+    entry = config["local"][wildcards.run]
+    folder = f"{entry['path']}/{wildcards.checkpoint}"
+    made_here = {os.path.abspath(f"{config['models_dir']}/{name}") for name in config["gguf_models"]}
+    if os.path.abspath(folder) in made_here or not os.path.isdir(folder):
+        return None
+    inside = [
+        path
+        for path in linked_files(folder, entry["allow_pickle"])
+        if entry["allow_external_links"] or external_link_target(path, Path(folder)) is None
+    ]  # a link out of the folder is refused by the job, never read here
+    return fingerprint(inside, fingerprint_cache())
+
+
+def gguf_file_fingerprint(wildcards):
+    """Params function: the content of a GGUF model's `file:` (a pinned package version needs none), so that a
+    replaced file is converted again."""
+    from qtraj.fingerprint import fingerprint
+
+    path = config["gguf_models"][wildcards.model]["file"]
+    return fingerprint([path], fingerprint_cache()) if path and os.path.isfile(path) else None
+
+
 def local_tokenizer_folder(wildcards):
     """Input function: a local trajectory's `tokenizer` folder when its entry names one (none: the job takes the
     first selected checkpoint's own, so that selecting other checkpoints never reruns the trajectory)."""
@@ -228,6 +266,12 @@ def dataset_tables():
     return [f"{RESULTS}/{dataset_file(table)}" for table in TABLES]
 
 
+def dataset_manifest():
+    """The aggregate's output and what reads the dataset depends on (qtraj.results.DATASET_MANIFEST): the tables
+    themselves are swapped in by the aggregate, never deleted by Snakemake before it runs."""
+    return f"{RESULTS}/{DATASET_MANIFEST}"
+
+
 def per_job_results():
     """Every per-job Parquet file of the config: the durable record. Named as targets so that a missing one is
     rebuilt whatever Snakemake's metadata says (a copied results directory, a lost .snakemake/, a deleted file);
@@ -250,6 +294,8 @@ def check_results_readable():
             f"qtraj: {path} is unreadable; moved to {path}.unreadable, the aggregate rebuilds it",
             file=sys.stderr,
         )
+    if os.path.exists(dataset_manifest()) and not all(map(os.path.exists, dataset_tables())):
+        os.remove(dataset_manifest())  # a table is missing: the aggregate (whose output this is) rebuilds them
     broken = unreadable_parquet_files(per_job_results())
     if broken:
         raise WorkflowError(
@@ -258,10 +304,63 @@ def check_results_readable():
         )
 
 
+def check_ownership():
+    """Before any job (main process only): qtraj works only in a results folder it created (qtraj.ownership), and
+    stops naming any file that someone else put into a folder that a job writes whole, since Snakemake deletes
+    such a folder with everything in it before it reruns the job. Every directory output must be declared in
+    qtraj.ownership.FOLDER_OUTPUTS, so that this check sees it."""
+    from fnmatch import fnmatch
+
+    from snakemake.io import is_flagged
+
+    from qtraj.ownership import (
+        FOLDER_OUTPUTS,
+        OwnershipError,
+        check_no_foreign_files,
+        claim_results_dir,
+        folder_outputs,
+        unsafe_results_dir,
+    )
+
+    if not workflow.is_main_process:
+        return
+    protected = {"the working folder": os.getcwd(), "the workflow's own folder": workflow.basedir}
+    reason = unsafe_results_dir(RESULTS, protected)
+    if reason:
+        raise WorkflowError(
+            f"config key 'results_dir': {RESULTS!r} cannot hold results: {reason}; name a folder "
+            "of its own, e.g. results"
+        )
+    models = [f"{config['models_dir']}/{name}" for name in config["gguf_models"]]
+    declared = {f"{RESULTS}/{pattern}" for pattern in FOLDER_OUTPUTS} | {f"{config['models_dir']}/*"}
+    for job_kind in workflow.rules:
+        for output in job_kind.output:
+            pattern = re.sub(r"\{[^}]*\}", "*", str(output))
+            if is_flagged(output, "directory") and not any(fnmatch(pattern, glob) for glob in declared):
+                raise WorkflowError(
+                    f"directory output {output} of {job_kind.name} is not declared in "
+                    "qtraj.ownership.FOLDER_OUTPUTS; declare it there so that foreign files in it "
+                    "are found before the rule deletes them"
+                )
+    try:
+        claim_results_dir(RESULTS, create=False)  # created in onstart (claim_results): a dry run writes nothing
+        check_no_foreign_files(folder_outputs(RESULTS) + models)
+    except OwnershipError as error:
+        raise WorkflowError(str(error)) from None
+
+
+def claim_results():
+    """onstart (a real run, not a dry run): create the results folder with qtraj's marker (qtraj.ownership)."""
+    from qtraj.ownership import claim_results_dir
+
+    claim_results_dir(RESULTS)
+
+
 def all_targets():
+    check_ownership()
     check_results_readable()
     # averages and cooldowns have no figure of their own: they are drawn in their parent's (qtraj.plotting)
     figures = [f"{RESULTS}/figures/{run}.png" for run in RUNS + FAMILIES + LOCAL]
     figures += [f"{RESULTS}/figures/{name}.png" for name in summary_figures(config)]
     # the headline numbers that report/workflow.rst shows first
-    return per_job_results() + dataset_tables() + figures + [f"{RESULTS}/science_check.txt"]
+    return per_job_results() + [dataset_manifest()] + figures + [f"{RESULTS}/science_check.txt"]

@@ -19,6 +19,9 @@ rule link_local_checkpoint:
     params:
         info=local_checkpoint_facts,
         allow_pickle=lambda wildcards: config["local"][wildcards.run]["allow_pickle"],
+        allow_external_links=lambda wildcards: config["local"][wildcards.run]["allow_external_links"],
+        # not used by the job (which records the fingerprint it reads): a changed content reruns it
+        fingerprint=local_checkpoint_fingerprint,
     script:
         "../scripts/link_local_checkpoint.py"
 
@@ -72,5 +75,6 @@ rule convert_gguf:
         "../envs/qtraj.yaml"
     params:
         source=lambda wildcards: config["gguf_models"][wildcards.model],
+        fingerprint=gguf_file_fingerprint,  # not used by the job: a replaced `file:` reruns it
     script:
         "../scripts/convert_gguf.py"

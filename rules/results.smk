@@ -2,7 +2,7 @@ rule aggregate:
     input:
         **{table: per_job_files(table) for table in TABLES},
     output:
-        dataset_tables(),
+        dataset_manifest(),
     log:
         f"{LOGS}/aggregate.log",
     localrule: True
@@ -17,7 +17,7 @@ rule aggregate:
 
 rule plot_trajectory:
     input:
-        dataset_tables(),
+        dataset_manifest(),
     output:
         report(
             f"{RESULTS}/figures/{{run}}.png",
@@ -43,7 +43,7 @@ for _figure in summary_figures(config):
         name:
             f"plot_{_figure}"
         input:
-            dataset_tables(),
+            dataset_manifest(),
         output:
             report(
                 f"{RESULTS}/figures/{_figure}.png",
@@ -65,7 +65,7 @@ for _figure in summary_figures(config):
 # The headline numbers: `qtraj science-check` on the dataset, which report/workflow.rst shows first.
 rule science_check:
     input:
-        dataset_tables(),
+        dataset_manifest(),
     output:
         report(
             f"{RESULTS}/science_check.txt",

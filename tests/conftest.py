@@ -85,3 +85,16 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_corpus):
+    """The tiny workflow (tests/configs/tiny.yaml) run once: (working folder, config file, results folder). Shared by
+    the workflow and fault tests; a test that changes it puts it back."""
+    from tests.test_workflow import snakemake, write_config
+
+    workdir = tmp_path_factory.mktemp("workflow")
+    results_dir = workdir / "results"
+    config = write_config(workdir / "config.yaml", small_corpus, results_dir)
+    snakemake("--cores", "2", "--configfile", str(config), workdir=workdir)
+    return workdir, config, results_dir

@@ -329,3 +329,219 @@ def test_check_config_says_what_snakemake_would_bury_in_a_traceback(tmp_path, ca
     assert main(["check-config", str(path)]) == 2
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and re.search(message, error), error
+
+
+# --- what qtraj does not own (issue: never delete or serve stale what qtraj did not write) ---------------------------
+
+def test_a_results_dir_holding_user_files_is_refused_and_they_stay_byte_identical(tmp_path, small_corpus):
+    """Snakemake deletes a directory output before rerunning its job: pointed at a folder holding the user's files,
+    the workflow must refuse, naming the folder, and touch nothing."""
+    from tests.test_workflow import snakemake, write_config
+
+    mine = tmp_path / "mine"
+    notes = mine / "data" / "tokenizer" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_bytes(b"precious\n")
+    before = digest(mine)
+    config = write_config(tmp_path / "config.yaml", small_corpus, mine)
+    result = snakemake("--cores", "1", "--configfile", str(config), workdir=tmp_path, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"results_dir {mine} already holds files that qtraj did not create (data)" in output, output[-2000:]
+    assert f"qtraj adopt-results {mine}" in output
+    assert digest(mine) == before and sorted(p.name for p in mine.iterdir()) == ["data"]
+
+
+def test_a_foreign_file_in_a_job_written_folder_stops_the_workflow_naming_it(tiny_run):
+    """A file dropped into a checkpoint folder a job wrote would be deleted with the folder when the job reruns."""
+    from tests.test_workflow import snakemake
+
+    workdir, config, results_dir = tiny_run
+    dropped = results_dir / "checkpoints" / "wsd" / "step000020" / "my-notes.txt"
+    dropped.write_bytes(b"mine\n")
+    try:
+        result = snakemake("--cores", "1", "--configfile", str(config), "--forcerun", "train_wsd", workdir=workdir,
+                           check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and str(dropped) in output and "nothing was run or deleted" in output, \
+            output[-2000:]
+        assert dropped.read_bytes() == b"mine\n"
+    finally:
+        dropped.unlink()
+
+
+def test_folders_and_files_qtraj_writes_follow_the_umask(tiny_run):
+    """save_pretrained writes model.safetensors 0600 through a private temporary file; qtraj's folders are shared
+    like any file the user writes (the tests run under the machine's umask)."""
+    import stat
+
+    _, _, results_dir = tiny_run
+    umask = results.current_umask()
+    weights = sorted((results_dir / "checkpoints").rglob("model.safetensors"))
+    assert len(weights) >= 5  # trained, cooldown and averaged checkpoints
+    for path in weights:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    assert stat.S_IMODE((results_dir / "data" / "tokenizer").stat().st_mode) == 0o777 & ~umask
+
+
+@pytest.mark.parametrize(("results_dir", "reason"), [
+    ("/", "it is the filesystem root"),
+    ("~", "it is your home folder"),
+    (".", "it is the working folder"),
+    ("..", "it contains the working folder"),
+])
+def test_a_results_dir_that_would_hold_more_than_results_is_refused(results_dir, reason):
+    from qtraj.config import ConfigError, validate_config
+
+    config = {"results_dir": results_dir, "quantizations": {"q": {"method": "rtn", "bits": 4, "group_size": 32}},
+              "runs": {"wsd": {}}}
+    with pytest.raises(ConfigError, match=rf"'results_dir': .*cannot hold results: {reason}"):
+        validate_config(config)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"results_dir": ""}, r"'results_dir': '' should be non-empty"),
+    ({"training": {"peak_lr": float("nan")}}, r"'training.peak_lr': nan is not a finite number"),
+    ({"runs": {"w" * 120: {}}}, r"is 120 bytes long; names become file names, so at most 100 bytes"),
+])
+def test_config_values_that_cannot_work_are_refused_at_config_time(change, message):
+    from qtraj.config import ConfigError, validate_config
+
+    config = {"quantizations": {"q": {"method": "rtn", "bits": 4, "group_size": 32}}, "runs": {"wsd": {}}, **change}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_the_workflow_refuses_a_folder_output_that_ownership_does_not_declare(tmp_path, small_corpus):
+    from qtraj import ownership
+    from tests.test_workflow import snakemake, write_config
+
+    assert ownership.FOLDER_OUTPUTS  # the check in rules/common.smk compares every directory() output with it
+    results_dir = tmp_path / "results"
+    ownership.claim_results_dir(results_dir)
+    folder = results_dir / "checkpoints" / "wsd" / "step000020"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    ownership.seal_folder(folder)
+    assert ownership.foreign_files([folder]) == []
+    (folder / "extra").write_text("x")
+    assert ownership.foreign_files([folder]) == [str(folder / "extra")]
+    # a folder without a manifest (a job killed mid-way) is not judged: Snakemake reruns it as incomplete
+    (folder / ownership.FOLDER_MANIFEST).unlink()
+    assert ownership.foreign_files([folder]) == []
+    config = write_config(tmp_path / "config.yaml", small_corpus, results_dir)
+    assert snakemake("--cores", "1", "--dry-run", "--configfile", str(config), workdir=tmp_path).returncode == 0
+
+
+def test_adopting_an_earlier_results_folder_records_it_and_refuses_a_foreign_one(tmp_path):
+    from qtraj.cli import main
+    from qtraj.ownership import FOLDER_MANIFEST, RESULTS_MARKER, claim_results_dir
+
+    old = tmp_path / "old"
+    (old / "checkpoints" / "wsd" / "step000020").mkdir(parents=True)
+    (old / "checkpoints" / "wsd" / "step000020" / "config.json").write_text("{}")
+    (old / "evals").mkdir()
+    assert main(["adopt-results", str(old)]) == 0
+    assert (old / RESULTS_MARKER).is_file() and (old / "checkpoints" / "wsd" / "step000020" / FOLDER_MANIFEST).is_file()
+    claim_results_dir(old)  # accepted from now on
+    other = tmp_path / "other"
+    (other / "photos").mkdir(parents=True)
+    assert main(["adopt-results", str(other)]) == 2
+    assert not (other / RESULTS_MARKER).exists()
+
+
+def test_a_failed_aggregate_leaves_the_old_dataset_and_readers_never_see_it_missing(tmp_path, monkeypatch):
+    import math
+
+    good = tmp_path / "evals" / "a.parquet"
+    results.write_rows([quantized_row()], results.QUANTIZED_EVAL_SCHEMA, good)
+    dataset = tmp_path / "dataset"
+    results.aggregate({"results": [str(good)], "fp_evals": []}, dataset)
+    before = digest(dataset)
+    broken = tmp_path / "evals" / "b.parquet"
+    results.write_rows([{**quantized_row(), "checkpoint": "step2", "loss_q": math.nan}], results.QUANTIZED_EVAL_SCHEMA,
+                       broken)
+    with pytest.raises(ValueError, match="loss_q is nan"):
+        results.aggregate({"fp_evals": [], "results": [str(good), str(broken)]}, dataset)
+    assert digest(dataset) == before and not list(dataset.glob(".*.tmp"))
+
+    seen = []
+    write_beside = results._write_beside
+
+    def reader_between_writes(table, path):  # a query running while the aggregate writes
+        seen.append(sorted(p.name for p in dataset.glob("*.parquet")))
+        return write_beside(table, path)
+
+    monkeypatch.setattr(results, "_write_beside", reader_between_writes)
+    results.aggregate({"results": [str(good)], "fp_evals": [str(good)]}, dataset)
+    assert seen == [["fp_evals.parquet", "results.parquet"]] * 2
+    assert (dataset / "tables.json").is_file()
+
+
+def test_the_aggregate_job_declares_only_its_manifest_so_snakemake_never_deletes_the_dataset(tiny_run):
+    from tests.test_workflow import planned_jobs, snakemake
+
+    workdir, config, results_dir = tiny_run
+    jobs = planned_jobs(snakemake("--cores", "1", "--dry-run", "--forcerun", "aggregate", "--configfile", str(config),
+                                  workdir=workdir).stdout)
+    assert ("aggregate", str(results_dir / "dataset" / "tables.json")) in jobs
+
+
+def test_each_results_folder_keeps_its_own_job_server_log(tiny_run):
+    workdir, _, results_dir = tiny_run
+    assert "serving on" in (results_dir / "logs" / "job-server.log").read_text()
+    assert not (workdir / ".snakemake" / "qtraj-job-server.log").exists()
+
+
+def test_a_local_checkpoint_overwritten_in_place_is_measured_again(tmp_path, small_corpus, tokenizer_dir):
+    """`cp new/model.safetensors run/step2/` leaves the folder's modification time as it was: its content
+    fingerprint reruns exactly that checkpoint's jobs, and its rows record the new fingerprint."""
+    import os
+    import shutil
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from tests.architectures import save_tiny_checkpoint
+    from tests.test_workflow import planned_jobs, snakemake
+
+    run = tmp_path / "run"
+    save_tiny_checkpoint("LlamaForCausalLM", run / "step1", tokenizer_dir, seed=0)
+    save_tiny_checkpoint("LlamaForCausalLM", run / "step2", tokenizer_dir, seed=1, perturb_from=run / "step1")
+    save_tiny_checkpoint("LlamaForCausalLM", tmp_path / "new", tokenizer_dir, seed=2, perturb_from=run / "step1",
+                         relative_noise=0.5)
+    config = {"results_dir": str(tmp_path / "results"), "job_server": False,
+              "corpus": {"path": str(small_corpus), "validation_fraction": 0.1, "calibration_fraction": 0.1},
+              "local": {"mine": {"path": str(run), "pattern": "step{step}"}},
+              "quantizations": {"rtn-w4g32": {"method": "rtn", "bits": 4, "group_size": 32}},
+              "calibration": {"num_samples": 4, "seq_len": 32}, "evaluation": {"seq_len": 32, "max_blocks": 4}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    snakemake("--cores", "2", "--configfile", str(path), workdir=tmp_path)
+
+    def rows():
+        table = pq.read_table(tmp_path / "results" / "dataset" / "results.parquet").to_pylist()
+        return {row["checkpoint"]: (row["loss_fp"], row["fingerprint"]) for row in table}
+
+    before = rows()
+    folder_times = (run / "step2").stat()
+    shutil.copyfile(tmp_path / "new" / "model.safetensors", run / "step2" / "model.safetensors")  # in place
+    os.utime(run / "step2", ns=(folder_times.st_atime_ns, folder_times.st_mtime_ns))
+    work = [(rule, output) for rule, output in planned_jobs(
+        snakemake("--cores", "2", "--dry-run", "--configfile", str(path), workdir=tmp_path).stdout)
+        if rule in ("link_local_checkpoint", "evaluate_fp", "quantize")]
+    assert work and all("step2" in output for _, output in work), work
+    assert {rule for rule, _ in work} == {"link_local_checkpoint", "evaluate_fp", "quantize"}
+
+    snakemake("--cores", "2", "--configfile", str(path), workdir=tmp_path)
+    after = rows()
+    assert after["step1"] == before["step1"]
+    assert after["step2"][1].startswith("sha256:") and after["step2"][1] != before["step2"][1]
+    assert after["step2"][0] != before["step2"][0]
+    from safetensors.torch import load_file
+
+    from qtraj.evaluation import load_causal_lm  # the new weights are what was measured
+
+    model = load_causal_lm(tmp_path / "results" / "checkpoints" / "mine" / "step2")
+    new = load_file(str(tmp_path / "new" / "model.safetensors"))
+    assert all(model.state_dict()[name].equal(tensor) for name, tensor in new.items())

@@ -143,15 +143,6 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, small_corpus):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, small_corpus):
-    workdir = tmp_path_factory.mktemp("workflow")
-    results_dir = workdir / "results"
-    config = write_config(workdir / "config.yaml", small_corpus, results_dir)
-    snakemake("--cores", "2", "--configfile", str(config), workdir=workdir)
-    return workdir, config, results_dir
-
-
 def test_every_checkpoint_has_finite_rows_for_each_method_and_bits(tiny_run):
     _, _, results_dir = tiny_run
     table = pq.read_table(results_dir / "dataset" / "results.parquet").to_pylist()

@@ -43,6 +43,7 @@ class CheckpointInfo:
     parent_run: str | None = None
     parent_checkpoint: str | None = None
     path: str | None = None  # local checkpoints: the folder they were read from
+    fingerprint: str | None = None  # local checkpoints: their files' content (qtraj.fingerprint)
 
 
 def checkpoint_name(step: int) -> str:

@@ -1,6 +1,6 @@
 """The `qtraj` command line: `qtraj query "SQL"`, `qtraj science-check`, `qtraj check-config FILE`, `qtraj status`,
-`qtraj plan`, `qtraj families` and `qtraj --version`. Thin: the logic lives in qtraj.query, qtraj.science,
-qtraj.status, qtraj.plan and qtraj.catalog."""
+`qtraj plan`, `qtraj families`, `qtraj adopt-results DIR` and `qtraj --version`. Thin: the logic lives in
+qtraj.query, qtraj.science, qtraj.status, qtraj.plan, qtraj.catalog and qtraj.ownership."""
 
 from __future__ import annotations
 
@@ -96,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     families.add_argument("--families-dir", default=None,
                           help="the folder of family files (default: the config schema's families_dir, "
                                "config/families)")
+    adopt = commands.add_parser(
+        "adopt-results", help="let the workflow use an earlier qtraj results folder that has no marker",
+        description="The workflow works only in a results folder qtraj created (it carries a .qtraj-results "
+                    "marker), since reruns delete outputs. A results folder of a qtraj from before the marker, or one "
+                    "copied without hidden files, is adopted here: refused if its top level holds anything qtraj "
+                    "never writes; the contents of each folder a job wrote are recorded as qtraj's.")
+    adopt.add_argument("folder")
     for command in (query, check):
         command.add_argument("--results-dir", default=None,
                              help="the workflow's results_dir (default: the --configfile's results_dir, else "
@@ -121,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             print(f"qtraj: {error}", file=sys.stderr)
             return 2
+    if args.command == "adopt-results":
+        from qtraj.ownership import OwnershipError, adopt_results_dir
+
+        try:
+            sealed = adopt_results_dir(args.folder)
+        except OwnershipError as error:
+            print(f"qtraj: {error}", file=sys.stderr)
+            return 2
+        print(f"{args.folder}: adopted as a qtraj results folder ({sealed} job-written folders recorded)")
+        return 0
     if args.command == "check-config":
         from qtraj.config import load_config, trajectories
 

@@ -43,6 +43,8 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     if not isinstance(config, dict):
         raise ConfigError("the configuration must be a mapping of keys to values")
     _validate(config, schema)
+    _check_finite_numbers(config)
+    _check_folders(config)
     if not config["runs"] and not config["families"] and not config["local"]:
         raise ConfigError("the config has neither `runs` (models trained here), `families` (hub checkpoints) nor "
                           "`local` (checkpoint folders on disk); add at least one")
@@ -77,7 +79,49 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         except ValueError as error:
             raise ConfigError(f"config key '{where}': {error}") from error
     _check_architectures(config, methods)
+    _check_name_lengths(config)
     return config
+
+
+def _check_finite_numbers(config: dict, where: tuple = ()) -> None:
+    """NaN and infinity pass JSON Schema's bounds (every comparison with NaN is false): refuse them by key."""
+    import math
+
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{'.'.join(map(str, (*where, key)))}': {value} is not a finite number")
+        _check_finite_numbers(value, (*where, key))
+
+
+def _check_folders(config: dict) -> None:
+    """results_dir is rewritten at will (Snakemake deletes a job's outputs before rerunning it): never the
+    filesystem root, a home folder or the working folder (rules/common.smk adds the workflow's own folder)."""
+    from qtraj.ownership import unsafe_results_dir
+
+    reason = unsafe_results_dir(config["results_dir"], {"the working folder": Path.cwd()})
+    if reason:
+        raise ConfigError(f"config key 'results_dir': {config['results_dir']!r} cannot hold results: {reason}; "
+                          "name a folder of its own, e.g. results")
+    if not config["models_dir"].strip():
+        raise ConfigError("config key 'models_dir': it is empty; name a folder, e.g. models")
+
+
+# Names become file names (`<checkpoint>.parquet`, a temporary `.<name>.parquet.XXXXXXXX.tmp` beside it) and most
+# filesystems cap a file name at 255 bytes: refuse longer names here instead of in a job.
+MAX_NAME_LENGTH = 100
+
+
+def _check_name_lengths(config: dict) -> None:
+    names = [(f"quantizations.{name}", name) for name in config["quantizations"]]
+    names += [(f"gguf_models.{name}", name) for name in config["gguf_models"]]
+    for trajectory in trajectories(config):
+        names.append((trajectory, trajectory))
+        names += [(f"checkpoint of {trajectory!r}", checkpoint) for checkpoint in checkpoints_of(config, trajectory)]
+    for where, name in names:
+        if len(name.encode()) > MAX_NAME_LENGTH:
+            raise ConfigError(f"{where}: the name {name[:40]!r}... is {len(name.encode())} bytes long; names become "
+                              f"file names, so at most {MAX_NAME_LENGTH} bytes: choose a shorter one")
 
 
 # The model class of the micro models trained here (qtraj.training builds a LlamaForCausalLM).

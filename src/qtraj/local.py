@@ -186,22 +186,63 @@ def checkpoint_info(name: str, entry: dict, revision: Revision) -> CheckpointInf
                           phase=phase, source="local")
 
 
-def link_checkpoint(source: str | Path, out_dir: str | Path, info: CheckpointInfo,
-                    tokenizer_dir: str | Path | None = None, allow_pickle: bool = False) -> int:
-    """Make `out_dir` a qtraj checkpoint folder of links to `source`'s weights, configs and tokenizer (nothing is
-    copied, nothing in `source` is written) plus qtraj's metadata; returns how many files were linked. A checkpoint
-    saved without a tokenizer gets the trajectory's (`tokenizer_dir`) copied in, so every folder is complete."""
-    source, out_dir = Path(source), Path(out_dir)
+def external_link_target(item: Path, folder: Path) -> Path | None:
+    """Where `item` really is, when following its links leads out of `folder`; None for a file inside it (a link
+    between two files of the folder, or a folder that is itself reached through a link, is inside)."""
+    target = item.resolve()
+    return None if target.is_relative_to(folder.resolve()) else target
+
+
+def check_safetensors_file(path: str | Path) -> None:
+    """Raise ValueError naming `path` and what is wrong unless it is a whole safetensors file: an 8-byte
+    little-endian header length, a JSON header of that length, and every tensor's data inside the file. Only the
+    header is read, so checking a large checkpoint costs no more than opening it."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: only {size} bytes, fewer than the 8 a safetensors header length takes: not a "
+                             "safetensors file (truncated or empty)")
+        header_length = int.from_bytes(prefix, "little")
+        if header_length > size - 8:
+            raise ValueError(f"{path}: header length {header_length} exceeds the file's {size} bytes: not a "
+                             "safetensors file (truncated or another format)")
+        raw_header = handle.read(header_length)
+    try:
+        header = json.loads(raw_header)
+    except ValueError as error:  # UnicodeDecodeError is a ValueError too
+        raise ValueError(f"{path}: its {header_length}-byte header is not JSON ({error}): not a safetensors file "
+                         "(corrupt or another format)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: its header is JSON but not an object: not a safetensors file")
+    data_size = size - 8 - header_length
+    ends = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"{path}: tensor {name!r} has no valid data_offsets in the header: not a safetensors "
+                             "file (corrupt)")
+        ends[name] = offsets[1]
+    last = max(ends, key=ends.get, default=None)
+    if last is not None and ends[last] > data_size:
+        raise ValueError(f"{path}: truncated: tensor {last!r} ends at byte {8 + header_length + ends[last]}, the "
+                         f"file has {size} bytes")
+
+
+def checked_files(source: str | Path, allow_pickle: bool = False, allow_external_links: bool = False) -> list[Path]:
+    """The files of checkpoint folder `source` that qtraj reads, after refusing what cannot be read safely (no
+    config, remote code, no weights, links out of the folder, a file that is not safetensors), naming the file."""
+    source = Path(source)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint folder {source} has no config.json: it is not a Hugging Face model "
                                 "folder (save it with save_pretrained, or fix `path`/`pattern` of its local entry)")
     if "auto_map" in json.loads((source / "config.json").read_text()):
         raise ValueError(f"checkpoint folder {source} needs its own Python code (config.json has an auto_map); qtraj "
                          "runs remote code only for hub families with a pinned commit, never from a local folder")
-    patterns = LINKED_FILES + ((PICKLE_WEIGHTS,) if allow_pickle else ())
-    files = [item for item in sorted(source.iterdir()) if item.is_file()
-             and any(fnmatch(item.name, pattern) for pattern in patterns)
-             and not any(fnmatch(item.name, pattern) for pattern in NOT_LINKED)]
+    files = linked_files(source, allow_pickle)
     if not any(item.suffix == ".safetensors" or fnmatch(item.name, PICKLE_WEIGHTS) for item in files):
         pickle = any(source.glob(PICKLE_WEIGHTS))
         raise FileNotFoundError(
@@ -209,6 +250,37 @@ def link_checkpoint(source: str | Path, out_dir: str | Path, info: CheckpointInf
             + ("; it has pickle weights (pytorch_model*.bin), which can run code when loaded: set "
                "`allow_pickle: true` in its local entry if you trust them, or re-save with safe_serialization"
                if pickle else ""))
+    for item in files:
+        target = external_link_target(item, source)
+        if target is not None and not allow_external_links:
+            raise ValueError(
+                f"{item} is a link to {target}, outside the checkpoint folder {source}: qtraj reads only files "
+                "that lie in the checkpoint folder, so that a stray link cannot pass for weights or configs. If the "
+                "link is meant (say the folder is a Hugging Face cache snapshot, whose files link into ../../blobs), "
+                "set `allow_external_links: true` in its local entry; otherwise replace the link with the file")
+        if item.suffix == ".safetensors":
+            try:
+                check_safetensors_file(item)
+            except ValueError as error:
+                linked = f" ({item} is a link to {target})" if target is not None else ""
+                raise ValueError(f"{error}{linked}. Re-save that checkpoint with save_pretrained (safetensors), or "
+                                 f"move {source.name} out of its local entry's `path` (or narrow `select` so it is "
+                                 "not picked)") from None
+    return files
+
+
+def link_checkpoint(source: str | Path, out_dir: str | Path, info: CheckpointInfo,
+                    tokenizer_dir: str | Path | None = None, allow_pickle: bool = False,
+                    allow_external_links: bool = False) -> int:
+    """Make `out_dir` a qtraj checkpoint folder of links to `source`'s weights, configs and tokenizer (nothing is
+    copied, nothing in `source` is written) plus qtraj's metadata; returns how many files were linked. A checkpoint
+    saved without a tokenizer gets the trajectory's (`tokenizer_dir`) copied in, so every folder is complete.
+
+    Files that are links out of `source` are refused unless `allow_external_links` (a Hugging Face cache snapshot's
+    files all link into ../../blobs), and every safetensors file must be one, so that a stray link or a truncated
+    copy is named here rather than failing a later job with an error that names no file."""
+    source, out_dir = Path(source), Path(out_dir)
+    files = checked_files(source, allow_pickle, allow_external_links)
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in files:
         (out_dir / item.name).symlink_to(item.resolve())
@@ -222,3 +294,11 @@ def link_checkpoint(source: str | Path, out_dir: str | Path, info: CheckpointInf
 
 # a folder holding either has a tokenizer of its own
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
+
+
+def linked_files(source: str | Path, allow_pickle: bool = False) -> list[Path]:
+    """The files of checkpoint folder `source` that qtraj reads (and links): weights, configs, tokenizer."""
+    patterns = LINKED_FILES + ((PICKLE_WEIGHTS,) if allow_pickle else ())
+    return [item for item in sorted(Path(source).iterdir()) if item.is_file()
+            and any(fnmatch(item.name, pattern) for pattern in patterns)
+            and not any(fnmatch(item.name, pattern) for pattern in NOT_LINKED)]

