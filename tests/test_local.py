@@ -156,3 +156,18 @@ def test_a_local_run_of_another_architecture_goes_through_the_workflow(tmp_path,
     config["local"]["mine"]["select"] = {"last": 2}
     path.write_text(yaml.safe_dump(config))
     assert all("checkpoint-300" in output for _, output in planned_work())
+
+
+def test_a_local_schedule_can_decay_as_one_minus_sqrt(trainer_run):
+    """Apertus-style cooldowns: the LR recorded for a local checkpoint follows the shape the entry declares."""
+    entry = {"schedule": {"type": "wsd", "peak_lr": 1e-3, "total_steps": 100, "decay_start_step": 50,
+                          "decay_shape": "1-sqrt"}}
+    config = {"quantizations": {"q": {"method": "rtn", "bits": 4, "group_size": 32}},
+              "local": {"mine": {"path": str(trainer_run), "pattern": "checkpoint-{step}", **entry}}}
+    validate_config(config)
+    [info] = [checkpoint_info("mine", config["local"]["mine"], r) for r in selected_checkpoints(config, "mine")
+              if r.step == 100]
+    from qtraj.families import Revision
+
+    halfway = checkpoint_info("mine", config["local"]["mine"], Revision("halfway", 75, None, "pretraining"))
+    assert halfway.lr == pytest.approx(1e-3 * (1 - 0.5 ** 0.5)) and info.lr == pytest.approx(0.0, abs=1e-12)

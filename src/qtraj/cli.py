@@ -92,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     families = commands.add_parser(
         "families", help="the catalog of model family files: repo, revisions, parameters, schedule",
         description="Every family file (<slug>.yaml) of a folder, validated as the workflow validates it; a file "
-                    "that does not validate is named on stderr (exit status 1).")
+                    "that does not validate is named on stderr (exit status 1), and a family whose file declares a "
+                    "caveat gets a warning there. With --verify (needs the hub): each family's revisions against "
+                    "the hub's branches, its gating and whether its repo was renamed; exit status 1 when a file "
+                    "disagrees with the hub, 2 when the hub cannot be reached.")
     families.add_argument("--families-dir", default=None,
                           help="the folder of family files (default: the config schema's families_dir, "
                                "config/families)")
+    families.add_argument("--verify", nargs="?", const=True, default=None, metavar="NAME",
+                          help="check every family (or the one named) against the hub: revisions the hub lacks, "
+                               "hub branches the file lacks, gated, renamed or missing repos")
     adopt = commands.add_parser(
         "adopt-results", help="let the workflow use an earlier qtraj results folder that has no marker",
         description="The workflow works only in a results folder qtraj created (it carries a .qtraj-results "
@@ -208,16 +214,34 @@ def _plan(args) -> int:
 
 
 def _families(args) -> int:
-    from qtraj.catalog import default_families_dir, family_catalog, render_catalog
+    from qtraj.catalog import caveat_warnings, default_families_dir, family_catalog, render_catalog
 
-    entries, problems = family_catalog(args.families_dir or default_families_dir())
+    folder = args.families_dir or default_families_dir()
+    if args.verify is not None:
+        return _verify_families(folder, None if args.verify is True else args.verify, args.format)
+    entries, problems = family_catalog(folder)
     if args.format == "json":
         _print_json([dataclasses.asdict(entry) for entry in entries])
     else:
         print(render_catalog(entries))
-    for problem in problems:
-        print(f"qtraj: {problem}", file=sys.stderr)
+    for line in [*problems, *caveat_warnings(entries)]:
+        print(f"qtraj: {line}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _verify_families(folder: str, name: str | None, output_format: str) -> int:
+    from qtraj.catalog import HubUnreachable, render_verification, verify_catalog
+
+    try:
+        results = verify_catalog(folder, name)
+    except HubUnreachable as error:
+        print(f"qtraj: {error}", file=sys.stderr)
+        return 2
+    if output_format == "json":
+        _print_json([dataclasses.asdict(result) for result in results])
+    else:
+        print(render_verification(results))
+    return 1 if any(result.problems for result in results) else 0
 
 
 if __name__ == "__main__":

@@ -89,11 +89,14 @@ def family_schedule(family: dict) -> Schedule:
     spec = family["schedule"]
     total = spec["total_steps"]
     decay_start = spec["decay_start_step"] if spec["decay_start_step"] is not None else total - 1
+    # passed only when given, so that Schedule's default is the one default (a local folder's schedule, qtraj.local,
+    # never has the key)
+    shape = {"decay_shape": spec["decay_shape"]} if "decay_shape" in spec else {}
     try:
         return Schedule(kind=spec["type"], peak_lr=spec["peak_lr"], total_steps=total,
                         warmup_steps=spec["warmup_steps"],
                         decay_fraction=max(1, total - decay_start) / total,
-                        final_lr_fraction=spec["final_lr"] / spec["peak_lr"])
+                        final_lr_fraction=spec["final_lr"] / spec["peak_lr"], **shape)
     except ValueError as error:
         raise ConfigError(f"schedule: {error}") from error
 

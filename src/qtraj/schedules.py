@@ -17,9 +17,10 @@ PHASES = ("warmup", "stable", "decay", "anneal", "post-training")
 class Schedule:
     """An LR schedule over `total_steps` optimizer steps.
 
-    kind: cosine (decay right after warmup), wsd (warmup-stable-decay: constant, then linear decay over
-    the last `decay_fraction` of training), linear (linear decay right after warmup), constant.
-    The LR ends at `peak_lr * final_lr_fraction`.
+    kind: cosine (decay right after warmup), wsd (warmup-stable-decay: constant, then a decay over the last
+    `decay_fraction` of training), linear (linear decay right after warmup), constant.
+    The LR ends at `peak_lr * final_lr_fraction`. `decay_shape` is the shape of a wsd decay: linear, or 1-sqrt
+    (Megatron-LM's `minus_sqrt`, which Apertus used); linear is what every schedule had before the option existed.
     """
 
     kind: str
@@ -28,6 +29,7 @@ class Schedule:
     warmup_steps: int
     decay_fraction: float = 0.2
     final_lr_fraction: float = 0.0
+    decay_shape: str = "linear"
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
@@ -38,6 +40,13 @@ class Schedule:
             )
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.decay_shape not in WSD_DECAY_SHAPES:
+            raise ValueError(f"decay_shape {self.decay_shape!r} is unknown; known shapes: "
+                             f"{', '.join(WSD_DECAY_SHAPES)}")
+        # cosine and linear schedules name their decay by their kind; a second name for it could only contradict it
+        if self.decay_shape != "linear" and self.kind != "wsd":
+            raise ValueError(f"decay_shape {self.decay_shape!r} applies to a wsd schedule only, not to {self.kind!r}: "
+                             "drop decay_shape or make the schedule wsd")
 
     @property
     def decay_start(self) -> int:
@@ -58,13 +67,15 @@ def lr_at(schedule: Schedule, step: int) -> float:
     if step <= start:
         return peak
     progress = min(1.0, (step - start) / max(1, schedule.total_steps - start))
-    return decayed_lr(peak, final, progress, "cosine" if schedule.kind == "cosine" else "linear")
+    return decayed_lr(peak, final, progress, "cosine" if schedule.kind == "cosine" else schedule.decay_shape)
 
 
-# the LR shapes of a branch resumed from a run (config `cooldowns`): a decay, or `constant` for the control at equal
-# tokens (the run continued at the LR it had where it branched, which is what a constant-LR run from scratch with the
-# same seed does after that step)
-DECAY_SHAPES = ("linear", "cosine", "constant")
+# the shapes a wsd schedule's decay may take (`decay_shape`; family files list the same in their schema)
+WSD_DECAY_SHAPES = ("linear", "1-sqrt")
+# every shape `decayed_lr` knows: the decays of schedules, and those of a branch resumed from a run (config
+# `cooldowns`, whose schema allows a subset), where `constant` is the control at equal tokens (the run continued at
+# the LR it had where it branched, which is what a constant-LR run from scratch with the same seed does after that step)
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt", "constant")
 
 
 def decayed_lr(start_lr: float, final_lr: float, progress: float, shape: str) -> float:
@@ -77,6 +88,8 @@ def decayed_lr(start_lr: float, final_lr: float, progress: float, shape: str) ->
         return final_lr + (start_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     if shape == "linear":
         return start_lr + (final_lr - start_lr) * progress
+    if shape == "1-sqrt":  # Megatron-LM's WSD `minus_sqrt`: falls fastest at the start of the decay
+        return final_lr + (start_lr - final_lr) * (1 - math.sqrt(progress))
     raise ValueError(f"decay shape {shape!r} is unknown; known shapes: {', '.join(DECAY_SHAPES)}")
 
 
