@@ -102,6 +102,14 @@ def local_task_settings(wildcards):
     return source["accuracy"]["local_tasks"][wildcards.task]
 
 
+def tokens_per_char_limit(wildcards):
+    """Params function: the most tokens per character an external model's tokenizer may cut its validation text
+    into (qtraj.sanity; null in the evaluation settings turns the check off)."""
+    from qtraj.sanity import limit
+
+    return limit(data_settings(config, wildcards.run)["evaluation"], "max_tokens_per_char")
+
+
 def data_setting(kind):
     """Params function: the `calibration` or `evaluation` settings of a trajectory."""
     return lambda wildcards: data_settings(config, wildcards.run)[kind]

@@ -68,5 +68,7 @@ rule tokenize_family_split:
         split="calibration|validation",
     conda:
         "../envs/qtraj.yaml"
+    params:
+        max_tokens_per_char=tokens_per_char_limit,
     script:
         "../scripts/tokenize_split.py"

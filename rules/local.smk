@@ -57,6 +57,8 @@ rule tokenize_local_split:
         split="calibration|validation",
     conda:
         "../envs/qtraj.yaml"
+    params:
+        max_tokens_per_char=tokens_per_char_limit,
     script:
         "../scripts/tokenize_split.py"
 

@@ -86,6 +86,23 @@ _SHAPES: dict[str, tuple[str, dict]] = {
         "attention_bias": True, "tie_word_embeddings": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     }),
+    # GPT-2 (nanoGPT-style runs): transformers' Conv1D layers (weights stored [in, out]), fused c_attn, biases,
+    # learned positions, tied head
+    "GPT2LMHeadModel": ("GPT2Config", {
+        "n_head": 4, "n_inner": 256, "tie_word_embeddings": True, "activation_function": "gelu_new",
+    }),
+    # Gemma 3 (270M: 640 / 2048, 4 heads / 1 kv of 256): offset norms (1 + w), q/k norms, sliding and full
+    # attention layers, tied head
+    "Gemma3ForCausalLM": ("Gemma3TextConfig", {
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 256,
+        "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True,
+    }),
+    # OLMoE-1B-7B (2048, 64 experts of 1024, top 8): fused experts (3-D gate_up_proj / down_proj), a router per
+    # layer, q/k norms, untied; 4 experts of 64, top 2
+    "OlmoeForCausalLM": ("OlmoeConfig", {
+        "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 64, "num_experts": 4,
+        "num_experts_per_tok": 2, "tie_word_embeddings": False,
+    }),
     # open-sci-ref 1.7B stand-in: a Llama (its weights are built as one), untied (the real tying is unverified)
     REMOTE_ARCHITECTURE: ("LlamaConfig", {
         "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 256,
@@ -113,11 +130,18 @@ DECODER_LINEARS: dict[str, set[str]] = {
         "attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
     },
     REMOTE_ARCHITECTURE: set(_LLAMA_LINEARS),
+    "GPT2LMHeadModel": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+    "Gemma3ForCausalLM": set(_LLAMA_LINEARS),
+    # one row per expert matrix: the names llm-compressor and GPTQModel give the experts they split out
+    "OlmoeForCausalLM": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    | {f"mlp.experts.{expert}.{projection}" for expert in range(4) for projection in ("gate_proj", "up_proj",
+                                                                                       "down_proj")},
 }
 
 # Where the decoder blocks sit (an nn.ModuleList), so `f"{path}.{index}.{suffix}"` names every decoder Linear.
 DECODER_LAYERS_PATH: dict[str, str] = {
-    architecture: "gpt_neox.layers" if architecture == "GPTNeoXForCausalLM" else "model.layers"
+    architecture: {"GPTNeoXForCausalLM": "gpt_neox.layers", "GPT2LMHeadModel": "transformer.h"}.get(
+        architecture, "model.layers")
     for architecture in ARCHITECTURES
 }
 
@@ -194,6 +218,8 @@ def _vary_norms_and_biases(model: torch.nn.Module, generator: torch.Generator, i
             noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32).to(parameter.dtype)
             if name.endswith("bias"):
                 parameter.add_(noise * initializer_range)
+            elif not parameter.any():  # Gemma's offset norms (1 + w) start at w = 0: small, not zero
+                parameter.add_(0.1 * noise)
             else:  # norm weights, xIELU's alpha_p / alpha_n
                 parameter.mul_(1 + 0.1 * noise)
 

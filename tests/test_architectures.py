@@ -25,6 +25,7 @@ from qtraj.evaluation import load_causal_lm
 from qtraj.families import DOWNLOAD_KEYS, expand_revisions, load_family, revision_lr_and_phase
 from qtraj.methods import get_method
 from qtraj.methods.base import options_with_defaults
+from qtraj.quantization import ALL_EXPERTS
 from tests.architectures import (
     ARCHITECTURES,
     DECODER_LAYERS_PATH,
@@ -36,8 +37,10 @@ from tests.architectures import (
 from tests.hub_cache import add_model_folder, fake_commit
 
 REVISIONS = ("step100", "step200")
+BIASED = ("GPTNeoXForCausalLM", "GPT2LMHeadModel")
 CALIBRATION = {"num_samples": 8, "seq_len": 64}
-EVALUATION = {"seq_len": 64, "max_blocks": 8, "batch_size": 8}
+# random weights, not pretrained models: the loss check for pretrained checkpoints (qtraj.sanity) is off
+EVALUATION = {"seq_len": 64, "max_blocks": 8, "batch_size": 8, "max_loss_fraction": None}
 ACCURACY = {"local_tasks": {"continuation": {}}, "lm_eval_tasks": [], "num_fewshot": 0, "fewshot_seed": 0,
             "limit": None, "batch_size": 16}
 SHARPNESS = {"blocks": 2, "seq_len": 32, "batch_size": 2, "iterations": 4, "tolerance": 0.1, "seed": 0}
@@ -190,6 +193,10 @@ def test_every_engine_measures_every_architecture_correctly(hub, architecture):
     for row in rows["results"]:
         assert np.isfinite(row["loss_q"]) and np.isfinite(row["delta_q_loss"]), row["quantization"]
         assert row["engine"] == dict((q[0], q[4]) for q in QUANTIZATIONS)[row["quantization"]]
+        # an MoE row says how its experts were calibrated (RTN: not at all)
+        expected_calibration = None if architecture != "OlmoeForCausalLM" else (
+            "no calibration (round to nearest)" if row["method"] == "rtn" else ALL_EXPERTS)
+        assert row["expert_calibration"] == expected_calibration, row["quantization"]
 
     # the layer errors name exactly the architecture's decoder linears, for every engine
     layers = DECODER_LAYERS_PATH[architecture]
@@ -206,20 +213,20 @@ def test_every_engine_measures_every_architecture_correctly(hub, architecture):
     # head, embeddings, norms and biases of every evaluated fake-quant model are the checkpoint's, bit for bit (the
     # job checks it too; this compares with a fresh load of the checkpoint)
     fp = load_causal_lm(out / "checkpoints" / REVISIONS[-1])
-    quantized = get_method("rtn").quantized_modules(fp)
+    quantized = get_method("rtn").quantized_matrices(fp)
+    quantized_keys = {matrix.key for matrix in quantized.values()}
     assert rows["models"].keys() == {q[0] for q in expected_engines if q[1] != "bnb"}
     for name, model in sorted(rows["models"].items()):
         fp_state, q_state = fp.state_dict(), model.state_dict()
-        untouched = [key for key in fp_state if key.removesuffix(".weight") not in quantized or
-                     not key.endswith(".weight")]
+        untouched = [key for key in fp_state if key not in quantized_keys]
         assert untouched and all(torch.equal(fp_state[key], q_state[key]) for key in untouched), name
-        # GPT-NeoX (Pythia) is the catalog's architecture with biased linears: fake-quant folders used to drop them
+        # GPT-NeoX (Pythia) and GPT-2 have biased layers: fake-quant folders used to drop them
         biases = [key for key in untouched if key.endswith(".bias") and key.removesuffix(".bias") in quantized]
-        assert bool(biases) == (architecture == "GPTNeoXForCausalLM"), name
+        assert bool(biases) == (architecture in BIASED), name
         assert all(fp_state[key].abs().sum() > 0 for key in biases)
         assert torch.equal(fp.get_output_embeddings().weight, model.get_output_embeddings().weight)
         assert torch.equal(fp.get_input_embeddings().weight, model.get_input_embeddings().weight)
-        assert all(not torch.equal(fp_state[f"{name}.weight"], q_state[f"{name}.weight"]) for name in quantized)
+        assert all(not torch.equal(matrix.read(fp_state), matrix.read(q_state)) for matrix in quantized.values())
 
 
 @pytest.mark.parametrize(("architecture", "quantization"), [
@@ -234,3 +241,95 @@ def test_an_engine_that_cannot_run_an_architecture_is_refused_before_any_job(tmp
     with pytest.raises(ConfigError, match=rf"quantizations.q' on 'tiny': awq through llmcompressor cannot quantize "
                                           rf"{architecture}"):
         validate_config(config)
+
+
+# --- invariances: the same weights in two forms give the same numbers ---------------------------------------------
+
+def _quantized_numbers(fp, folder, spec, blocks, calibration):
+    """(validation loss, per-matrix layer errors, dequantized matrices) of one in-memory quantization."""
+    from qtraj.evaluation import cross_entropy
+    from qtraj.layer_errors import capture_inputs, layer_errors
+    from qtraj.methods import QuantSpec
+
+    method = get_method(spec["method"])
+    matrices = method.quantized_matrices(fp)
+    inputs = capture_inputs(fp, matrices, calibration, 8, max_rows=calibration.size)
+    model = method.quantize(fp, folder, QuantSpec(**spec), None if spec["method"] == "rtn" else calibration)
+    errors = {error.layer: error for error in layer_errors(fp, model, matrices, inputs)}
+    state = model.state_dict()
+    weights = {name: matrix.read(state) for name, matrix in matrices.items()}
+    return cross_entropy(model, blocks, 8).loss, errors, weights
+
+
+@pytest.fixture(scope="module")
+def invariance_data(tmp_path_factory, tokenizer_dir, token_stream):
+    from qtraj.tokenization import token_blocks
+
+    root = tmp_path_factory.mktemp("invariance")
+    blocks = token_blocks(token_stream[:20_000], 65, 8)
+    calibration = token_blocks(token_stream[-20_000:], 64, 8)
+    return root, blocks, calibration
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_gpt2_conv1d_and_the_same_weights_as_linear_give_identical_numbers(invariance_data, tokenizer_dir, method):
+    """transformers' Conv1D stores [in, out]; qtraj reads it as [out, in]: the same model with each Conv1D
+    replaced by the nn.Linear computing the same function must give the same ΔQ L and layer errors, bit for bit."""
+    import copy
+
+    from qtraj.evaluation import cross_entropy
+    from qtraj.methods._llmcompressor import conv1d_as_linear
+
+    root, blocks, calibration = invariance_data
+    folder = save_tiny_checkpoint("GPT2LMHeadModel", root / "gpt2", tokenizer_dir, seed=3)
+    conv = load_causal_lm(folder)
+    linear = copy.deepcopy(conv)
+    conv1d_as_linear(linear, get_method("rtn").quantized_matrices(conv))
+    assert {matrix.layout for matrix in get_method("rtn").quantized_matrices(linear).values()} == {"linear"}
+    assert cross_entropy(conv, blocks, 8).loss == pytest.approx(cross_entropy(linear, blocks, 8).loss, rel=1e-6)
+    spec = spec_of(f"{method}-w4g32", method, 4, 32, "llmcompressor")
+    loss_conv, errors_conv, weights_conv = _quantized_numbers(conv, folder, spec, blocks, calibration)
+    loss_linear, errors_linear, weights_linear = _quantized_numbers(linear, folder, spec, blocks, calibration)
+    assert weights_conv.keys() == weights_linear.keys() and len(weights_conv) == 8
+    assert all(torch.equal(weights_conv[name], weights_linear[name]) for name in weights_conv)
+    assert loss_conv == pytest.approx(loss_linear, rel=1e-6)
+    for name, error in errors_conv.items():
+        assert error.weight_error == errors_linear[name].weight_error, name
+        assert error.recon_error == pytest.approx(errors_linear[name].recon_error, rel=1e-5), name
+
+
+def test_fused_experts_and_the_same_weights_as_per_expert_linears_give_identical_numbers(invariance_data,
+                                                                                         tokenizer_dir):
+    """OLMoE's fused experts vs the same weights as one nn.Linear per expert matrix (llm-compressor's own
+    `linearize_moe`): RTN gives identical weights and loss; GPTQ (every expert calibrated on every token in both
+    forms) agrees to the documented tolerance."""
+    import copy
+
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    from qtraj.evaluation import cross_entropy
+
+    root, blocks, calibration = invariance_data
+    folder = save_tiny_checkpoint("OlmoeForCausalLM", root / "olmoe", tokenizer_dir, seed=4)
+    fused = load_causal_lm(folder)
+    split = copy.deepcopy(fused)
+    linearize_moe(split)
+    assert {matrix.layout for matrix in get_method("rtn").quantized_matrices(split).values()} == {"linear"}
+    assert set(get_method("rtn").quantized_matrices(split)) == set(get_method("rtn").quantized_matrices(fused))
+    assert cross_entropy(fused, blocks, 8).loss == pytest.approx(cross_entropy(split, blocks, 8).loss, rel=1e-6)
+
+    rtn = spec_of("rtn-w4g32", "rtn", 4, 32, "llmcompressor")
+    loss_fused, errors_fused, weights_fused = _quantized_numbers(fused, folder, rtn, blocks, calibration)
+    loss_split, errors_split, weights_split = _quantized_numbers(split, folder, rtn, blocks, calibration)
+    assert all(torch.equal(weights_fused[name], weights_split[name]) for name in weights_fused)
+    assert loss_fused == pytest.approx(loss_split, rel=1e-6)
+    assert all(errors_fused[name].weight_error == errors_split[name].weight_error for name in errors_fused)
+    assert {errors_fused[name].input_rows > 0 for name in errors_fused} == {True}  # every expert saw tokens
+
+    gptq = spec_of("gptq-w4g32", "gptq", 4, 32, "llmcompressor")
+    loss_fused, _, weights_fused = _quantized_numbers(fused, folder, gptq, blocks, calibration)
+    loss_split, _, weights_split = _quantized_numbers(split, folder, gptq, blocks, calibration)
+    # GPTQ's Hessians come from the same tokens in both forms; only float summation order may differ
+    assert loss_fused == pytest.approx(loss_split, rel=1e-4)
+    differing = [name for name in weights_fused if not torch.equal(weights_fused[name], weights_split[name])]
+    assert len(differing) <= len(weights_fused) // 4, differing

@@ -129,7 +129,8 @@ def test_a_local_run_of_another_architecture_goes_through_the_workflow(tmp_path,
         "accuracy": {"local_tasks": {"continuation": {"kind": "continuation", "items": 20, "context_words": 8,
                                                       "choice_words": 3}}},
         "calibration": {"num_samples": 8, "seq_len": 64},
-        "evaluation": {"seq_len": 64, "max_blocks": 8, "batch_size": 8},
+        # random weights, not a pretrained model: the loss check (qtraj.sanity) would refuse them
+        "evaluation": {"seq_len": 64, "max_blocks": 8, "batch_size": 8, "max_loss_fraction": None},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -105,6 +105,7 @@ def test_group_size_that_does_not_divide_the_layer_is_named(tmp_path, trained_ch
 
 def test_layer_errors_match_a_hand_computed_layer():
     from qtraj.layer_errors import layer_errors
+    from qtraj.methods.base import WeightMatrix
 
     torch.manual_seed(0)
     fp = torch.nn.Sequential()
@@ -115,7 +116,7 @@ def test_layer_errors_match_a_hand_computed_layer():
         fp.proj.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]))
         quantized.proj.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]]))
     x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 2.0]])
-    [error] = layer_errors(fp, quantized, {"proj": x})
+    [error] = layer_errors(fp, quantized, {"proj": WeightMatrix("proj", "proj.weight", "linear")}, {"proj": x})
     assert error.weight_error_abs == pytest.approx(1.0)  # one entry differs by 1
     assert error.weight_error == pytest.approx(1.0 / np.sqrt(5.0))
     # X Wᵀ = [[1, 2], [0, 0]];  X Ŵᵀ = [[1, 3], [0, 2]]  -> difference [[0, 1], [0, 2]]
@@ -126,6 +127,7 @@ def test_layer_errors_match_a_hand_computed_layer():
 
 def test_layer_errors_refuse_a_dequantized_weight_the_layer_does_not_compute_with():
     from qtraj.layer_errors import layer_errors
+    from qtraj.methods.base import WeightMatrix
 
     class RepackedLinear(torch.nn.Linear):
         """Computes with other weights than its `weight` says, like a kernel whose format was misread."""
@@ -137,7 +139,7 @@ def test_layer_errors_refuse_a_dequantized_weight_the_layer_does_not_compute_wit
     fp.add_module("proj", torch.nn.Linear(4, 2, bias=False))
     quantized.add_module("proj", RepackedLinear(4, 2, bias=False))
     with pytest.raises(RuntimeError, match="layer proj: its output differs by 200.0%"):
-        layer_errors(fp, quantized, {"proj": torch.ones(3, 4)})
+        layer_errors(fp, quantized, {"proj": WeightMatrix("proj", "proj.weight", "linear")}, {"proj": torch.ones(3, 4)})
 
 
 def test_method_files_must_implement_the_step_their_storage_needs():
@@ -154,14 +156,15 @@ def test_method_files_must_implement_the_step_their_storage_needs():
 def test_gptq_reconstruction_error_is_at_most_rtn_on_every_layer(quantized, trained_checkpoint, calibration_file,
                                                                  bits):
     from qtraj.layer_errors import capture_inputs, layer_errors
-    from qtraj.methods.base import quantized_modules
+    from qtraj.methods.base import quantized_matrices
 
     fp = load_causal_lm(trained_checkpoint)
+    matrices = quantized_matrices(fp)
     blocks = token_blocks(np.load(calibration_file), CALIBRATION["seq_len"], CALIBRATION["num_samples"])
-    inputs = capture_inputs(fp, list(quantized_modules(fp)), blocks, 8, max_rows=blocks.size)
+    inputs = capture_inputs(fp, matrices, blocks, 8, max_rows=blocks.size)
     assert all(x.shape == (blocks.size, x.shape[1]) for x in inputs.values())
-    gptq = {e.layer: e for e in layer_errors(fp, quantized[("gptq", bits)], inputs)}
-    rtn = {e.layer: e for e in layer_errors(fp, quantized[("rtn", bits)], inputs)}
+    gptq = {e.layer: e for e in layer_errors(fp, quantized[("gptq", bits)], matrices, inputs)}
+    rtn = {e.layer: e for e in layer_errors(fp, quantized[("rtn", bits)], matrices, inputs)}
     assert gptq.keys() == rtn.keys() and len(gptq) == 14
     for layer in gptq:
         assert gptq[layer].recon_error <= rtn[layer].recon_error * (1 + 1e-6), layer
@@ -179,7 +182,8 @@ def test_bitsandbytes_models_are_evaluated_through_bitsandbytes(tmp_path, traine
     model, info = quantize(trained_checkpoint, spec)
     layer = model.model.layers[0].mlp.down_proj
     assert type(layer).__name__ == layer_class
-    dequantized_weight = get_method("bnb").dequantized_weight
+    from qtraj.methods.bnb import dequantized_bnb_weight as dequantized_weight
+
     if bits == 4:  # NF4 / FP4: at most 16 code values, scaled per block of 64 weights
         before_forward = dequantized_weight(layer)
         blocks_of_64 = before_forward.reshape(-1, 64)
@@ -311,10 +315,10 @@ def test_a_quantized_model_whose_unquantized_tensors_changed_is_refused(quantize
     import copy
 
     from qtraj.layer_errors import check_unquantized_unchanged
-    from qtraj.methods.base import quantized_modules
+    from qtraj.methods.base import quantized_matrices
 
     fp, model = load_causal_lm(trained_checkpoint), copy.deepcopy(quantized[("rtn", 4)])
-    names = set(quantized_modules(fp))
+    names = {matrix.key for matrix in quantized_matrices(fp).values()}
     check_unquantized_unchanged(fp, model, names, "fine")  # only the quantized linears' weights differ
     with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight.mul_(1 + 2**-10)

@@ -117,6 +117,7 @@ def _check_name_lengths(config: dict) -> None:
     names += [(f"gguf_models.{name}", name) for name in config["gguf_models"]]
     for trajectory in trajectories(config):
         names.append((trajectory, trajectory))
+    for trajectory in [*config["families"], *config["local"]]:  # every other checkpoint name is made from these
         names += [(f"checkpoint of {trajectory!r}", checkpoint) for checkpoint in checkpoints_of(config, trajectory)]
     for where, name in names:
         if len(name.encode()) > MAX_NAME_LENGTH:

@@ -23,6 +23,7 @@ class NonFiniteLossError(RuntimeError):
 class LossResult:
     loss: float  # mean next-token cross-entropy in nats
     tokens: int  # number of scored predictions
+    classes: int | None = None  # size of the distribution scored (the logits' last dimension): uniform = ln(classes)
 
     @property
     def perplexity(self) -> float:
@@ -177,11 +178,12 @@ def cross_entropy(model: torch.nn.Module, blocks: np.ndarray, batch_size: int) -
     Summed in float64 over all tokens, then divided once, so the result does not depend on batch size.
     """
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, classes = 0.0, 0, None
     progress = Progress(log, "validation loss", len(blocks) * (blocks.shape[1] - 1), "tokens")
     for start in range(0, len(blocks), batch_size):
         batch = torch.from_numpy(blocks[start : start + batch_size].astype(np.int64)).to(device)
         logits = model(input_ids=batch[:, :-1]).logits.float()
+        classes = logits.shape[-1]
         losses = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )
@@ -191,4 +193,22 @@ def cross_entropy(model: torch.nn.Module, blocks: np.ndarray, batch_size: int) -
     loss = total / count
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"validation loss is {loss}")
-    return LossResult(loss=loss, tokens=count)
+    return LossResult(loss=loss, tokens=count, classes=classes)
+
+
+def checkpoint_bos_id(folder: str | Path) -> int | None:
+    """The `<bos>` id the checkpoint's own tokenizer puts first (qtraj.tokenization.leading_bos_id), None when it
+    puts none: the same answer for the fp, quantized and sharpness jobs of a checkpoint, so all score the same
+    blocks."""
+    from transformers import AutoTokenizer
+
+    from qtraj.checkpoints import trusts_remote_code
+    from qtraj.tokenization import leading_bos_id
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trusts_remote_code(folder))
+    except Exception as error:  # missing or unreadable tokenizer files: the folder cannot be evaluated as its model
+        raise LoadError(f"the model folder {folder} has no usable tokenizer ({type(error).__name__}: {error}), so "
+                        "whether its validation blocks start with <bos> cannot be decided. "
+                        f"{how_to_replace(folder)}") from error
+    return leading_bos_id(tokenizer)

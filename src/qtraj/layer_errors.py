@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+# the transformer block of a layer path: model.layers.3. (Llama, OPT, GPT-NeoX), transformer.h.3. (GPT-2, GPT-J,
+# Falcon, BLOOM), model.blocks.3.
+LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -31,22 +33,51 @@ class LayerError:
 
 
 @torch.inference_mode()
-def capture_inputs(model: torch.nn.Module, names: list[str], blocks: np.ndarray, batch_size: int,
+def capture_inputs(model: torch.nn.Module, matrices: dict, blocks: np.ndarray, batch_size: int,
                    max_rows: int) -> dict[str, torch.Tensor]:
-    """The inputs each named linear layer sees when the model reads `blocks`, at most `max_rows` tokens each."""
+    """The inputs each weight matrix (qtraj.methods.base.WeightMatrix, by name) sees when the model reads `blocks`,
+    at most `max_rows` tokens each. A linear or Conv1D layer's input is its module's input; an expert's gate and
+    up projections see the tokens routed to it, its down projection act(gate)·up of them (computed with the
+    full-precision weights, as the expert does)."""
     modules = dict(model.named_modules())
-    captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    counts = dict.fromkeys(names, 0)
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in matrices}
+    counts = dict.fromkeys(matrices, 0)
 
-    def hook_for(name):
+    def keep(name: str, rows: torch.Tensor) -> None:
+        if counts[name] < max_rows:
+            rows = rows[: max_rows - counts[name]]
+            captured[name].append(rows.detach().float().cpu())
+            counts[name] += rows.shape[0]
+
+    def layer_hook(name):
         def hook(_module, args):
-            if counts[name] < max_rows:
-                rows = args[0].reshape(-1, args[0].shape[-1])[: max_rows - counts[name]]
-                captured[name].append(rows.detach().float().cpu())
-                counts[name] += rows.shape[0]
+            keep(name, args[0].reshape(-1, args[0].shape[-1]))
         return hook
 
-    handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in names]
+    def experts_hook(prefix, experts):
+        def hook(module, args):
+            hidden, top_k_index = args[0], args[1]
+            ffn = module.gate_up_proj.shape[1] // 2
+            for expert in range(module.gate_up_proj.shape[0]):
+                tokens = (top_k_index == expert).any(dim=-1).nonzero().flatten()
+                x = hidden[tokens]
+                gate_up = torch.nn.functional.linear(x, module.gate_up_proj[expert])
+                inner = module.act_fn(gate_up[:, :ffn]) * gate_up[:, ffn:]
+                for projection, rows in (("gate_proj", x), ("up_proj", x), ("down_proj", inner)):
+                    if f"{prefix}{expert}.{projection}" in captured:
+                        keep(f"{prefix}{expert}.{projection}", rows)
+        return hook
+
+    handles = []
+    experts_modules = {}
+    for name, matrix in matrices.items():
+        if matrix.layout == "expert":
+            module_name = matrix.key.rsplit(".", 1)[0]
+            experts_modules[module_name] = modules[module_name]
+        else:
+            handles.append(modules[name].register_forward_pre_hook(layer_hook(name)))
+    for module_name, module in experts_modules.items():
+        handles.append(module.register_forward_pre_hook(experts_hook(f"{module_name}.", module)))
     device = next(model.parameters()).device
     try:
         for start in range(0, len(blocks), batch_size):
@@ -57,15 +88,15 @@ def capture_inputs(model: torch.nn.Module, names: list[str], blocks: np.ndarray,
     finally:
         for handle in handles:
             handle.remove()
-    return {name: torch.cat(parts) for name, parts in captured.items()}
+    width = {name: matrix.read(dict(model.state_dict())).shape[1] for name, matrix in matrices.items()}
+    return {name: torch.cat(parts) if parts else torch.zeros(0, width[name]) for name, parts in captured.items()}
 
 
 def unquantized_differences(fp_model: torch.nn.Module, quantized_model: torch.nn.Module,
-                            quantized: set[str]) -> list[str]:
-    """Every parameter and buffer of the fp model, other than the weights of the `quantized` modules, that the
+                            quantized_weights: set[str]) -> list[str]:
+    """Every parameter and buffer of the fp model, other than the `quantized_weights` (state keys), that the
     quantized model lacks or holds with other values (compared after upcasting to float32, so a bf16 copy of a
     bf16 tensor is equal and anything rounded is not). Biases, norms, embeddings and the head belong here."""
-    quantized_weights = {f"{name}.weight" for name in quantized}
     theirs = dict(quantized_model.named_parameters(remove_duplicate=False))
     theirs.update(quantized_model.named_buffers(remove_duplicate=False))
     ours = dict(fp_model.named_parameters(remove_duplicate=False))
@@ -83,16 +114,16 @@ def unquantized_differences(fp_model: torch.nn.Module, quantized_model: torch.nn
     return differences
 
 
-def check_unquantized_unchanged(fp_model: torch.nn.Module, quantized_model: torch.nn.Module, quantized: set[str],
-                                what: str) -> None:
+def check_unquantized_unchanged(fp_model: torch.nn.Module, quantized_model: torch.nn.Module,
+                                quantized_weights: set[str], what: str) -> None:
     """Refuse a quantized model whose non-quantized tensors are not the fp model's: a dropped bias or a touched
     head would change ΔQ L without any error."""
-    differences = unquantized_differences(fp_model, quantized_model, quantized)
+    differences = unquantized_differences(fp_model, quantized_model, quantized_weights)
     if differences:
         raise RuntimeError(f"{what}: {len(differences)} tensors that quantization must leave alone differ from the "
                            f"full-precision checkpoint: {', '.join(differences[:8])}. The quantization engine or "
-                           "qtraj's storing of its result changed them, so its numbers would be wrong: delete the "
-                           "quantized folder and rerun; if it repeats, report it with the engine's version")
+                           "qtraj's storing of its result changed them, so its numbers would be wrong; qtraj takes "
+                           "every such tensor from the checkpoint, so report this with the engine's version")
 
 
 # How far a layer's output may stray from its dequantized weight times its input: kernels that quantize
@@ -111,25 +142,36 @@ def _check_dequantized_weight(name: str, x: torch.Tensor, weight_hat: torch.Tens
 
 
 @torch.inference_mode()
-def layer_errors(fp_model: torch.nn.Module, quantized_model: torch.nn.Module, inputs: dict[str, torch.Tensor],
-                 dequantized_weight: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> list[LayerError]:
-    """Errors of the layers named in `inputs` (their captured inputs); `dequantized_weight` reads a quantized
-    layer's effective weight (the method's hook: packed formats differ per engine)."""
-    dequantized_weight = dequantized_weight or (lambda module: module.weight.detach().float())
-    fp_layers, quantized_layers = dict(fp_model.named_modules()), dict(quantized_model.named_modules())
+def layer_errors(fp_model: torch.nn.Module, quantized_model: torch.nn.Module, matrices: dict,
+                 inputs: dict[str, torch.Tensor],
+                 dequantized_weight: Callable | None = None) -> list[LayerError]:
+    """Errors of the weight matrices named in `inputs` (their captured inputs); `dequantized_weight(model, matrix)`
+    reads a quantized matrix's effective weight [out, in] (the method's hook: packed formats differ per engine).
+    A linear or Conv1D layer's output is computed by the quantized layer itself (its engine's kernel); an expert's
+    matrix has no module of its own, so its output is its dequantized weight times its input."""
+    dequantized_weight = dequantized_weight or (
+        lambda model, matrix: matrix.read(dict(model.state_dict())).detach().float())
+    fp_state = dict(fp_model.state_dict())
+    quantized_layers = dict(quantized_model.named_modules())
     errors = []
     for name, x in inputs.items():
-        fp_layer, quantized_layer = fp_layers[name], quantized_layers[name]
-        weight = fp_layer.weight.detach().float().cpu()
-        weight_hat = dequantized_weight(quantized_layer).cpu()
+        matrix = matrices[name]
+        # [out, in] in memory whatever the storage, so a Conv1D and the same weights as a Linear sum alike
+        weight = matrix.read(fp_state).detach().float().cpu().contiguous()
+        weight_hat = dequantized_weight(quantized_model, matrix).cpu().contiguous()
         reference = x @ weight.T
-        device = next(quantized_layer.parameters()).device
-        dtype = getattr(quantized_layer, "compute_dtype", None) or next(
-            (p.dtype for p in quantized_layer.parameters() if p.is_floating_point()), torch.float32)
-        output = quantized_layer(x.to(device=device, dtype=dtype)).float().cpu()
-        if getattr(quantized_layer, "bias", None) is not None:
-            output = output - quantized_layer.bias.detach().float().cpu()
-        _check_dequantized_weight(name, x, weight_hat, output)
+        if matrix.layout == "expert":
+            output = x @ weight_hat.T
+        else:
+            quantized_layer = quantized_layers[name]
+            device = next(quantized_layer.parameters()).device
+            dtype = getattr(quantized_layer, "compute_dtype", None) or next(
+                (p.dtype for p in quantized_layer.parameters() if p.is_floating_point()), torch.float32)
+            output = quantized_layer(x.to(device=device, dtype=dtype)).float().cpu()
+            if getattr(quantized_layer, "bias", None) is not None:
+                output = output - quantized_layer.bias.detach().float().cpu()
+            if x.shape[0]:
+                _check_dequantized_weight(name, x, weight_hat, output)
         weight_diff = torch.linalg.norm(weight - weight_hat).item()
         recon = torch.linalg.norm(reference - output).item()
         match = LAYER_INDEX.search(f".{name}.")

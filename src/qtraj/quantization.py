@@ -46,9 +46,22 @@ def quantize_model(fp_model, checkpoint_dir: str | Path, spec: QuantSpec, calibr
     else:
         model = method.quantize(fp_model, Path(checkpoint_dir), spec, blocks, packed)
     info = quantization_info(spec, blocks, time.perf_counter() - started)
+    info["expert_calibration"] = expert_calibration(method, fp_model, blocks)
     if packed is not None:
         (packed / PACKED_MODEL_CARD).write_text(packed_model_card(checkpoint_dir, info))
     return model, info
+
+
+# Only llm-compressor quantizes fused experts here (the other engines are refused for them), with
+# moe_calibrate_all_experts: every expert runs on every calibration token, while the model's output keeps its routing.
+ALL_EXPERTS = "every expert on every calibration token (llm-compressor moe_calibrate_all_experts)"
+
+
+def expert_calibration(method, fp_model, calibration_blocks) -> str | None:
+    """What the row says about how an MoE model's experts were calibrated (None: no fused experts)."""
+    if not any(matrix.layout == "expert" for matrix in method.quantized_matrices(fp_model).values()):
+        return None
+    return ALL_EXPERTS if calibration_blocks is not None else "no calibration (round to nearest)"
 
 
 def quantization_info(spec: QuantSpec, calibration_blocks: np.ndarray | None, seconds: float) -> dict:

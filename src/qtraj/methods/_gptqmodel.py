@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules, model_with_state
+from qtraj.methods.base import (
+    QuantizationMethod,
+    QuantSpec,
+    WeightMatrix,
+    check_same_modules,
+    model_with_state,
+    owned_state,
+)
 
 # GPTQModel sizes a CPU worker pool from the machine and fails on 2-core machines unless told (seen with 7.6).
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
@@ -74,7 +81,7 @@ def quantize_gptq(method: QuantizationMethod, fp_model: torch.nn.Module, checkpo
                   options: dict, calibration_blocks: np.ndarray, packed_dir: Path | None = None) -> torch.nn.Module:
     """GPTQ through GPTQModel with the method's `options` (defaults filled): a copy of `fp_model` holding the weights
     GPTQModel's kernel computes with. GPTQModel decides from its own model definitions which modules it quantizes,
-    so the result is checked against qtraj's `quantized_modules`. GPTQModel loads the checkpoint its own way and
+    so the result is checked against qtraj's `quantized_matrices`. GPTQModel loads the checkpoint its own way and
     its packed model is saved (to `packed_dir`, or a scratch folder) and read back, as the module docstring says."""
     with printed_into_log():
         return _quantize_gptq(method, fp_model, checkpoint_dir, spec, options, calibration_blocks, packed_dir)
@@ -94,7 +101,12 @@ def _quantize_gptq(method: QuantizationMethod, fp_model: torch.nn.Module, checkp
         true_sequential=options.get("true_sequential", True),
         **ACTORDER[options["actorder"]],
     )
-    expected = set(method.quantized_modules(fp_model))
+    expected = method.quantized_matrices(fp_model)
+    if any(matrix.layout == "expert" for matrix in expected.values()):
+        # its default routes calibration tokens as the model does and switches an expert that sees few of them to
+        # RTN (Fallback, 0.5%) without a word: what such a row measured would not be GPTQ
+        raise ValueError(f"quantization {spec.name!r}: GPTQ through GPTQModel on mixture-of-experts models is not "
+                         "checked by qtraj (expert routing and its RTN fallback); use engine: llmcompressor")
     # GPTQModel loads the checkpoint its own way: refuse NaN weights before hours of calibration, not after
     check_finite_files(checkpoint_dir)
     device = pick_device()
@@ -129,9 +141,9 @@ def stored_dtype(checkpoint_dir: Path, fp_model: torch.nn.Module) -> torch.dtype
 
 
 @torch.no_grad()
-def dequantized_model(packed_model: torch.nn.Module, expected: set[str], fp_model: torch.nn.Module,
+def dequantized_model(packed_model: torch.nn.Module, expected: dict[str, WeightMatrix], fp_model: torch.nn.Module,
                       weight_dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of `fp_model` with each quantized layer's weight replaced by what GPTQModel's kernel computes with
+    """A copy of `fp_model` with each quantized matrix replaced by what GPTQModel's kernel computes with
     (rounded to the checkpoint's `weight_dtype`, as a saved quantized checkpoint would hold it). Everything else
     comes from `fp_model`, not from GPTQModel's model: its saved checkpoint holds the unquantized tensors
     (embeddings, norms, head, biases) rounded to fp16, which would add a non-quantization error to every number
@@ -140,8 +152,10 @@ def dequantized_model(packed_model: torch.nn.Module, expected: set[str], fp_mode
               if hasattr(module, "dequantize_weight") and hasattr(module, "qweight")}
     if not packed:
         raise RuntimeError("GPTQModel quantized no layer")
-    check_same_modules(expected, set(packed), "GPTQModel")
-    # GPTQModel returns [in_features, out_features]; nn.Linear stores [out, in]
-    state = {**fp_model.state_dict(), **{f"{name}.weight": module.dequantize_weight().T.to(weight_dtype)
-                                         for name, module in packed.items()}}
+    check_same_modules(set(expected), set(packed), "GPTQModel")
+    state = owned_state(fp_model, expected)
+    for name, matrix in expected.items():
+        # dequantize_weight() is [in_features, out_features] for every layer it packs, nn.Linear and Conv1D alike
+        # (measured: a square GPT-2 c_proj matches its Conv1D weight as is, a Llama q_proj only transposed)
+        matrix.write(state, packed[name].dequantize_weight().T.to(weight_dtype).cpu())
     return model_with_state(fp_model, state)

@@ -4,8 +4,14 @@ llm-compressor (vLLM's maintained successor of AutoGPTQ-style tooling) runs on C
 AWQ and plain round-to-nearest over the same compressed-tensors quantization grid, so methods that go
 through it differ only in the algorithm, never in how scales and zero points are defined.
 
-Which modules it quantizes is qtraj's decision (`QuantizationMethod.quantized_modules`): every other linear is
-passed as `ignore`, and what llm-compressor actually quantized is checked against that set afterwards.
+Which matrices it quantizes is qtraj's decision (`QuantizationMethod.quantized_matrices`): every other linear is
+passed as `ignore`, and what llm-compressor actually quantized is checked against that set afterwards. Two kinds
+of matrix need help to reach it: compressed-tensors attaches quantization only to `nn.Linear` (and embeddings), so
+transformers' `Conv1D` layers (GPT-2) are swapped for equal `nn.Linear`s in the copy it quantizes; fused MoE
+experts are split into per-expert linears by llm-compressor itself (`linearize_moe`), with every expert
+calibrated on every calibration token (`moe_calibrate_all_experts`, passed explicitly). The quantized weights are
+written back into the checkpoint's own layout (`WeightMatrix.write`), and every other tensor is the checkpoint's:
+llm-compressor converts Gemma's offset norms (1 + w) and back around each run, which is not bit-exact.
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ import torch
 
 from qtraj.checkpoints import trusts_remote_code
 from qtraj.joblog import format_duration
-from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules, model_with_state
+from qtraj.methods.base import (
+    QuantizationMethod,
+    QuantSpec,
+    WeightMatrix,
+    check_same_modules,
+    model_with_state,
+    owned_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +50,39 @@ def weight_scheme(spec: QuantSpec) -> dict:
     return {"group_0": {"targets": ["Linear"], "weights": weights}}
 
 
-def ignored_linears(model: torch.nn.Module, quantized: dict[str, torch.nn.Module]) -> list[str]:
+def ignored_linears(model: torch.nn.Module, quantized: dict[str, WeightMatrix]) -> list[str]:
     """The exact names of the linears qtraj does not quantize (the output head, whatever its name): llm-compressor's
     `ignore` list, so its own defaults never decide."""
     return [name for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and name not in quantized]
 
 
-def check_group_size(quantized: dict[str, torch.nn.Module], spec: QuantSpec) -> None:
+def check_group_size(quantized: dict[str, WeightMatrix], state: dict, spec: QuantSpec) -> None:
     if spec.group_size is None:
         return
-    for name, module in quantized.items():
-        if module.in_features % spec.group_size:
+    for name, matrix in quantized.items():
+        if matrix.in_features(state) % spec.group_size:
             raise ValueError(
                 f"quantization {spec.name!r}: group_size {spec.group_size} does not divide the "
-                f"{module.in_features} input features of layer {name!r}; choose a group size that divides "
+                f"{matrix.in_features(state)} input features of layer {name!r}; choose a group size that divides "
                 "the model's hidden and intermediate sizes (or null for per-channel)"
             )
+
+
+@torch.no_grad()
+def conv1d_as_linear(model: torch.nn.Module, quantized: dict[str, WeightMatrix]) -> None:
+    """Replace each Conv1D of `model` (a private copy) by the `nn.Linear` that computes the same function (weight
+    transposed), so that llm-compressor can quantize it; its quantized weight is transposed back on the way out."""
+    for name, matrix in quantized.items():
+        if matrix.layout != "conv1d":
+            continue
+        conv = model.get_submodule(name)
+        linear = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None,
+                                 dtype=conv.weight.dtype, device=conv.weight.device)
+        linear.weight.copy_(conv.weight.T)
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+        model.set_submodule(name, linear)
 
 
 def calibration_dataset(blocks: np.ndarray):
@@ -81,20 +110,22 @@ def run_oneshot(method: QuantizationMethod, fp_model: torch.nn.Module, checkpoin
 
     # llm-compressor changes the model it is given (weights, hooks, quantization parameters): work on a copy
     model = copy.deepcopy(fp_model)
-    quantized = method.quantized_modules(model)
-    check_group_size(quantized, spec)
-    keys = list(model.state_dict())
+    quantized = method.quantized_matrices(model)
+    check_group_size(quantized, dict(model.state_dict()), spec)
+    conv1d_as_linear(model, quantized)
     kwargs = {} if calibration_blocks is None else calibration_kwargs(checkpoint_dir, calibration_blocks)
+    if calibration_blocks is not None and any(matrix.layout == "expert" for matrix in quantized.values()):
+        kwargs["moe_calibrate_all_experts"] = True  # the default of 0.14, named so a new default cannot change it
     # llm-compressor re-reads the model's config from its folder; remote-code families need the same trust there
     kwargs["trust_remote_code_model"] = trusts_remote_code(checkpoint_dir)
     # GPTQ then logs each batch of layers it quantizes ("Quantizing 1 module(s): [...]"), in the job's log too
-    log.info("%s: quantizing %d linear layers with llm-compressor, %s", spec.name, len(quantized),
+    log.info("%s: quantizing %d weight matrices with llm-compressor, %s", spec.name, len(quantized),
              "without calibration data" if calibration_blocks is None
              else f"on {len(calibration_blocks)} calibration blocks of {calibration_blocks.shape[1]} tokens")
     started = time.perf_counter()
     oneshot(model=model, recipe=recipe(ignored_linears(model, quantized)), **kwargs)
     log.info("%s: llm-compressor done in %s", spec.name, format_duration(time.perf_counter() - started))
-    state = fake_quant_state_dict(model, keys, expected=set(quantized))
+    state = fake_quant_state_dict(model, fp_model, quantized)
     if transform is not None:
         state = transform(state, model, {key: value.detach().cpu() for key, value in fp_model.state_dict().items()})
     if packed_dir is not None:
@@ -135,32 +166,27 @@ def quantized_by_llmcompressor(model: torch.nn.Module) -> dict[str, torch.nn.Mod
 
 
 @torch.no_grad()
-def fake_quant_state_dict(model: torch.nn.Module, keys: list[str],
-                          expected: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """The model's original state (`keys`, as before quantization) with every quantized weight replaced by its
-    dequantized grid value; biases, norms, embeddings and head as they are.
+def fake_quant_state_dict(model: torch.nn.Module, fp_model: torch.nn.Module,
+                          quantized: dict[str, WeightMatrix]) -> dict[str, torch.Tensor]:
+    """The checkpoint's state (`fp_model`'s) with every quantized matrix replaced by its dequantized grid value from
+    llm-compressor's `model`; biases, norms, embeddings and head are the checkpoint's own tensors.
 
     GPTQ leaves weights already on the grid; RTN (QuantizationModifier) only attaches scales, so the
     weights are passed through compressed-tensors' own `fake_quantize` with those scales — idempotent for
-    weights already on the grid. The quantization parameters llm-compressor added are not in `keys`, so they
-    are left out, leaving a plain model.
+    weights already on the grid. Each engine module is found by the matrix's name (the Conv1D swap and
+    llm-compressor's per-expert split keep qtraj's names).
     """
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-    quantized = quantized_by_llmcompressor(model)
-    if not quantized:
+    engine_modules = quantized_by_llmcompressor(model)
+    if not engine_modules:
         raise RuntimeError("llm-compressor quantized no layer; check the method's targets")
-    if expected is not None:
-        check_same_modules(expected, set(quantized), "llm-compressor")
-    current = model.state_dict()
-    absent = [key for key in keys if key not in current]
-    if absent:
-        raise RuntimeError(f"llm-compressor removed parameters from the model: {absent[:5]}")
-    state = {key: current[key].detach().cpu().contiguous() for key in keys}
-    for name, module in quantized.items():
-        prefix = f"{name}." if name else ""
+    check_same_modules(set(quantized), set(engine_modules), "llm-compressor")
+    state = owned_state(fp_model, quantized)
+    for name, matrix in quantized.items():
+        module = engine_modules[name]
         args = module.quantization_scheme.weights
         dequantized = fake_quantize(module.weight, module.weight_scale, getattr(module, "weight_zero_point", None),
                                     args, global_scale=getattr(module, "weight_global_scale", None))
-        state[f"{prefix}weight"] = dequantized.detach().to(module.weight.dtype).cpu().contiguous()
+        matrix.write(state, dequantized.detach().cpu())
     return state

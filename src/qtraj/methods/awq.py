@@ -56,6 +56,10 @@ class AWQ(QuantizationMethod):
         "GPTNeoXForCausalLM": "no AWQ mappings for GPT-NeoX's fused query_key_value",
         "Olmo2ForCausalLM": "no AWQ mappings for OLMo-2's post-norm blocks",
         "ApertusForCausalLM": "no AWQ mappings for Apertus's xIELU MLP",
+        "GPT2LMHeadModel": "no AWQ mappings for GPT-2's fused c_attn (Conv1D)",
+        "OlmoeForCausalLM": "AWQ's smoothing of fused experts is not checked by qtraj",
+        "Qwen3MoeForCausalLM": "AWQ's smoothing of fused experts is not checked by qtraj",
+        "MixtralForCausalLM": "AWQ's smoothing of fused experts is not checked by qtraj",
     }}
     options_schema = {
         "type": "object",
@@ -77,6 +81,11 @@ class AWQ(QuantizationMethod):
         if calibration_blocks is None:
             raise ValueError(f"quantization {spec.name!r}: AWQ needs calibration data")
         options = self.options(spec)
+        layouts = {matrix.layout for matrix in self.quantized_matrices(fp_model).values()}
+        if layouts != {"linear"}:  # any architecture, listed in unsupported_architectures or not
+            raise ValueError(f"quantization {spec.name!r}: AWQ through llm-compressor is checked by qtraj on "
+                             f"nn.Linear layers only; this model has {', '.join(sorted(layouts - {'linear'}))} "
+                             "matrices: use rtn or gptq for it")
 
         def recipe(ignore):
             # AWQModifier only smooths (what it smooths comes from its per-architecture mappings); which modules are
@@ -85,7 +94,7 @@ class AWQ(QuantizationMethod):
                     QuantizationModifier(config_groups=engine.weight_scheme(spec), ignore=ignore)]
 
         def transform(state, model, original):
-            return unfold_smoothing(state, self.quantized_modules(model), original)
+            return unfold_smoothing(state, self.quantized_matrices(fp_model), model, original)
 
         with _no_pinned_memory_without_cuda():
             return engine.run_oneshot(self, fp_model, checkpoint_dir, spec, recipe, calibration_blocks,
@@ -114,13 +123,15 @@ def smoothing_scales(smoothed: torch.Tensor, original: torch.Tensor, iterations:
     return 1.0 / row_inverse, column
 
 
-def unfold_smoothing(state: dict, quantized: dict, original: dict) -> dict:
-    """The fake-quant state in the checkpoint's basis: the `quantized` modules' weights with AWQ's scales taken back
-    out, every other tensor (norms and biases included) as in the checkpoint."""
-    unfolded = dict(original)
-    for name, module in quantized.items():
-        key = f"{name}.weight"
-        row, column = smoothing_scales(module.weight.detach().cpu(), original[key])
-        quantized_weight = state[key].double()
-        unfolded[key] = (row[:, None] * quantized_weight / column[None, :]).to(state[key].dtype).contiguous()
+def unfold_smoothing(state: dict, quantized: dict, model, original: dict) -> dict:
+    """The fake-quant state in the checkpoint's basis: each quantized matrix with AWQ's scales taken back out (the
+    smoothed weight is read from llm-compressor's `model`, by the matrix's name), every other tensor (norms and
+    biases included) as in the checkpoint."""
+    unfolded = {key: value.clone() if key in {m.key for m in quantized.values() if m.layout == "expert"} else value
+                for key, value in original.items()}
+    for name, matrix in quantized.items():
+        smoothed = model.get_submodule(name).weight.detach().cpu()
+        row, column = smoothing_scales(smoothed, matrix.read(original))
+        quantized_weight = matrix.read(state).double()
+        matrix.write(unfolded, (row[:, None] * quantized_weight / column[None, :]).to(matrix.read(state).dtype))
     return unfolded

@@ -45,17 +45,129 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-def quantized_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every `nn.Linear` of the model except its output head, by module path.
+@dataclass(frozen=True)
+class WeightMatrix:
+    """One weight matrix qtraj quantizes, read and written as [out_features, in_features] whatever its storage.
 
-    Input embeddings are `nn.Embedding`s and never match. A tied head is the same module object however it is
-    reached, so it is excluded by identity, never by name.
-    """
+    `name` is what its result rows and the engines call it: the module path for an `nn.Linear` or a transformers
+    `Conv1D` (GPT-2), `<experts>.<e>.gate_proj | up_proj | down_proj` for expert e of a fused-experts module (the
+    names llm-compressor and GPTQModel give the per-expert linears they split such a module into). `key` is the
+    state-dict entry holding it: an nn.Linear stores [out, in], a Conv1D [in, out], fused experts one 3-D tensor
+    for all experts (`gate_up_proj` [E, 2·ffn, hidden] with the gate rows first, `down_proj` [E, hidden, ffn])."""
+
+    name: str
+    key: str
+    layout: str  # "linear", "conv1d" or "expert"
+    expert: int | None = None
+    rows: tuple[int, int] | None = None  # the expert's rows of `key` (gate or up half of gate_up_proj)
+
+    def read(self, state: dict) -> torch.Tensor:
+        tensor = state[self.key]
+        if self.layout == "conv1d":
+            return tensor.T
+        if self.layout == "expert":
+            tensor = tensor[self.expert]
+            return tensor if self.rows is None else tensor[self.rows[0] : self.rows[1]]
+        return tensor
+
+    def write(self, state: dict, weight: torch.Tensor) -> None:
+        """Put `weight` ([out, in]) into `state`. An expert's slice is written in place (copying the 3-D tensor
+        per expert would cost its size each time): `state` must own its fused-expert tensors (see `owned_state`)."""
+        current = state[self.key]
+        if self.layout == "linear":
+            state[self.key] = weight.to(current.dtype).contiguous()
+        elif self.layout == "conv1d":
+            state[self.key] = weight.T.to(current.dtype).contiguous()
+        else:
+            target = current[self.expert] if self.rows is None else current[self.expert][self.rows[0] : self.rows[1]]
+            target.copy_(weight.to(current.dtype))
+
+    def in_features(self, state: dict) -> int:
+        return self.read(state).shape[1]
+
+
+def owned_state(model: torch.nn.Module, matrices: dict[str, WeightMatrix]) -> dict[str, torch.Tensor]:
+    """`model`'s state on the host, with private copies of the tensors that `WeightMatrix.write` changes in place
+    (fused experts), so writing never alters `model` itself."""
+    in_place = {matrix.key for matrix in matrices.values() if matrix.layout == "expert"}
+    return {key: (value.detach().cpu().clone() if key in in_place else value.detach().cpu())
+            for key, value in model.state_dict().items()}
+
+
+# Mixture-of-experts classes of transformers 5 with fused experts: engines that qtraj has not checked on them
+# refuse these at config time (`unsupported_architectures`), and any other fused-experts model when it is loaded.
+FUSED_EXPERT_ARCHITECTURES = ("OlmoeForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
+
+
+class UnsupportedArchitecture(ValueError):
+    """A model holds weight matrices qtraj cannot say how to quantize."""
+
+
+def fused_experts(module: torch.nn.Module) -> bool:
+    """transformers 5 MoE experts: one 3-D parameter for all experts' gate and up projections and one for their
+    down projections (OLMoE, Qwen3-MoE, Mixtral, ...), declared by its experts decorator's `is_transposed`."""
     import torch
 
+    return (getattr(module, "is_transposed", None) is not None
+            and isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter)
+            and isinstance(getattr(module, "down_proj", None), torch.nn.Parameter)
+            and module.gate_up_proj.ndim == 3)
+
+
+def _is_router(module: torch.nn.Module) -> bool:
+    """An MoE router (its weight scores experts per token): kept in full precision, as both engines keep it."""
+    return type(module).__name__.endswith("Router") and getattr(module, "weight", None) is not None
+
+
+def quantized_matrices(model: torch.nn.Module) -> dict[str, WeightMatrix]:
+    """qtraj's one decision of what is quantized, by module type, never by name: every weight matrix of the
+    decoder — `nn.Linear`, transformers' `Conv1D`, each expert's matrices of a fused-experts module — except the
+    output head (excluded by identity: a tied head is the same module however it is reached) and the input
+    embeddings (`nn.Embedding`, never a match). Norms, biases and routers stay in full precision. A weight of two or
+    more dimensions that is none of these refuses the architecture, naming it, so nothing goes unmeasured silently.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
     head = output_head(model)
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head}
+    matrices: dict[str, WeightMatrix] = {}
+    kept = set()  # state keys deliberately left in full precision
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if module is head or isinstance(module, torch.nn.Embedding) or _is_router(module):
+            kept.update(f"{prefix}{key}" for key, _ in module.named_parameters(recurse=False))
+        elif isinstance(module, torch.nn.Linear):
+            matrices[name] = WeightMatrix(name, f"{prefix}weight", "linear")
+        elif isinstance(module, Conv1D):
+            matrices[name] = WeightMatrix(name, f"{prefix}weight", "conv1d")
+        elif fused_experts(module):
+            if module.is_transposed or not getattr(module, "is_concatenated", True):
+                raise UnsupportedArchitecture(
+                    f"{type(model).__name__}: the experts of {name} are stored transposed or not concatenated; qtraj "
+                    "reads fused experts as gate_up_proj [E, 2·ffn, hidden] and down_proj [E, hidden, ffn] only")
+            ffn = module.gate_up_proj.shape[1] // 2
+            for expert in range(module.gate_up_proj.shape[0]):
+                for projection, key, rows in (("gate_proj", "gate_up_proj", (0, ffn)),
+                                              ("up_proj", "gate_up_proj", (ffn, 2 * ffn)),
+                                              ("down_proj", "down_proj", None)):
+                    matrix = WeightMatrix(f"{prefix}{expert}.{projection}", f"{prefix}{key}", "expert", expert, rows)
+                    matrices[matrix.name] = matrix
+    covered = {matrix.key for matrix in matrices.values()} | kept
+    head_keys = {f"{name}.weight" for name, module in model.named_modules() if module is head}
+    unknown = [key for key, tensor in model.named_parameters(remove_duplicate=False)
+               if tensor.ndim >= 2 and key not in covered and key not in head_keys]
+    if unknown:
+        raise UnsupportedArchitecture(
+            f"{type(model).__name__} holds weight matrices that are no nn.Linear, Conv1D or fused experts: "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. qtraj would leave them unquantized and "
+            "report a ΔQ L that measures only part of the model; teach qtraj.methods.base.quantized_matrices this "
+            "module type first")
+    return matrices
+
+
+def architecture_kinds(matrices: dict[str, WeightMatrix]) -> set[str]:
+    """Which storage layouts a model's quantized matrices have ("linear", "conv1d", "expert")."""
+    return {matrix.layout for matrix in matrices.values()}
 
 
 def check_same_modules(expected: set[str], quantized: set[str], engine: str) -> None:
@@ -98,8 +210,8 @@ class QuantizationMethod:
 
     Either way the quantized model lives only inside the job that evaluates it (`qtraj.quantization
     .quantize_model`); nothing but the results is written, unless the config asks for the engine's packed model.
-    Whatever the engine, the modules it quantizes are `quantized_modules(model)` (every linear but the output
-    head), which each engine is told or checked against, and which the per-layer errors compare.
+    Whatever the engine, the matrices it quantizes are `quantized_matrices(model)` (every decoder weight matrix
+    but the output head), which each engine is told or checked against, and which the per-layer errors compare.
     """
 
     name: ClassVar[str]
@@ -152,14 +264,14 @@ class QuantizationMethod:
                    "evaluate that trajectory and this quantization in separate configs")
             raise ValueError(f"{self.name} through {engine} cannot quantize {architecture} ({why}); {fix}")
 
-    def quantized_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-        """The modules this method quantizes in `model` (every linear but the output head)."""
-        return quantized_modules(model)
+    def quantized_matrices(self, model: torch.nn.Module) -> dict[str, WeightMatrix]:
+        """The weight matrices this method quantizes in `model` (qtraj's one decision: `quantized_matrices`)."""
+        return quantized_matrices(model)
 
-    def dequantized_weight(self, module: torch.nn.Module) -> torch.Tensor:
-        """The weight a quantized module effectively multiplies by, as a float tensor. Fake-quant models hold it
-        as their plain weight; a load-time method whose layers pack their weights overrides this."""
-        return module.weight.detach().float()
+    def dequantized_weight(self, model: torch.nn.Module, matrix: WeightMatrix) -> torch.Tensor:
+        """The weight [out, in] a quantized model effectively multiplies by, as a float tensor. Fake-quant models
+        hold it in their state; a load-time method whose layers pack their weights overrides this."""
+        return matrix.read(dict(model.state_dict())).detach().float()
 
     def quantize(self, fp_model: torch.nn.Module, checkpoint_dir: Path, spec: QuantSpec,
                  calibration_blocks: np.ndarray | None, packed_dir: Path | None = None) -> torch.nn.Module:

@@ -12,7 +12,13 @@ import copy
 import re
 from pathlib import Path
 
-from qtraj.methods.base import QuantizationMethod, QuantSpec, check_same_modules, register
+from qtraj.methods.base import (
+    FUSED_EXPERT_ARCHITECTURES,
+    QuantizationMethod,
+    QuantSpec,
+    check_same_modules,
+    register,
+)
 
 
 @register
@@ -23,6 +29,8 @@ class BitsAndBytes(QuantizationMethod):
     supported_bits = (4, 8)
     storage = "load-time"
     groups_along_inputs = False  # bitsandbytes' 4-bit blocks run over the flattened weight
+    unsupported_architectures = {"bitsandbytes": dict.fromkeys(
+        FUSED_EXPERT_ARCHITECTURES, "transformers' bitsandbytes integration leaves fused experts unquantized")}
     options_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -51,7 +59,11 @@ class BitsAndBytes(QuantizationMethod):
 
         options = self.options(spec)
         skeleton = model_skeleton(checkpoint_dir)
-        expected = set(self.quantized_modules(skeleton))
+        expected = set(self.quantized_matrices(skeleton))
+        layouts = {matrix.layout for matrix in self.quantized_matrices(skeleton).values()}
+        if "expert" in layouts:  # transformers' bitsandbytes integration leaves fused experts in full precision
+            raise ValueError(f"quantization {spec.name!r}: bitsandbytes leaves fused MoE experts unquantized; use "
+                             "rtn or gptq for this model")
         # transformers' own default skips the output head *and the last module*, whatever it is; qtraj names the
         # linears to skip itself (exact names: the patterns are regular expressions matched as prefixes)
         skip = [f"{re.escape(name)}$" for name, module in skeleton.named_modules()
@@ -70,31 +82,37 @@ class BitsAndBytes(QuantizationMethod):
         check_same_modules(expected, set(quantized_by_bitsandbytes(model)), "bitsandbytes")
         return model
 
-    def dequantized_weight(self, module):
-        """The weight a bitsandbytes layer computes with, read from its packed format."""
-        import bitsandbytes.functional as bnb_functional
-        import torch
+    def dequantized_weight(self, model, matrix):
+        """The weight [out, in] a bitsandbytes layer computes with, read from its packed format (bitsandbytes
+        replaces Conv1D layers by its own linears too)."""
+        return dequantized_bnb_weight(model.get_submodule(matrix.name))
 
-        weight = module.weight
-        quant_state = getattr(weight, "quant_state", None)
-        if quant_state is not None:  # 4-bit (NF4 / FP4)
-            data = weight.data
-            if getattr(quant_state, "packing_format_for_cpu", False):
-                # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a layer's 4-bit weights for its CPU kernel at
-                # the first forward pass. Its inverse restores the codes (on copies: it mutates what it is given)
-                # but not the block scales, which the kernel keeps transposed in bf16: those are what it computes
-                # with.
-                packed_absmax = quant_state.absmax
-                data, quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
-                    data.clone(), copy.deepcopy(quant_state))
-                quant_state.absmax = packed_absmax.T.reshape(-1).float()
-                quant_state.nested = False
-            return bnb_functional.dequantize_4bit(data, quant_state).float()
-        if weight.dtype == torch.int8 and getattr(module, "state", None) is not None:  # LLM.int8
-            scale = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
-            return weight.data.float() * scale.float().unsqueeze(1) / 127.0
-        raise RuntimeError(f"{type(module).__name__} is not a bitsandbytes layer qtraj can read; teach "
-                           "BitsAndBytes.dequantized_weight its format before trusting weight errors")
+
+def dequantized_bnb_weight(module):
+    """The weight a bitsandbytes layer computes with, read from its packed format."""
+    import bitsandbytes.functional as bnb_functional
+    import torch
+
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # 4-bit (NF4 / FP4)
+        data = weight.data
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a layer's 4-bit weights for its CPU kernel at
+            # the first forward pass. Its inverse restores the codes (on copies: it mutates what it is given)
+            # but not the block scales, which the kernel keeps transposed in bf16: those are what it computes
+            # with.
+            packed_absmax = quant_state.absmax
+            data, quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
+                data.clone(), copy.deepcopy(quant_state))
+            quant_state.absmax = packed_absmax.T.reshape(-1).float()
+            quant_state.nested = False
+        return bnb_functional.dequantize_4bit(data, quant_state).float()
+    if weight.dtype == torch.int8 and getattr(module, "state", None) is not None:  # LLM.int8
+        scale = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return weight.data.float() * scale.float().unsqueeze(1) / 127.0
+    raise RuntimeError(f"{type(module).__name__} is not a bitsandbytes layer qtraj can read; teach "
+                       "qtraj.methods.bnb.dequantized_bnb_weight its format before trusting weight errors")
 
 
 def quantized_by_bitsandbytes(model) -> dict:

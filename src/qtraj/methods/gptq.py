@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtraj.methods.base import QuantizationMethod, QuantSpec, register
+from qtraj.methods.base import FUSED_EXPERT_ARCHITECTURES, QuantizationMethod, QuantSpec, register
 
 
 @register
@@ -13,6 +13,12 @@ class GPTQ(QuantizationMethod):
     engines = ("llmcompressor", "gptqmodel")
     needs_calibration = True
     supported_bits = (2, 3, 4, 8)
+    unsupported_architectures = {"gptqmodel": {
+        **dict.fromkeys(FUSED_EXPERT_ARCHITECTURES,
+                        "its expert routing during calibration and RTN fallback are not checked by qtraj"),
+        # 7.6 saves the quantized model with a config whose per-layer-type RoPE settings transformers 5.17 refuses
+        "Gemma3ForCausalLM": "GPTQModel 7.6 cannot save a Gemma-3 model (transformers refuses its RoPE config)",
+    }}
     options_schema = {
         "type": "object",
         "additionalProperties": False,
