@@ -226,8 +226,13 @@ def test_awq_is_stored_in_the_checkpoints_basis_on_its_grid_and_beats_rtn(tmp_pa
         oneshot(model=folded, recipe=[AWQModifier(n_grid=10), QuantizationModifier(
             config_groups=engine.weight_scheme(spec_of("awq-w4g16", "awq")), ignore=["lm_head"])],
             **engine.calibration_kwargs(trained_checkpoint, calibration))
+    # the folded model's own tensors (smoothed norms included), its quantized weights fake-quantized
+    from qtraj.methods.base import quantized_matrices
+
+    folded_basis = load_causal_lm(trained_checkpoint)
+    folded_basis.load_state_dict({key: folded.state_dict()[key] for key in keys})
     reference = load_causal_lm(trained_checkpoint)
-    reference.load_state_dict(engine.fake_quant_state_dict(folded, keys))
+    reference.load_state_dict(engine.fake_quant_state_dict(folded, folded_basis, quantized_matrices(reference)))
     assert cross_entropy(reference, blocks, 8).loss == pytest.approx(losses["awq"], rel=1e-5)
 
     original, folded_weights = linear_weights(trained_checkpoint), linear_weights(folded)
