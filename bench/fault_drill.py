@@ -92,6 +92,8 @@ def local_config(workdir: Path, name: str, checkpoints: Path) -> Path:
     for key in ("runs", "cooldowns", "averages", "training", "model", "tokenizer"):
         config.pop(key, None)
     config["local"] = {"mine": {"path": str(checkpoints), "pattern": "step{step}"}}
+    # micro models read back as a local trajectory: far from a pretrained model's loss (qtraj.sanity)
+    config["evaluation"] = {**config.get("evaluation", {}), "max_loss_fraction": None}
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
