@@ -34,7 +34,7 @@ include: "rules/evaluate.smk"
 include: "rules/results.smk"
 
 
-# Local runs send their jobs to one warm process that has the libraries imported (qtraj.jobserver): ~0.1 s to
+# Local runs send their jobs to one warm process that has the libraries imported (qtraj.jobserver): ~0.3 s to
 # start a job instead of ~8 CPU-s. Cluster jobs, dry runs and `job_server: false` start every job fresh.
 onstart:
     # before the first submission: an unset variable of profiles/slurm would reach sbatch literally

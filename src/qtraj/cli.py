@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     query.add_argument("--max-rows", type=int, default=100, help="rows shown in table format")
     check = commands.add_parser(
         "science-check", help="the paper's effects across seeds (LR decay against a constant LR, LAWA)",
-        description="Per quantization and setting, mean ± 95%% CI over seeds (ΔQ L in %%, differences in percentage "
+        description="Per quantization and setting, mean ± 95% CI over seeds (ΔQ L in %, differences in percentage "
                     "points, fp loss in nats) of: the decayed run against the constant-LR run of the same seed at "
                     "equal tokens; the stable-phase trend; the decay within the run; LAWA against the newest "
                     "checkpoint it averages. Each effect: supported / not resolved / opposite. Exit status: 0 when "
