@@ -181,10 +181,11 @@ def local_checkpoint_facts(wildcards):
 
 def fingerprint_cache():
     """Where digests are kept: in the results folder once qtraj owns it (a dry run writes nothing)."""
+    from qtraj.fingerprint import CACHE_FILE
     from qtraj.ownership import RESULTS_MARKER
 
     owned = os.path.isfile(f"{RESULTS}/{RESULTS_MARKER}")
-    return f"{RESULTS}/data/fingerprints.json" if owned else None
+    return f"{RESULTS}/{CACHE_FILE}" if owned else None
 
 
 def local_checkpoint_fingerprint(wildcards):
@@ -327,18 +328,15 @@ def check_ownership():
         check_no_foreign_files,
         claim_results_dir,
         folder_outputs,
-        unsafe_results_dir,
+        results_dir_problem,
     )
 
     if not workflow.is_main_process:
         return
     protected = {"the working folder": os.getcwd(), "the workflow's own folder": workflow.basedir}
-    reason = unsafe_results_dir(RESULTS, protected)
-    if reason:
-        raise WorkflowError(
-            f"config key 'results_dir': {RESULTS!r} cannot hold results: {reason}; name a folder "
-            "of its own, e.g. results"
-        )
+    problem = results_dir_problem(RESULTS, protected)
+    if problem:
+        raise WorkflowError(problem)
     models = [f"{config['models_dir']}/{name}" for name in config["gguf_models"]]
     declared = {f"{RESULTS}/{pattern}" for pattern in FOLDER_OUTPUTS} | {f"{config['models_dir']}/*"}
     for job_kind in workflow.rules:

@@ -97,12 +97,11 @@ def _check_finite_numbers(config: dict, where: tuple = ()) -> None:
 def _check_folders(config: dict) -> None:
     """results_dir is rewritten at will (Snakemake deletes a job's outputs before rerunning it): never the
     filesystem root, a home folder or the working folder (rules/common.smk adds the workflow's own folder)."""
-    from qtraj.ownership import unsafe_results_dir
+    from qtraj.ownership import results_dir_problem
 
-    reason = unsafe_results_dir(config["results_dir"], {"the working folder": Path.cwd()})
-    if reason:
-        raise ConfigError(f"config key 'results_dir': {config['results_dir']!r} cannot hold results: {reason}; "
-                          "name a folder of its own, e.g. results")
+    problem = results_dir_problem(config["results_dir"], {"the working folder": Path.cwd()})
+    if problem:
+        raise ConfigError(problem)
     if not config["models_dir"].strip():
         raise ConfigError("config key 'models_dir': it is empty; name a folder, e.g. models")
 

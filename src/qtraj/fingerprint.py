@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 # sha256: hashlib's file_digest runs it at several GB/s with the CPU's SHA extensions
 ALGORITHM = "sha256"
+# where the digests are kept, relative to the results folder (the workflow's params and the link job share it)
+CACHE_FILE = "data/fingerprints.json"
 _MEMORY: dict[tuple, str] = {}
 
 
@@ -64,11 +65,6 @@ def _read_cache(cache_file: str | Path | None) -> dict:
 
 
 def _write_cache(cache_file: str | Path, cache: dict) -> None:
-    from qtraj.results import current_umask
+    from qtraj.results import write_text_atomically
 
-    path = Path(cache_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(cache))
-    os.chmod(temporary, 0o666 & ~current_umask())
-    os.replace(temporary, path)
+    write_text_atomically(json.dumps(cache), cache_file)

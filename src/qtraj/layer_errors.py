@@ -88,7 +88,8 @@ def capture_inputs(model: torch.nn.Module, matrices: dict, blocks: np.ndarray, b
     finally:
         for handle in handles:
             handle.remove()
-    width = {name: matrix.read(dict(model.state_dict())).shape[1] for name, matrix in matrices.items()}
+    state = dict(model.state_dict())
+    width = {name: matrix.in_features(state) for name, matrix in matrices.items()}
     return {name: torch.cat(parts) if parts else torch.zeros(0, width[name]) for name, parts in captured.items()}
 
 
@@ -149,8 +150,9 @@ def layer_errors(fp_model: torch.nn.Module, quantized_model: torch.nn.Module, ma
     reads a quantized matrix's effective weight [out, in] (the method's hook: packed formats differ per engine).
     A linear or Conv1D layer's output is computed by the quantized layer itself (its engine's kernel); an expert's
     matrix has no module of its own, so its output is its dequantized weight times its input."""
-    dequantized_weight = dequantized_weight or (
-        lambda model, matrix: matrix.read(dict(model.state_dict())).detach().float())
+    from qtraj.methods.base import read_matrix
+
+    dequantized_weight = dequantized_weight or (lambda model, matrix: read_matrix(model, matrix).detach().float())
     fp_state = dict(fp_model.state_dict())
     quantized_layers = dict(quantized_model.named_modules())
     errors = []

@@ -50,6 +50,15 @@ def unsafe_results_dir(results_dir: str, protected: dict[str, str | Path]) -> st
     return None
 
 
+def results_dir_problem(results_dir: str, protected: dict[str, str | Path]) -> str | None:
+    """The config error for a `results_dir` that must not hold results (None: it may), naming the fix."""
+    reason = unsafe_results_dir(results_dir, protected)
+    if reason is None:
+        return None
+    return (f"config key 'results_dir': {results_dir!r} cannot hold results: {reason}; name a folder of its own, "
+            "e.g. results")
+
+
 def claim_results_dir(results_dir: str | Path, create: bool = True) -> None:
     """Make `results_dir` qtraj's: create it with its marker when it is missing or empty (unless not `create`: a
     dry run); accept it when it carries the marker; else refuse, naming what is in it and the fix (nothing is
@@ -184,9 +193,6 @@ def writes_folders(*arguments: str) -> Callable:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from qtraj.results import current_umask
+    from qtraj.results import write_text_atomically
 
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=1) + "\n")
-    os.chmod(temporary, 0o666 & ~current_umask())
-    os.replace(temporary, path)
+    write_text_atomically(json.dumps(data, indent=1) + "\n", path)

@@ -333,8 +333,21 @@ def aggregate(inputs: dict[str, list[str]], output_dir: str | Path) -> dict[str,
 def _write_manifest(counts: dict[str, int], path: Path) -> None:
     import json
 
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps({"tables": {name: {"file": Path(dataset_file(name)).name, "rows": rows}
-                                                for name, rows in counts.items()}}, indent=1) + "\n")
-    os.chmod(temporary, 0o666 & ~current_umask())
-    os.replace(temporary, path)
+    write_text_atomically(json.dumps({"tables": {name: {"file": Path(dataset_file(name)).name, "rows": rows}
+                                                 for name, rows in counts.items()}}, indent=1) + "\n", path)
+
+
+def write_text_atomically(text: str, path: str | Path) -> None:
+    """Write a small text file via a private temporary beside it, with the umask, then rename: readers (and a
+    killed writer) see the old file or the new one, whole. The temporary's name holds the process id, so
+    concurrent writers never share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.chmod(temporary, 0o666 & ~current_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

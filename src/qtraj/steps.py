@@ -184,11 +184,11 @@ def local_tokenizer(config: dict, run: str, out_dir: str) -> None:
 def link_local_checkpoint(source: str, tokenizer_dir: str, out_dir: str, info: dict, allow_pickle: bool,
                           allow_external_links: bool = False) -> None:
     from qtraj.checkpoints import CheckpointInfo
-    from qtraj.fingerprint import fingerprint
+    from qtraj.fingerprint import CACHE_FILE, fingerprint
     from qtraj.local import checked_files, link_checkpoint
 
     # the cache the DAG's params filled (rules/common.smk fingerprint_cache): out_dir is <results>/checkpoints/<run>/<c>
-    cache = Path(out_dir).parents[2] / "data" / "fingerprints.json"
+    cache = Path(out_dir).parents[2] / CACHE_FILE
     # checked first: a link out of the folder or a broken file is refused before anything is read
     content = fingerprint(checked_files(source, allow_pickle, allow_external_links), cache)
     info = CheckpointInfo(**{**info, "path": str(Path(source).resolve()), "fingerprint": content})

@@ -153,7 +153,7 @@ def dequantized_model(packed_model: torch.nn.Module, expected: dict[str, WeightM
     if not packed:
         raise RuntimeError("GPTQModel quantized no layer")
     check_same_modules(set(expected), set(packed), "GPTQModel")
-    state = owned_state(fp_model, expected)
+    state = owned_state(fp_model.state_dict(), expected)
     for name, matrix in expected.items():
         # dequantize_weight() is [in_features, out_features] for every layer it packs, nn.Linear and Conv1D alike
         # (measured: a square GPT-2 c_proj matches its Conv1D weight as is, a Llama q_proj only transposed)

@@ -182,7 +182,7 @@ def fake_quant_state_dict(model: torch.nn.Module, fp_model: torch.nn.Module,
     if not engine_modules:
         raise RuntimeError("llm-compressor quantized no layer; check the method's targets")
     check_same_modules(set(quantized), set(engine_modules), "llm-compressor")
-    state = owned_state(fp_model, quantized)
+    state = owned_state(fp_model.state_dict(), quantized)
     for name, matrix in quantized.items():
         module = engine_modules[name]
         args = module.quantization_scheme.weights

@@ -127,8 +127,9 @@ def unfold_smoothing(state: dict, quantized: dict, model, original: dict) -> dic
     """The fake-quant state in the checkpoint's basis: each quantized matrix with AWQ's scales taken back out (the
     smoothed weight is read from llm-compressor's `model`, by the matrix's name), every other tensor (norms and
     biases included) as in the checkpoint."""
-    unfolded = {key: value.clone() if key in {m.key for m in quantized.values() if m.layout == "expert"} else value
-                for key, value in original.items()}
+    from qtraj.methods.base import owned_state
+
+    unfolded = owned_state(original, quantized)
     for name, matrix in quantized.items():
         smoothed = model.get_submodule(name).weight.detach().cpu()
         row, column = smoothing_scales(smoothed, matrix.read(original))

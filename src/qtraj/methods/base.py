@@ -86,12 +86,17 @@ class WeightMatrix:
         return self.read(state).shape[1]
 
 
-def owned_state(model: torch.nn.Module, matrices: dict[str, WeightMatrix]) -> dict[str, torch.Tensor]:
-    """`model`'s state on the host, with private copies of the tensors that `WeightMatrix.write` changes in place
-    (fused experts), so writing never alters `model` itself."""
+def owned_state(state: dict[str, torch.Tensor], matrices: dict[str, WeightMatrix]) -> dict[str, torch.Tensor]:
+    """A model's `state` on the host, with private copies of the tensors that `WeightMatrix.write` changes in place
+    (fused experts), so writing never alters the model it came from."""
     in_place = {matrix.key for matrix in matrices.values() if matrix.layout == "expert"}
     return {key: (value.detach().cpu().clone() if key in in_place else value.detach().cpu())
-            for key, value in model.state_dict().items()}
+            for key, value in state.items()}
+
+
+def read_matrix(model: torch.nn.Module, matrix: WeightMatrix) -> torch.Tensor:
+    """One matrix of `model` as [out, in], read from its own parameter (no state dict built per matrix)."""
+    return matrix.read({matrix.key: model.get_parameter(matrix.key)})
 
 
 # Mixture-of-experts classes of transformers 5 with fused experts: engines that qtraj has not checked on them
@@ -271,7 +276,7 @@ class QuantizationMethod:
     def dequantized_weight(self, model: torch.nn.Module, matrix: WeightMatrix) -> torch.Tensor:
         """The weight [out, in] a quantized model effectively multiplies by, as a float tensor. Fake-quant models
         hold it in their state; a load-time method whose layers pack their weights overrides this."""
-        return matrix.read(dict(model.state_dict())).detach().float()
+        return read_matrix(model, matrix).detach().float()
 
     def quantize(self, fp_model: torch.nn.Module, checkpoint_dir: Path, spec: QuantSpec,
                  calibration_blocks: np.ndarray | None, packed_dir: Path | None = None) -> torch.nn.Module:

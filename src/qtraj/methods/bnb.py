@@ -59,9 +59,10 @@ class BitsAndBytes(QuantizationMethod):
 
         options = self.options(spec)
         skeleton = model_skeleton(checkpoint_dir)
-        expected = set(self.quantized_matrices(skeleton))
-        layouts = {matrix.layout for matrix in self.quantized_matrices(skeleton).values()}
-        if "expert" in layouts:  # transformers' bitsandbytes integration leaves fused experts in full precision
+        matrices = self.quantized_matrices(skeleton)
+        expected = set(matrices)
+        # transformers' bitsandbytes integration leaves fused experts in full precision
+        if any(matrix.layout == "expert" for matrix in matrices.values()):
             raise ValueError(f"quantization {spec.name!r}: bitsandbytes leaves fused MoE experts unquantized; use "
                              "rtn or gptq for this model")
         # transformers' own default skips the output head *and the last module*, whatever it is; qtraj names the
