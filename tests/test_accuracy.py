@@ -276,17 +276,19 @@ def test_grouping_shares_only_untruncated_repeated_contexts():
 
 
 def test_a_model_that_ignores_the_cache_is_scored_by_lm_eval(tokenizer_dir, tmp_path, local_tasks):
-    """A forward that takes past_key_values but drops it would score choices without their context: the check
-    against lm-eval's first batch catches it and lm-eval scores everything."""
+    """A decoder whose forward takes past_key_values but drops it would score choices without their context: the
+    check against lm-eval's first batch catches it and lm-eval scores everything. (The decoder, not the causal-LM
+    wrapper: the suffixes' hidden states come from it, the head applied row by row.)"""
     import types
 
     model, tokenizer = _tiny_model("LlamaForCausalLM", tokenizer_dir, tmp_path / "model", torch.float64)
-    plain_forward = type(model).forward
+    decoder = model.get_decoder()
+    plain_forward = type(decoder).forward
 
     def forward_dropping_the_cache(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
         return plain_forward(self, input_ids=input_ids, use_cache=use_cache, **kwargs)
 
-    model.forward = types.MethodType(forward_dropping_the_cache, model)
+    decoder.forward = types.MethodType(forward_dropping_the_cache, decoder)
     requests = _loglikelihood_requests(local_tasks)
     plain, shared, shared_lm = _plain_and_shared(model, tokenizer,
                                                  lambda lm: lm.loglikelihood(requests, disable_tqdm=True))
@@ -312,6 +314,7 @@ def test_bitsandbytes_models_share_contexts_with_lm_evals_numbers(tokenizer_dir,
     plain, shared, shared_lm = _plain_and_shared(model, AutoTokenizer.from_pretrained(str(checkpoint)),
                                                  lambda lm: lm.loglikelihood(requests, disable_tqdm=True))
     assert shared_lm._cache_is_trusted is True
+    assert shared_lm._split_head is True  # the suffixes' logits were made one row at a time
     _assert_same_answers(plain, shared, abs_tolerance=0.0, rel_tolerance=1e-6)
 
 

@@ -1,5 +1,7 @@
 """Cluster resources scale with the model; micro models ask for no GPU."""
 
+from pathlib import Path
+
 import pytest
 
 from qtraj.resources import job_resources, llama_parameters
@@ -56,3 +58,72 @@ def test_unset_slurm_profile_variables_are_named_before_anything_is_submitted():
     assert unexpanded_profile_variables(resources, {"QTRAJ_SLURM_PARTITION": "gpu"}) == ["QTRAJ_SLURM_ACCOUNT"]
     both = {"QTRAJ_SLURM_PARTITION": "gpu", "QTRAJ_SLURM_ACCOUNT": "project"}
     assert unexpanded_profile_variables(resources, both) == []
+
+
+def _measured_max_rss_mb() -> dict[str, float]:
+    """Rule -> the largest max RSS (MB) a job of it reached in the committed default run (bench/workflow_jobs.py)."""
+    table = Path(__file__).parents[1] / "docs/measured/default/workflow_jobs.txt"
+    rows = [line.split() for line in table.read_text().splitlines()[1:] if line.split() and line.split()[0] != "all"]
+    return {row[0]: float(row[6]) for row in rows if len(row) > 6 and row[1].isdigit()}
+
+
+def test_the_default_jobs_ask_for_at_least_what_they_were_measured_to_hold():
+    """The memory model against the job server's max RSS of every sized job of the default run: enough (a Slurm
+    job over its request is killed), and not wildly more (the request would waste a node)."""
+    from qtraj.config import load_config
+    from qtraj.plan import RULE_STEP, step_resources
+
+    config = load_config(Path(__file__).parents[1] / "config" / "config.yaml")
+    measured = _measured_max_rss_mb()
+    runs = {"train": "wsd", "cooldown": "constant", "evaluate_fp": "wsd", "sharpness": "wsd", "quantize": "wsd"}
+    for rule, run in runs.items():
+        asked = step_resources(config, RULE_STEP[rule], run)["mem_mb"]
+        assert measured[rule] <= asked <= 2.5 * measured[rule], (rule, measured[rule], asked)
+
+
+def test_evaluation_memory_does_not_grow_with_the_vocabulary():
+    """The loss holds one chunk of logits (qtraj.evaluation.LOGITS_CHUNK_BYTES) whatever the vocabulary: Gemma 3's
+    262k costs what a 10M vocabulary would, and a small vocabulary's whole batch is less than a chunk."""
+    from qtraj.evaluation import LOGITS_CHUNK_BYTES
+    from qtraj.resources import ModelShape, evaluation_gb
+
+    evaluation = {"batch_size": 4, "seq_len": 2048}
+    gemma, huge, tiny = (ModelShape(3e8, 640, 2048, 18, vocab) for vocab in (262_144, 10_000_000, 64))
+    assert evaluation_gb(gemma, evaluation, True) == evaluation_gb(huge, evaluation, True)
+    activations = 4 * 2048 * (4 * 640 + 3 * 2048) * 2
+    assert evaluation_gb(gemma, evaluation, True) == pytest.approx((activations + 2 * LOGITS_CHUNK_BYTES) / 1e9)
+    assert evaluation_gb(tiny, evaluation, True) == pytest.approx((activations + 2 * 4 * 4 * 2048 * 64) / 1e9)
+
+
+def test_calibration_holds_one_layers_hessians_and_its_inputs():
+    from qtraj.resources import ModelShape, calibration_gb, job_resources, working_memory_gb
+
+    olmo2_32b = ModelShape(32.2e9, 5120, 27648, 64)
+    calibration = {"num_samples": 128, "seq_len": 2048}
+    hessians = 4 * (6 * 5120**2 + 27648**2)  # float32 in x in, q k v o gate up on 5,120 inputs, down on 27,648
+    assert calibration_gb(olmo2_32b, calibration) == pytest.approx((2 * 128 * 2048 * 5120 * 4 + hessians) / 1e9)
+    data = {"calibration": calibration, "evaluation": {"batch_size": 4, "seq_len": 2048}}
+    working = working_memory_gb("quantize", olmo2_32b, data, on_gpu=True)
+    assert working == pytest.approx(calibration_gb(olmo2_32b, calibration))
+    squeezed = {**H100, "gpu_memory_gb": 2 * 32.2 * 2 * 1.6 / 2 + 4 + 0.1}  # two GPUs fit the weights, not more
+    assert job_resources("quantize", 32.2e9, squeezed)["gpu"] == 2
+    assert job_resources("quantize", 32.2e9, squeezed, working_gb=working)["gpu"] == 3
+
+
+def test_plan_shows_what_jobs_hold_beyond_their_weights():
+    from qtraj.config import load_config
+    from qtraj.plan import plan, render_plan
+
+    rows = plan(load_config(Path(__file__).parents[1] / "config" / "config.yaml"))
+    assert all(row.working_mb > 0 for row in rows)
+    assert "beyond weights" in render_plan(rows).splitlines()[0]
+
+
+def test_a_local_folders_shape_comes_from_its_config(tmp_path):
+    from qtraj.resources import shape_of_hf_config
+
+    gpt2 = shape_of_hf_config({"n_embd": 768, "n_inner": None, "n_layer": 12, "vocab_size": 50257}, 124e6)
+    assert (gpt2.hidden_size, gpt2.intermediate_size, gpt2.num_hidden_layers, gpt2.vocab_size) == (768, 3072, 12, 50257)
+    gemma = shape_of_hf_config({"text_config": {"hidden_size": 640, "intermediate_size": 2048,
+                                                "num_hidden_layers": 18, "vocab_size": 262144}}, 2.7e8)
+    assert (gemma.hidden_size, gemma.vocab_size) == (640, 262144)

@@ -309,6 +309,9 @@ def shared_context_lm_class() -> type:
     class SharedContextHFLM(HFLM):
         # None until the first shared batch has been compared with lm-eval's own scoring of it
         _cache_is_trusted: bool | None = None
+        # None until decided on the first shared batch: whether the suffixes' logits can be made one row at a time
+        # from the decoder's hidden states (qtraj.evaluation.head_split_agrees), instead of every choice's at once
+        _split_head: bool | None = None
         # string -> its tokens as lm-eval's `tok_encode(string)` gives them, encoded in batches (`loglikelihood`)
         _encodings: dict[str, list[int]] | None = None
 
@@ -396,11 +399,31 @@ def shared_context_lm_class() -> type:
                     and self._cache_is_trusted is not False
                     and forward_accepts(self.model, "past_key_values", "use_cache"))
 
-        def _forward(self, input_ids, **kwargs):
+        def _forward(self, input_ids, module=None, **kwargs):
             # as HFLM._model_call: no gradients, lm-eval's optional autocast
             with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                                  enabled=self.mixed_precision_dtype is not None):
-                return self.model(input_ids=input_ids, **kwargs)
+                return (module or self.model)(input_ids=input_ids, **kwargs)
+
+        def _suffix_log_probs(self, suffixes: torch.Tensor, cache):
+            """Each suffix row's log-probabilities [positions, vocab], one row's logits in memory at a time where
+            the head splits off (a 262k vocabulary x every choice of a batch would not fit beside the weights)."""
+            from qtraj.evaluation import head_logits, head_split_agrees
+
+            if self._split_head is None:
+                with torch.no_grad():
+                    self._split_head = head_split_agrees(self.model, suffixes[:1, :8])
+            if not self._split_head:
+                logits = self._forward(suffixes, past_key_values=cache, use_cache=cache is not None).logits
+                yield from F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+                return
+            hidden = self._forward(suffixes, module=self.model.get_decoder(), past_key_values=cache,
+                                   use_cache=cache is not None).last_hidden_state
+            for row in hidden:
+                with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                     enabled=self.mixed_precision_dtype is not None):
+                    logits = head_logits(self.model, row)
+                yield F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
 
         def _score_batch(self, batch: list[SharedContext],
                          requests: list[TokenRequest]) -> list[tuple[float, bool]] | None:
@@ -420,9 +443,7 @@ def shared_context_lm_class() -> type:
                     self._cache_is_trusted = False
                     return None
                 cache.batch_select_indices(torch.tensor(rows, device=self.device))
-            logits = self._forward(right_padded(suffixes, self.device), past_key_values=cache,
-                                   use_cache=cache is not None).logits
-            log_probs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            log_probs = self._suffix_log_probs(right_padded(suffixes, self.device), cache)
             return [continuation_answer(row_log_probs, continuation)
                     for row_log_probs, continuation in zip(log_probs, continuations, strict=True)]
 

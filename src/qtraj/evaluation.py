@@ -171,23 +171,118 @@ def model_skeleton(folder: str | Path):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
 
 
+# Float32 logits one chunk of scored positions may hold. The loss needs the log-softmax of every position, but
+# not of all at once: a batch of 4 x 2048 positions of a 262k vocabulary would be 8.6 GB of float32 logits (plus
+# the model-dtype copy and the log-softmax's own), a chunk of 256 MiB is 256 positions of that vocabulary and a
+# whole batch of a small one. Chunks only change the order of a float sum.
+LOGITS_CHUNK_BYTES = 2**28
+
+
+def chunk_positions(classes: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+    """How many positions' float32 logits fit in `chunk_bytes` (at least one)."""
+    return max(1, chunk_bytes // (4 * classes))
+
+
+# What a causal LM's forward does to its head's output, by the config key that turns it on (transformers applies
+# these after lm_head, so a loss computed from the hidden states must apply them too): Gemma 2/3's tanh
+# soft-capping, Granite's division and Cohere's multiplication. An architecture with another rule is caught by
+# head_split_agrees and scored from its own full logits instead.
+def _soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(logits / cap) * cap
+
+
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": _soft_cap,
+    "logits_scaling": lambda logits, scale: logits / scale,
+    "logit_scale": lambda logits, scale: logits * scale,
+}
+
+
+def _decoder_config(model: torch.nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for final hidden states: its output head, then the transforms its forward applies."""
+    logits = model.get_output_embeddings()(hidden)
+    config = _decoder_config(model)
+    for key, transform in LOGIT_TRANSFORMS.items():
+        value = getattr(config, key, None)
+        if value is not None:
+            logits = transform(logits, value)
+    return logits
+
+
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's output before the head (transformers' get_decoder: `model.model`, GPT-2's `transformer`)."""
+    return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def head_split_agrees(model: torch.nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether hidden states -> head_logits gives the model's own logits on `input_ids` (a few positions suffice:
+    the head is applied position by position). False for a model whose decoder or head transformers cannot name,
+    or whose forward does something after the head that LOGIT_TRANSFORMS does not know: its loss then comes
+    from its full logits, so the split can cost memory but never a wrong number."""
+    try:
+        decoder = model.get_decoder()
+        if decoder is model or model.get_output_embeddings() is None:
+            return False
+        split = head_logits(model, final_hidden_states(model, input_ids)).float()
+    except (AttributeError, NotImplementedError, TypeError, ValueError) as error:
+        log.warning("%s: no decoder/head split (%s); the loss uses full logits", type(model).__name__, error)
+        return False
+    full = model(input_ids=input_ids, use_cache=False).logits.float()
+    tolerance = 1e-5 if full.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 2e-2
+    agrees = split.shape == full.shape and torch.allclose(split, full, rtol=tolerance, atol=tolerance)
+    if not agrees:
+        log.warning("%s: its head applied to its hidden states does not give its logits; the loss uses full "
+                    "logits (more memory, same number)", type(model).__name__)
+    return agrees
+
+
+def next_token_loss_sum(model: torch.nn.Module, batch: torch.Tensor, split_head: bool,
+                        chunk_bytes: int = LOGITS_CHUNK_BYTES) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of a batch of blocks (inputs + 1 target each), in float64, and the number
+    of classes scored. With `split_head` the logits exist one chunk of positions at a time (float32 log-softmax per
+    chunk), so memory holds the weights, the hidden states and one chunk whatever the vocabulary; without it the
+    model's full logits are made once and only their float32 copies are chunked. Differentiable (sharpness)."""
+    targets = batch[:, 1:].reshape(-1)
+    if split_head:
+        hidden = final_hidden_states(model, batch[:, :-1])
+        positions = hidden.reshape(-1, hidden.shape[-1])
+        classes = model.get_output_embeddings().out_features
+        logits_of = lambda rows: head_logits(model, positions[rows])  # noqa: E731 - one line, used once below
+    else:
+        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+        classes = logits.shape[-1]
+        flat = logits.reshape(-1, classes)
+        logits_of = lambda rows: flat[rows]  # noqa: E731
+    step = chunk_positions(classes, chunk_bytes)
+    total = torch.zeros((), dtype=torch.float64, device=batch.device)
+    for start in range(0, len(targets), step):
+        rows = slice(start, start + step)
+        chunk = logits_of(rows).float()
+        total = total + torch.nn.functional.cross_entropy(chunk, targets[rows], reduction="sum").double()
+    return total, classes
+
+
 @torch.inference_mode()
-def cross_entropy(model: torch.nn.Module, blocks: np.ndarray, batch_size: int) -> LossResult:
+def cross_entropy(model: torch.nn.Module, blocks: np.ndarray, batch_size: int,
+                  chunk_bytes: int = LOGITS_CHUNK_BYTES) -> LossResult:
     """Mean next-token cross-entropy over every position of every block (each block is inputs + 1 target).
 
-    Summed in float64 over all tokens, then divided once, so the result does not depend on batch size.
+    Summed in float64 over all tokens, then divided once, so the result does not depend on batch size. The logits
+    are made a chunk of positions at a time (next_token_loss_sum) where head_split_agrees on the first block.
     """
     device = next(model.parameters()).device
     total, count, classes = 0.0, 0, None
+    split_head = head_split_agrees(model, torch.from_numpy(blocks[:1, :8].astype(np.int64)).to(device))
     progress = Progress(log, "validation loss", len(blocks) * (blocks.shape[1] - 1), "tokens")
     for start in range(0, len(blocks), batch_size):
         batch = torch.from_numpy(blocks[start : start + batch_size].astype(np.int64)).to(device)
-        logits = model(input_ids=batch[:, :-1]).logits.float()
-        classes = logits.shape[-1]
-        losses = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += losses.double().item()
+        losses, classes = next_token_loss_sum(model, batch, split_head, chunk_bytes)
+        total += losses.item()
         count += batch[:, 1:].numel()
         progress.advance(batch[:, 1:].numel())
     loss = total / count

@@ -171,6 +171,16 @@ def parameter_count(config: dict, name: str) -> float | None:
     return total or None
 
 
+def hf_config(config: dict, name: str) -> dict | None:
+    """The config.json of a local trajectory's first selected checkpoint (its architecture's widths size the jobs'
+    working memory), None where there is none to read yet."""
+    path = Path(config["local"][name]["path"]) / selected_checkpoints(config, name)[0].revision / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def schedule_family(entry: dict) -> dict | None:
     """The entry's schedule in a family file's shape (qtraj.families computes LR and phase from it)."""
     if entry["schedule"] is None:

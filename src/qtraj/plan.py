@@ -21,7 +21,15 @@ from qtraj.config import (
     measures_sharpness,
     trajectories,
 )
-from qtraj.resources import job_resources, llama_parameters
+from qtraj.resources import (
+    ModelShape,
+    cpu_job_resources,
+    estimated_shape,
+    job_resources,
+    llama_parameters,
+    shape_of_hf_config,
+    working_memory_gb,
+)
 from qtraj.results import per_job_file
 from qtraj.texttable import text_table
 
@@ -104,10 +112,43 @@ def model_parameters(config: dict, run: str) -> float | None:
     return None
 
 
+def model_shape(config: dict, run: str) -> ModelShape | None:
+    """What sizes a trajectory's jobs beyond the parameter count (qtraj.resources.working_memory_gb): a trained
+    model's config, a local folder's config.json, a family's estimate from its parameter count; None for a folder
+    a rule has yet to make."""
+    source = data_source(config, run)
+    if is_family(config, source) or is_local(config, source):
+        parameters = model_parameters(config, run)
+        if parameters is None:
+            return None
+        if is_local(config, source):
+            from qtraj.local import hf_config
+
+            settings = hf_config(config, source)
+            if settings:
+                return shape_of_hf_config(settings, parameters)
+        return estimated_shape(parameters)
+    model = config["model"]
+    return ModelShape(llama_parameters(model, config["tokenizer"]["vocab_size"]), model["hidden_size"],
+                      model["intermediate_size"], model["num_hidden_layers"], config["tokenizer"]["vocab_size"])
+
+
 def step_resources(config: dict, step: str, run: str) -> dict:
-    """What a `step` job on trajectory `run` asks a cluster for (qtraj.resources.job_resources)."""
-    lm_eval_tasks = bool(data_settings(config, run)["accuracy"]["lm_eval_tasks"])
-    return job_resources(step, model_parameters(config, run), config["resources"], lm_eval_tasks)
+    """What a `step` job on trajectory `run` asks a cluster for (qtraj.resources.job_resources), with what it holds
+    beyond its weights under `working_mb` (not a Snakemake resource: `qtraj plan` shows it)."""
+    data = data_settings(config, run)
+    lm_eval_tasks = bool(data["accuracy"]["lm_eval_tasks"])
+    shape = model_shape(config, run)
+    parameters = model_parameters(config, run)
+    if shape is None:
+        return job_resources(step, parameters, config["resources"], lm_eval_tasks)
+    on_gpu = parameters is not None
+    working = working_memory_gb(step, shape, data, on_gpu, config["training"] if run in config["runs"] or
+                                run in config["cooldowns"] else None)
+    if not on_gpu:
+        return {**cpu_job_resources(step, shape.parameters, working), "working_mb": round(working * 1e9 / 2**20)}
+    return {**job_resources(step, parameters, config["resources"], lm_eval_tasks, working),
+            "working_mb": round(working * 1e9 / 2**20)}
 
 
 @dataclass(frozen=True)
@@ -120,6 +161,7 @@ class PlanRow:
     gpus: int  # per job
     runtime_min: int  # requested per job
     mem_mb: int  # per job
+    working_mb: int = 0  # of it, what the job holds beyond its model copies (activations, logits, Hessians)
 
     @property
     def hours(self) -> float:
@@ -139,7 +181,7 @@ def plan(config: dict) -> list[PlanRow]:
     for (run, rule), jobs in counts.items():
         resources = step_resources(config, RULE_STEP[rule], run)
         rows.append(PlanRow(run, rule, jobs, resources.get("gpu", 0), resources.get("runtime", 0),
-                            resources.get("mem_mb", 0)))
+                            resources.get("mem_mb", 0), resources.get("working_mb", 0)))
     return rows
 
 
@@ -157,13 +199,20 @@ def totals_by_rule(rows: list[PlanRow]) -> dict[str, dict[str, float]]:
     return totals
 
 
+def _gigabytes(mebibytes: int) -> str:
+    return f"{mebibytes / 1024:.1f} GB" if mebibytes < 10 * 1024 else f"{mebibytes / 1024:.0f} GB"
+
+
 def render_plan(rows: list[PlanRow]) -> str:
     """The plan as text: one line per (trajectory, rule), then the totals per rule."""
-    jobs = text_table(["trajectory", "rule", "jobs", "GPUs/job", "runtime/job", "memory/job", "GPU-hours"],
-                      [[row.run, row.rule, row.jobs, row.gpus, f"{row.runtime_min} min", f"{row.mem_mb / 1024:.0f} GB",
-                        f"{row.gpu_hours:,.1f}"] for row in rows], right={2, 3, 4, 5, 6})
+    jobs = text_table(["trajectory", "rule", "jobs", "GPUs/job", "runtime/job", "memory/job", "beyond weights",
+                       "GPU-hours"],
+                      [[row.run, row.rule, row.jobs, row.gpus, f"{row.runtime_min} min", _gigabytes(row.mem_mb),
+                        _gigabytes(row.working_mb), f"{row.gpu_hours:,.1f}"] for row in rows], right={2, 3, 4, 5, 6, 7})
     totals = text_table(["rule", "jobs", "job-hours", "GPU-hours"],
                         [[rule, total["jobs"], f"{total['hours']:,.1f}", f"{total['gpu_hours']:,.1f}"]
                          for rule, total in totals_by_rule(rows).items()], right={1, 2, 3})
-    return (f"{jobs}\n\n{totals}\n(runtimes are the requested limits, so the hours are upper bounds;\n downloads, data "
-            "preparation, averaging and figures need no GPU and are not counted)")
+    return (f"{jobs}\n\n{totals}\n(runtimes are the requested limits, so the hours are upper bounds; memory/job is "
+            "host memory; beyond weights is what a job holds\n on its device beside its model copies: activations, a "
+            "chunk of logits, one layer's GPTQ Hessians;\n downloads, data preparation, averaging and figures need no "
+            "GPU and are not counted)")

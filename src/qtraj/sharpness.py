@@ -44,20 +44,18 @@ class Lanczos:
 Vector = list[torch.Tensor]
 
 
-def _loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over every position of the fixed batches."""
-    total, count = 0.0, 0
-    for batch in batches:
-        logits = model(input_ids=batch[:, :-1]).logits.float()
-        total = total + torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        count += batch[:, 1:].numel()
-    return total / count
+def _loss(model: torch.nn.Module, batches: list[torch.Tensor], split_head: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position of the fixed batches (qtraj.evaluation's loss, logits a
+    chunk of positions at a time where the model's head splits off)."""
+    from qtraj.evaluation import next_token_loss_sum
+
+    total = sum(next_token_loss_sum(model, batch, split_head)[0] for batch in batches)
+    return total / sum(batch[:, 1:].numel() for batch in batches)
 
 
 def hessian_vector_product(model: torch.nn.Module, batches: list[torch.Tensor], params: list[torch.Tensor],
-                           vector: list[torch.Tensor]) -> list[torch.Tensor]:
-    loss = _loss(model, batches)
+                           vector: list[torch.Tensor], split_head: bool = False) -> list[torch.Tensor]:
+    loss = _loss(model, batches, split_head)
     grads = torch.autograd.grad(loss, params, create_graph=True)
     dot = sum((grad * v).sum() for grad, v in zip(grads, vector, strict=True))
     return list(torch.autograd.grad(dot, params))
@@ -108,6 +106,8 @@ def top_hessian_eigenvalue(model: torch.nn.Module, blocks: np.ndarray, batch_siz
                            tolerance: float, seed: int) -> SharpnessResult:
     """The largest eigenvalue of the Hessian of the loss over `blocks` (each block is inputs + 1 target), by Lanczos
     from a seeded random start (`largest_eigenvalue`)."""
+    from qtraj.evaluation import head_split_agrees
+
     model.eval()
     # Fused attention kernels (SDPA, flash) have no second derivative: Hessian-vector products need eager attention.
     if hasattr(model, "set_attn_implementation"):
@@ -120,7 +120,9 @@ def top_hessian_eigenvalue(model: torch.nn.Module, blocks: np.ndarray, batch_siz
     start = [torch.randn(p.shape, generator=generator).to(device=device, dtype=p.dtype) for p in params]
     norm = math.sqrt(_dot(start, start))
     start = [v / norm for v in start]
-    found = largest_eigenvalue(lambda vector: hessian_vector_product(model, batches, params, vector),
+    with torch.no_grad():
+        split_head = head_split_agrees(model, batches[0][:1, :8])
+    found = largest_eigenvalue(lambda vector: hessian_vector_product(model, batches, params, vector, split_head),
                                start, iterations, tolerance)
     model.zero_grad(set_to_none=True)
     tokens = sum(batch[:, 1:].numel() for batch in batches)
