@@ -1,6 +1,7 @@
 """The `qtraj` command line: --version, families, plan, status, and query / science-check reading results_dir from a
 config. Offline, on the default config, the carried family files and tiny synthetic results trees."""
 
+import argparse
 import json
 import re
 import subprocess
@@ -50,6 +51,30 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"qtraj {qtraj.__version__}"
 
 
+def test_help_texts_print_percent_signs_once():
+    """argparse formats help with %: a literal % must be written %% in the source and printed once."""
+    from qtraj.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for name, command in {"qtraj": parser, **commands}.items():
+        assert "%%" not in command.format_help(), name
+    assert "95% CI" in commands["science-check"].format_help()
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`qtraj query … | head -1`: no BrokenPipeError traceback, the status of a process that SIGPIPE ends."""
+    command = [sys.executable, "-c", "import sys; from qtraj.cli import main; sys.exit(main())", "query",
+               "--results-dir", str(REPO_ROOT / "docs" / "measured" / "default"), "--format", "csv",
+               "SELECT * FROM range(1000000)"]  # megabytes: more than a pipe holds
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().strip() == b"range"
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 141, stderr
+    assert stderr == ""
+
+
 # --- families ------------------------------------------------------------------------------------------------------
 
 def test_families_lists_every_family_file(capsys):
@@ -73,6 +98,25 @@ def test_families_json_and_a_broken_file(tmp_path, capsys):
     assert "broken.yaml" in captured.err and "parameters" in captured.err
     assert main(["families", "--families-dir", str(tmp_path / "nowhere")]) == 2
     assert "no family folder" in capsys.readouterr().err
+
+
+def test_families_reads_families_dir_from_the_config(tmp_path, capsys):
+    """--families-dir, else the --configfile's families_dir, else config/families."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "pythia-70m.yaml").write_text((FAMILIES_DIR / "pythia-70m.yaml").read_text())
+    config = tmp_path / "config.yaml"
+    config.write_text(f"families_dir: {tmp_path / 'mine'}\nquantizations: {{}}\n")
+    assert main(["families", "--configfile", str(config), "--format", "json"]) == 0
+    assert [entry["slug"] for entry in json.loads(capsys.readouterr().out)] == ["pythia-70m"]
+    assert main(["families", "--configfile", str(config), "--families-dir", str(FAMILIES_DIR), "--format",
+                 "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == len(list(FAMILIES_DIR.glob("*.yaml")))
+    config.write_text("quantizations: {}\n")  # no families_dir: the schema's default, read from the working folder
+    assert main(["families", "--configfile", str(config)]) in (0, 1)  # 1: a family with a caveat is fine
+    assert "pythia-70m" in capsys.readouterr().out
+    config.write_text("families_dir: [a, b]\n")
+    assert main(["families", "--configfile", str(config)]) == 2
+    assert "families_dir" in capsys.readouterr().err
 
 
 def test_schedule_and_parameter_descriptions():

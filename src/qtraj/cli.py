@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 import qtraj
@@ -46,7 +47,26 @@ def _results_dir(args) -> str:
     return os.environ.get("QTRAJ_RESULTS_DIR", "results")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _families_dir(args) -> str:
+    """--families-dir, else the families_dir of --configfile, else the schema's default (config/families)."""
+    from qtraj.catalog import default_families_dir
+    from qtraj.schema import read_yaml
+
+    if args.families_dir is not None:
+        return args.families_dir
+    if args.configfile is None:
+        return default_families_dir()
+    config = read_yaml(args.configfile) or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{args.configfile}: the configuration must be a mapping of keys to values")
+    families_dir = config.get("families_dir", default_families_dir())
+    if not isinstance(families_dir, str):
+        raise ConfigError(f"{args.configfile}: config key 'families_dir': {families_dir!r} is not a folder name")
+    return families_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per tool (the docs' flags are checked against it, tests/test_docs.py)."""
     parser = argparse.ArgumentParser(prog="qtraj", description=__doc__)
     parser.add_argument("--version", action="version", version=f"qtraj {qtraj.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,13 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Reads the config and the results tree (per-job Parquet files, job logs); runs nothing. A "
                     "checkpoint is done when every job measuring it wrote its files, failed when a file is "
                     "unreadable or a job's log records a failure, pending otherwise (a job killed without a word, "
-                    "e.g. by a time limit, counts as pending). The logs of what failed are listed.")
+                    "e.g. by a time limit, counts as pending). The logs of what failed are listed. Its jobs are "
+                    "those that measure a checkpoint (evaluate_fp, sharpness, quantize); training, cooldowns and the "
+                    "jobs that prepare data or draw figures are not counted (`snakemake --dry-run` lists every job).")
     plan = commands.add_parser(
         "plan", help="the jobs and GPU-hours a config asks a cluster for",
         description="Per trajectory and rule: jobs, GPUs, requested runtime and memory per job, GPU-hours, sized as "
                     "the rules size them (qtraj.resources, the Slurm profile's resources). Runtimes are requested "
-                    "limits, so the hours are upper bounds. Downloads, data preparation, averaging and figures "
-                    "need no GPU and are not counted.")
+                    "limits, so the hours are upper bounds. Only the jobs the resource model sizes are counted (train, "
+                    "cooldown, evaluate_fp, sharpness, quantize): downloads, data preparation, averaging, the "
+                    "aggregate, the science check and figures need no GPU (`snakemake --dry-run` lists every job).")
     families = commands.add_parser(
         "families", help="the catalog of model family files: repo, revisions, parameters, schedule",
         description="Every family file (<slug>.yaml) of a folder, validated as the workflow validates it; a file "
@@ -97,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the hub's branches, its gating and whether its repo was renamed; exit status 1 when a file "
                     "disagrees with the hub, 2 when the hub cannot be reached.")
     families.add_argument("--families-dir", default=None,
-                          help="the folder of family files (default: the config schema's families_dir, "
-                               "config/families)")
+                          help="the folder of family files (default: the --configfile's families_dir, else the "
+                               "config schema's default, config/families)")
     families.add_argument("--verify", nargs="?", const=True, default=None, metavar="NAME",
                           help="check every family (or the one named) against the hub: revisions the hub lacks, "
                                "hub branches the file lacks, gated, renamed or missing repos")
@@ -118,9 +141,27 @@ def main(argv: list[str] | None = None) -> int:
     for command in (status, plan):
         command.add_argument("--configfile", default=DEFAULT_CONFIG,
                              help=f"the workflow config (default: {DEFAULT_CONFIG})")
+    families.add_argument("--configfile", default=None,
+                          help="a workflow config: list the family files of its families_dir")
     for command in (status, plan, families):
         command.add_argument("--format", choices=["table", "json"], default="table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit, where Python would print a traceback
+        return status
+    except BrokenPipeError:
+        # the reader went away (`qtraj plan | head`): stop quietly, with the status of a process that SIGPIPE ends
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command in ("status", "plan", "families"):
         try:
@@ -182,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, QueryError) as error:
         print(f"qtraj: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away while the answer was printed: main() ends quietly
+        raise
     except Exception as error:  # DuckDB's parser and binder errors already name the problem
         print(f"qtraj: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
@@ -214,9 +257,9 @@ def _plan(args) -> int:
 
 
 def _families(args) -> int:
-    from qtraj.catalog import caveat_warnings, default_families_dir, family_catalog, render_catalog
+    from qtraj.catalog import caveat_warnings, family_catalog, render_catalog
 
-    folder = args.families_dir or default_families_dir()
+    folder = _families_dir(args)
     if args.verify is not None:
         return _verify_families(folder, None if args.verify is True else args.verify, args.format)
     entries, problems = family_catalog(folder)
