@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/measured.py refresh [results_dir]   # after `make run`: snapshot, bench output, blocks
     .venv/bin/python bench/measured.py check                   # blocks == what their commands print on the snapshot
+    .venv/bin/python bench/measured.py blocks                  # rewrite the blocks from the snapshot as it is
 
 `refresh` copies the run's results dataset (the small Parquet tables, not checkpoints) to docs/measured/default/,
 with the default config's hash and the output of bench/workflow_jobs.py on that run (timings cannot be recomputed
@@ -80,13 +81,18 @@ def refresh(results_dir: Path) -> None:
                            capture_output=True, text=True, check=True)
     (SNAPSHOT / "workflow_jobs.txt").write_text(bench.stdout)
     (SNAPSHOT / "config.json").write_text(json.dumps({"config_hash": default_config_hash()}, indent=1) + "\n")
+    rewrite_blocks()
+
+
+def rewrite_blocks() -> None:
+    """Every block from its command on the snapshot (a command whose output changed, the snapshot unchanged)."""
     names = []
     for document in documents():
         text = document.read_text()
         names += [match.group("name") for match in BLOCK.finditer(text)]
         document.write_text(BLOCK.sub(lambda match: match.group(1) + output_of(match.group("name")) + match.group(4),
                                       text))
-    print(f"snapshot in {SNAPSHOT.relative_to(REPO_ROOT)}; blocks: {', '.join(names)}")
+    print(f"blocks: {', '.join(names)}")
 
 
 def problems() -> list[str]:
@@ -111,11 +117,13 @@ def problems() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["refresh", "check"])
+    parser.add_argument("action", choices=["refresh", "check", "blocks"])
     parser.add_argument("results_dir", nargs="?", default="results")
     args = parser.parse_args()
     if args.action == "refresh":
         refresh(Path(args.results_dir))
+    elif args.action == "blocks":
+        rewrite_blocks()
     else:
         found = problems()
         print("\n".join(found) or "measured blocks are in step with the snapshot")

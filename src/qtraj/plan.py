@@ -214,5 +214,5 @@ def render_plan(rows: list[PlanRow]) -> str:
                          for rule, total in totals_by_rule(rows).items()], right={1, 2, 3})
     return (f"{jobs}\n\n{totals}\n(runtimes are the requested limits, so the hours are upper bounds; memory/job is "
             "host memory; beyond weights is what a job holds\n on its device beside its model copies: activations, a "
-            "chunk of logits, one layer's GPTQ Hessians;\n downloads, data preparation, averaging and figures need no "
-            "GPU and are not counted)")
+            "chunk of logits, one layer's GPTQ Hessians;\n downloads, data preparation, averaging, the aggregate, the "
+            "science check and figures need no GPU\n and are not counted: `snakemake --dry-run` lists every job)")
