@@ -329,3 +329,27 @@ def test_cli_exit_status(tmp_path, capsys):
     assert "Nothing could be checked" in capsys.readouterr().out
     assert main(["science-check", "--results-dir", str(tmp_path / "nowhere")]) == 2
     assert "run the workflow first" in capsys.readouterr().err
+
+
+def test_holm_adjusts_known_p_values_step_down():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04; running maximum: 0.02 0.03 0.06 0.06
+    assert science.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert science.holm([0.5, None, 0.4]) == [0.8, None, 0.8]  # None is not a test: m = 2
+    assert science.holm([0.9, 0.8]) == [1.0, 1.0]  # capped at 1
+
+
+def test_two_sided_p_is_the_one_sample_t_test():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    differences = [0.199, -0.113, -0.040]
+    assert science.two_sided_p(differences) == pytest.approx(scipy_stats.ttest_1samp(differences, 0).pvalue, rel=1e-12)
+    assert science.two_sided_p([0.5]) is None
+
+
+def test_the_report_adjusts_every_tested_effect_together(tmp_path):
+    check = science.measure(paper_dataset(tmp_path))
+    tested = [effect for effect in check.effects if effect.expected]
+    assert len(tested) == len(check.effects) - 2  # all but the stable phase's trend, which expects no direction
+    adjusted = check.holm_p
+    assert list(adjusted) == [id(effect) for effect in tested]
+    assert list(adjusted.values()) == science.holm([effect.p_value for effect in tested])
+    assert f"over the {len(tested)} effects" in science.render(check)

@@ -57,6 +57,36 @@ def t_critical(degrees_of_freedom: int) -> float:
     return float(t.ppf(0.975, degrees_of_freedom))
 
 
+def two_sided_p(differences: list[float]) -> float | None:
+    """The two-sided p-value of the one-sample t-test of `differences` against 0 (the same Student t the CI uses);
+    None with fewer than two, or without scipy (the CI and verdict do not need it)."""
+    if len(differences) < 2:
+        return None
+    spread = stdev(differences)
+    if spread == 0:
+        return 0.0 if fmean(differences) else 1.0
+    try:
+        from scipy.stats import t
+    except ImportError:
+        return None
+    statistic = fmean(differences) / (spread / math.sqrt(len(differences)))
+    return float(2 * t.sf(abs(statistic), len(differences) - 1))
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of `p_values` for testing them together (None stays None and is not counted):
+    the i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). Controls the chance of any false
+    "supported" across the cells at the level the adjusted values are read against, whatever their dependence.
+    Written here because it is eight lines and statsmodels (which has it) is not a dependency."""
+    tested = sorted((p, index) for index, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, index) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[index] = running
+    return adjusted
+
+
 def verdict(mean: float, half_width: float | None, expected: int) -> str:
     """Whether the CI excludes zero, read against the paper's direction (+1 rises, -1 falls, 0 none expected)."""
     if half_width is None or abs(mean) <= half_width:
@@ -116,6 +146,10 @@ class Effect:
         return verdict(self.mean, self.half_width, self.expected)
 
     @property
+    def p_value(self) -> float | None:
+        return two_sided_p(self.differences)
+
+    @property
     def baseline_mean(self) -> float:
         return fmean(observation.baseline for observation in self.observations)
 
@@ -166,6 +200,17 @@ class ScienceCheck:
         return bool(self.effects)
 
     @property
+    def tested(self) -> list[Effect]:
+        """The effects with an expected direction: the cells Holm's correction counts."""
+        return [effect for effect in self.effects if effect.expected]
+
+    @property
+    def holm_p(self) -> dict[int, float | None]:
+        """id(effect) -> its p-value adjusted (holm) over every tested effect of the check."""
+        tested = self.tested
+        return dict(zip(map(id, tested), holm([effect.p_value for effect in tested]), strict=True))
+
+    @property
     def unsupported(self) -> list[Effect]:
         """The effects with an expected direction that the data do not support (what `--strict` fails on)."""
         return [effect for effect in self.effects if effect.expected and effect.verdict != SUPPORTED]
@@ -184,7 +229,9 @@ TITLES = {
 }
 LEGEND = ("Mean over seeds ± 95% CI (Student t, n − 1 df). ΔQ L = L_q / L_fp − 1 in %, its differences in "
           "percentage\npoints (pp); fp loss in nats. supported / opposite: the CI excludes 0 in / against the "
-          "paper's direction.")
+          "paper's direction.\np (Holm): the t-test's two-sided p, and in brackets adjusted by Holm's method over "
+          "the {tested} effects with\nan expected direction (sections 1, 3, 4): below 0.05 survives testing them "
+          "all.")
 
 CHECKPOINTS_SQL = """
     SELECT run, quantization, step, phase, coalesce(source, '') AS source FROM results
@@ -416,7 +463,13 @@ def _digits(unit: str) -> int:
     return 3 if unit in ("%", "pp") else 4  # ΔQ L in % to a thousandth of a percent; loss to 1e-4 nats
 
 
-def _cells(effect: Effect) -> list[str]:
+def _p_cell(p: float | None, adjusted: float | None) -> str:
+    if p is None:
+        return "-"
+    return f"{p:.3f}" + ("" if adjusted is None else f" ({adjusted:.3f})")
+
+
+def _cells(effect: Effect, adjusted: float | None) -> list[str]:
     unit, difference_unit = effect.unit, effect.difference_unit
     levels = " → ".join(_number(value, _digits(unit)) + ("%" if unit == "%" else "")
                         for value in (effect.baseline_mean, effect.compared_mean))
@@ -429,24 +482,25 @@ def _cells(effect: Effect) -> list[str]:
     per_seed = " ".join(("" if o.seed is None else f"{o.seed}:") + _number(o.difference, digits, sign=True)
                         for o in effect.observations)
     return [effect.quantization, effect.setting, effect.quantity, effect.steps, levels, interval, str(effect.n),
-            effect.verdict, per_seed]
+            _p_cell(effect.p_value, adjusted), effect.verdict, per_seed]
 
 
 HEADER = ["quantization", "setting", "quantity", "steps", "mean levels", "difference: mean ± 95% CI", "n",
-          "verdict", "per seed (seed:difference)"]
+          "p (Holm)", "verdict", "per seed (seed:difference)"]
 
 
 def render(check: ScienceCheck) -> str:
     """The check as text: one aligned line per effect, under its section, and what each section lacks."""
-    cells = {id(effect): _cells(effect) for effect in check.effects}
+    adjusted = check.holm_p
+    cells = {id(effect): _cells(effect, adjusted.get(id(effect))) for effect in check.effects}
     widths = [max([len(title)] + [len(row[column]) for row in cells.values()]) for column, title in enumerate(HEADER)]
-    right = {3, 5, 6}  # numbers (and the steps) right-aligned
+    right = {3, 5, 6, 7}  # numbers (and the steps) right-aligned
 
     def line(row: list[str]) -> str:
         return "   " + "  ".join(cell.rjust(width) if column in right else cell.ljust(width)
                                 for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
 
-    lines = [LEGEND]
+    lines = [LEGEND.format(tested=len(check.tested))]
     for section in check.sections:
         lines += ["", section.title]
         if section.effects:
