@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import fmean, stdev
+
+import numpy as np
 
 from qtraj.query import connect
 
@@ -87,6 +90,30 @@ def holm(p_values: list[float | None]) -> list[float | None]:
     return adjusted
 
 
+# Resamples of the paired bootstrap over validation blocks: the percentile interval's ends move by ~1% of its
+# width between seeds of the resampling at 2,000, well below what the science check prints.
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def paired_bootstrap_interval(per_block: Mapping[str, np.ndarray],
+                              difference: Callable[[Mapping[str, np.ndarray]], np.ndarray],
+                              resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile interval of `difference` over bootstrap resamples of the validation blocks, the SAME
+    resampled blocks for every model (paired: all were scored on the same blocks, so what the blocks share cancels).
+    `per_block`: name -> each model's mean loss per block (equal lengths: every block has as many tokens, so the
+    mean of a resample's block means is its loss); `difference` maps name -> the resamples' losses to the effect.
+    The evaluation's own noise for one seed's comparison, apart from the seed-to-seed spread the t interval shows."""
+    lengths = {len(values) for values in per_block.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"the models were not scored on the same blocks (block counts {sorted(lengths)})")
+    (blocks,) = lengths
+    chosen = np.random.default_rng(seed).integers(0, blocks, size=(resamples, blocks))
+    values = difference({name: np.asarray(losses, dtype=np.float64)[chosen].mean(axis=1)
+                         for name, losses in per_block.items()})
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def verdict(mean: float, half_width: float | None, expected: int) -> str:
     """Whether the CI excludes zero, read against the paper's direction (+1 rises, -1 falls, 0 none expected)."""
     if half_width is None or abs(mean) <= half_width:
@@ -121,6 +148,9 @@ class Effect:
     setting: str  # the runs' settings apart from the seed ("wsd lr=0.003 wd=0.1"), or the run without a log
     expected: int  # the paper's direction of the difference: +1, -1, or 0 where none is expected
     observations: tuple[Observation, ...]  # one per seed, ordered by seed
+    # per observation, the paired bootstrap interval over validation blocks (None where the dataset has no
+    # per-block losses for one of its models): the evaluation's noise, apart from the seeds' spread
+    evaluation_intervals: tuple[tuple[float, float] | None, ...] = field(default=())
 
     @property
     def n(self) -> int:
@@ -229,7 +259,9 @@ TITLES = {
 }
 LEGEND = ("Mean over seeds ± 95% CI (Student t, n − 1 df). ΔQ L = L_q / L_fp − 1 in %, its differences in "
           "percentage\npoints (pp); fp loss in nats. supported / opposite: the CI excludes 0 in / against the "
-          "paper's direction.\np (Holm): the t-test's two-sided p, and in brackets adjusted by Holm's method over "
+          "paper's direction.\nPer seed, in brackets where the dataset has per-block losses: the paired "
+          "bootstrap's 95% interval over the\nvalidation blocks (the evaluation's own noise; the ± is the seeds' "
+          "spread).\np (Holm): the t-test's two-sided p, and in brackets adjusted by Holm's method over "
           "the {tested} effects with\nan expected direction (sections 1, 3, 4): below 0.05 survives testing them "
           "all.")
 
@@ -434,6 +466,60 @@ def _averaging(connection, views: set[str], runs: dict[str, dict]) -> Section:
     return Section("lawa", TITLES["lawa"], tuple(_effects("lawa", DELTA_Q_LOSS, -1, observations)), ())
 
 
+def _block_losses(connection) -> dict[tuple, np.ndarray]:
+    """(run, step, quantization or FP) -> the model's mean loss per validation block, for the datasets that have
+    them (`block_losses`; older datasets do not) and for steps that name one model of a run."""
+    found: dict[tuple, np.ndarray] = {}
+    ambiguous = set()
+    queries = (f"SELECT run, step, '{FP}' AS quantization, block_losses FROM fp_evals",
+               "SELECT run, step, quantization, block_losses FROM results")
+    for sql in queries:
+        try:
+            rows = connection.execute(sql + " WHERE step IS NOT NULL AND block_losses IS NOT NULL").fetchall()
+        except Exception:  # noqa: BLE001 - duckdb's binder error for a dataset written before the column existed
+            continue
+        for run, step, quantization, losses in rows:
+            key = (run, step, quantization)
+            if key in found:
+                ambiguous.add(key)
+            found[key] = np.asarray(losses, dtype=np.float64)
+    return {key: losses for key, losses in found.items() if key not in ambiguous}
+
+
+def _percent_change(quantized: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    return 100 * (quantized / fp - 1)
+
+
+def evaluation_interval(effect: Effect, observation: Observation,
+                        blocks: Mapping[tuple, np.ndarray]) -> tuple[float, float] | None:
+    """The paired bootstrap interval of one observation's difference (paired_bootstrap_interval), None when a model
+    it compares has no per-block losses."""
+    compared, baseline = (observation.run, observation.compared_step), (observation.baseline_run,
+                                                                        observation.baseline_step)
+    if effect.quantity == LOSS_FP:
+        keys = {"compared": (*compared, FP), "baseline": (*baseline, FP)}
+
+        def difference(means):
+            return means["compared"] - means["baseline"]
+    else:
+        keys = {"compared_q": (*compared, effect.quantization), "compared_fp": (*compared, FP),
+                "baseline_q": (*baseline, effect.quantization), "baseline_fp": (*baseline, FP)}
+
+        def difference(means):
+            return (_percent_change(means["compared_q"], means["compared_fp"])
+                    - _percent_change(means["baseline_q"], means["baseline_fp"]))
+    if any(key not in blocks for key in keys.values()):
+        return None
+    return paired_bootstrap_interval({name: blocks[key] for name, key in keys.items()}, difference)
+
+
+def with_evaluation_intervals(section: Section, blocks: Mapping[tuple, np.ndarray]) -> Section:
+    effects = tuple(replace(effect, evaluation_intervals=tuple(
+        evaluation_interval(effect, observation, blocks) for observation in effect.observations))
+        for effect in section.effects)
+    return replace(section, effects=effects)
+
+
 def measure(results_dir: str | Path) -> ScienceCheck:
     """The four comparisons of the module docstring, per quantization and setting, pooled over seeds."""
     connection = connect(results_dir, read_only=False)  # qtraj's own SQL
@@ -450,8 +536,10 @@ def measure(results_dir: str | Path) -> ScienceCheck:
     decayed = [_Run(name, runs.get(name), dict(steps[name]), phases[name]) for name in sorted(steps)
                if name not in excluded and "decay" in phases[name].values()
                and (runs.get(name) or {}).get("schedule") != "constant"]
-    return ScienceCheck((_control(connection, decayed, runs, checkpoints), _stable(connection, decayed),
-                         _decay(connection, decayed), _averaging(connection, views, runs)))
+    sections = (_control(connection, decayed, runs, checkpoints), _stable(connection, decayed),
+                _decay(connection, decayed), _averaging(connection, views, runs))
+    blocks = _block_losses(connection)
+    return ScienceCheck(tuple(with_evaluation_intervals(section, blocks) for section in sections))
 
 
 def _number(value: float, digits: int, sign: bool = False) -> str:
@@ -479,8 +567,11 @@ def _cells(effect: Effect, adjusted: float | None) -> list[str]:
         interval = f"{centre} {difference_unit}, no CI (n=1)"
     else:
         interval = f"{centre} ± {_number(effect.half_width, digits)} {difference_unit}"
+    intervals = effect.evaluation_intervals or (None,) * effect.n
     per_seed = " ".join(("" if o.seed is None else f"{o.seed}:") + _number(o.difference, digits, sign=True)
-                        for o in effect.observations)
+                        + ("" if interval is None else
+                           f" [{_number(interval[0], digits, sign=True)}, {_number(interval[1], digits, sign=True)}]")
+                        for o, interval in zip(effect.observations, intervals, strict=True))
     return [effect.quantization, effect.setting, effect.quantity, effect.steps, levels, interval, str(effect.n),
             _p_cell(effect.p_value, adjusted), effect.verdict, per_seed]
 
