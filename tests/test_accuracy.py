@@ -137,12 +137,28 @@ def test_local_tasks_read_their_fields_as_jinja_templates_of_them_would(tmp_path
     assert seen[0][0][0] == (items[0]["context"], " " + items[0]["choices"][0])
 
 
-def test_unknown_lm_eval_task_is_named():
+@pytest.fixture(scope="module")
+def task_index():
+    """lm-eval's index of its registered tasks: building it reads every task YAML it ships (~10 s), so once."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@pytest.fixture
+def indexed_tasks(monkeypatch, task_index):
+    """`load_tasks` with the module's task index instead of a new one (it asks for `TaskManager()` each call)."""
+    import lm_eval.tasks
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda: task_index)
+
+
+def test_unknown_lm_eval_task_is_named(indexed_tasks):
     with pytest.raises(AccuracyTaskError, match="no task \\['arc_esay'\\]"):
         load_tasks({}, ["arc_esay"], num_fewshot=0, fewshot_seed=0)
 
 
-def test_registered_tasks_missing_from_the_cache_offline_say_how_to_fix_it(monkeypatch, tmp_path):
+def test_registered_tasks_missing_from_the_cache_offline_say_how_to_fix_it(monkeypatch, tmp_path, indexed_tasks):
     import datasets
     from huggingface_hub import constants
 

@@ -141,6 +141,16 @@ def test_a_config_needs_runs_or_families_and_their_names_differ(default_config):
         validate_config(default_config)
 
 
+def test_an_unknown_family_names_the_key_and_the_family_files_there(default_config, tmp_path):
+    """What the workflow shows before any job (Snakemake validates the config first: tests/test_workflow.py's
+    bad-config run shows that path once, for a misspelt method)."""
+    (tmp_path / "tiny-a.yaml").write_text(yaml.safe_dump({"name": "Tiny A", "repo": "qtraj-test/tiny-a",
+                                                          "revisions": [{"revision": "main"}]}))
+    default_config.update(families_dir=str(tmp_path), families={"tiny-z": {}}, runs={})
+    with pytest.raises(ConfigError, match=r"'families.tiny-z': there is no family file .*tiny-a"):
+        validate_config(default_config)
+
+
 def test_a_selector_that_picks_nothing_is_refused(default_config):
     default_config["families"] = {"pythia-70m": {"select": {"tokens": [1e15, None]}}}
     with pytest.raises(ConfigError, match="families.pythia-70m.select' picks no revision"):

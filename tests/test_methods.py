@@ -40,6 +40,18 @@ def quantized(quantized_with_info):
     return {key: model for key, (model, _) in quantized_with_info.items()}
 
 
+AWQ_SPEC = QuantSpec(name="awq-w4g16", method="awq", bits=4, group_size=16, symmetric=False, options={"n_grid": 10})
+
+
+@pytest.fixture(scope="module")
+def awq_quantized(tmp_path_factory, trained_checkpoint, calibration_file):
+    """(AWQ-quantized model, its packed folder): quantized once for the tests that need AWQ (its grid search is the
+    slowest quantization here)."""
+    packed = tmp_path_factory.mktemp("awq") / "packed"
+    model, _ = quantize(trained_checkpoint, AWQ_SPEC, calibration_file, packed_dir=packed)
+    return model, packed
+
+
 def linear_weights(model_or_folder):
     if isinstance(model_or_folder, torch.nn.Module):
         state = {name: tensor.detach() for name, tensor in model_or_folder.state_dict().items()}
@@ -125,6 +137,31 @@ def test_layer_errors_match_a_hand_computed_layer():
     assert (error.module_type, error.layer_index, error.input_rows) == ("proj", None, 2)
 
 
+def test_layer_errors_of_a_biased_layer_compare_its_weights_only():
+    """The same layer with a bias (kept in full precision, so the same in both): the errors are those of its weights,
+    computed by hand. The bias is small (3% of the output), so a bias left in the quantized output passes the 10%
+    kernel check and only these numbers can show it."""
+    from qtraj.layer_errors import layer_errors
+    from qtraj.methods.base import WeightMatrix
+
+    fp, quantized = torch.nn.Sequential(), torch.nn.Sequential()
+    fp.add_module("proj", torch.nn.Linear(4, 2))
+    quantized.add_module("proj", torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        fp.proj.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]))
+        quantized.proj.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]]))
+        for layer in (fp.proj, quantized.proj):
+            layer.bias.copy_(torch.tensor([0.05, -0.05]))
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 2.0], [2.0, 0.0, 0.0, 0.0]])
+    [error] = layer_errors(fp, quantized, {"proj": WeightMatrix("proj", "proj.weight", "linear")}, {"proj": x})
+    # X Wᵀ = [[1, 2], [0, 0], [2, 0]];  X Ŵᵀ = [[1, 3], [0, 2], [2, 0]]: the bias belongs to neither side. A third
+    # row makes ‖X Wᵀ‖ = 3, not ‖W‖ = √5 as in the test above, so the relative error also shows what it divides by
+    assert error.weight_error_abs == pytest.approx(1.0)
+    assert error.recon_error == pytest.approx(np.sqrt(5.0))
+    assert error.recon_error_rel == pytest.approx(np.sqrt(5.0) / 3.0)
+    assert error.input_rows == 3
+
+
 def test_layer_errors_refuse_a_dequantized_weight_the_layer_does_not_compute_with():
     from qtraj.layer_errors import layer_errors
     from qtraj.methods.base import WeightMatrix
@@ -198,7 +235,8 @@ def test_bitsandbytes_models_are_evaluated_through_bitsandbytes(tmp_path, traine
 
 
 def test_awq_is_stored_in_the_checkpoints_basis_on_its_grid_and_beats_rtn(tmp_path, trained_checkpoint,
-                                                                          calibration_file, token_stream):
+                                                                          calibration_file, token_stream,
+                                                                          awq_quantized):
     """AWQ's quantized weights, with its smoothing scales taken back out, give the same function as
     llm-compressor's folded model (to float rounding), sit on the grid once the scales are put back in, and
     beat RTN on the same asymmetric grid."""
@@ -210,12 +248,9 @@ def test_awq_is_stored_in_the_checkpoints_basis_on_its_grid_and_beats_rtn(tmp_pa
     from qtraj.methods.awq import _no_pinned_memory_without_cuda, smoothing_scales
 
     blocks = token_blocks(token_stream, 65, 24)
-    losses, models = {}, {}
-    for method in ("awq", "rtn"):
-        spec = QuantSpec(name=f"{method}-w4g16", method=method, bits=4, group_size=16, symmetric=False,
-                         options={"n_grid": 10} if method == "awq" else {})
-        models[method], _ = quantize(trained_checkpoint, spec, calibration_file)
-        losses[method] = cross_entropy(models[method], blocks, 8).loss
+    rtn_spec = QuantSpec(name="rtn-w4g16", method="rtn", bits=4, group_size=16, symmetric=False)
+    models = {"awq": awq_quantized[0], "rtn": quantize(trained_checkpoint, rtn_spec)[0]}
+    losses = {method: cross_entropy(model, blocks, 8).loss for method, model in models.items()}
     assert np.isfinite(losses["awq"]) and losses["awq"] < losses["rtn"] * 1.01
 
     # llm-compressor's own (folded) model, quantized the same way in this process
@@ -224,7 +259,7 @@ def test_awq_is_stored_in_the_checkpoints_basis_on_its_grid_and_beats_rtn(tmp_pa
     keys = list(folded.state_dict())
     with _no_pinned_memory_without_cuda():
         oneshot(model=folded, recipe=[AWQModifier(n_grid=10), QuantizationModifier(
-            config_groups=engine.weight_scheme(spec_of("awq-w4g16", "awq")), ignore=["lm_head"])],
+            config_groups=engine.weight_scheme(AWQ_SPEC), ignore=["lm_head"])],
             **engine.calibration_kwargs(trained_checkpoint, calibration))
     # the folded model's own tensors (smoothed norms included), its quantized weights fake-quantized
     from qtraj.methods.base import quantized_matrices
@@ -247,13 +282,9 @@ def test_awq_is_stored_in_the_checkpoints_basis_on_its_grid_and_beats_rtn(tmp_pa
         assert levels <= 16, name
 
 
-def spec_of(name, method):
-    return QuantSpec(name=name, method=method, bits=4, group_size=16, symmetric=False)
-
-
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_fake_quant_model_scores_like_the_engines_own_packed_model(tmp_path, trained_checkpoint, calibration_file,
-                                                                   token_stream, method):
+def test_fake_quant_model_scores_like_the_engines_own_packed_model(request, tmp_path, trained_checkpoint,
+                                                                   calibration_file, token_stream, method):
     """The in-memory dequantized model gives the loss of llm-compressor's own packed model, saved on request
     (`packed_models`) with a model card and loaded back by transformers through compressed-tensors. AWQ's packed
     model keeps llm-compressor's smoothed basis; qtraj's is in the checkpoint's basis: the same function.
@@ -262,13 +293,16 @@ def test_fake_quant_model_scores_like_the_engines_own_packed_model(tmp_path, tra
     """
     from transformers import AutoModelForCausalLM
 
-    spec = QuantSpec(name=f"{method}-w4g16", method=method, bits=4, group_size=16, symmetric=method == "gptq",
-                     options={"n_grid": 10} if method == "awq" else {})
-    model, _ = quantize(trained_checkpoint, spec, calibration_file, packed_dir=tmp_path / "packed")
-    native = AutoModelForCausalLM.from_pretrained(str(tmp_path / "packed"), dtype=torch.float32).eval()
+    if method == "awq":
+        model, packed = request.getfixturevalue("awq_quantized")
+    else:
+        spec = QuantSpec(name=f"{method}-w4g16", method=method, bits=4, group_size=16)
+        packed = tmp_path / "packed"
+        model, _ = quantize(trained_checkpoint, spec, calibration_file, packed_dir=packed)
+    native = AutoModelForCausalLM.from_pretrained(str(packed), dtype=torch.float32).eval()
     assert "quantization_config" in native.config.to_dict()
-    assert f"quantized with `{method}-w4g16`" in (tmp_path / "packed" / "README.md").read_text()
-    assert (tmp_path / "packed" / "tokenizer.json").is_file()
+    assert f"quantized with `{method}-w4g16`" in (packed / "README.md").read_text()
+    assert (packed / "tokenizer.json").is_file()
     blocks = token_blocks(token_stream, 65, 16)
     assert cross_entropy(model, blocks, 8).loss == pytest.approx(cross_entropy(native, blocks, 8).loss, rel=1e-5)
 
@@ -344,3 +378,41 @@ def test_gptqmodel_leaves_the_hugging_face_caches_alone():
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS"))}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def reference_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
+    """Round-to-nearest by hand, on compressed-tensors' integer grid: per group of `group_size` input features (or
+    per output channel) the range [min(w, 0), max(w, 0)] sets the scale, symmetric: absmax / ((2^bits - 1) / 2)
+    with levels -2^(bits-1) .. 2^(bits-1) - 1, asymmetric: (max - min) / (2^bits - 1) with an integer zero point;
+    each weight is rounded to its level, clamped, and mapped back."""
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, -1, group_size or columns)
+    low = groups.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = groups.amax(dim=-1, keepdim=True).clamp(min=0)
+    level_min, level_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if symmetric:
+        scale = torch.maximum(low.abs(), high) / ((level_max - level_min) / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (high - low) / (level_max - level_min)
+        zero = torch.round(level_min - low / scale).clamp(level_min, level_max)
+    levels = torch.round(groups / scale + zero).clamp(level_min, level_max)
+    return ((levels - zero) * scale).reshape(rows, columns)
+
+
+RTN_GRIDS = [(4, 16, True), (3, 32, False), (4, 64, False), (3, None, True)]
+
+
+@pytest.mark.parametrize(("bits", "group_size", "symmetric"), RTN_GRIDS)
+def test_rtn_equals_a_hand_written_round_to_nearest_bit_for_bit(trained_checkpoint, bits, group_size, symmetric):
+    """Every quantized matrix is the reference RTN of the checkpoint's weight, bit for bit, at each group size
+    (another group size, a symmetric grid for an asymmetric one, or another scale would each change some weight);
+    the grid test above only counts levels, which a coarser grid also passes."""
+    spec = QuantSpec(name="rtn", method="rtn", bits=bits, group_size=group_size, symmetric=symmetric)
+    model, _ = quantize(trained_checkpoint, spec)
+    original = linear_weights(trained_checkpoint)
+    quantized_weights = linear_weights(model)
+    assert quantized_weights.keys() == original.keys() and len(original) == 2 * 7
+    for name, weight in original.items():
+        expected = reference_rtn(weight.float(), bits, group_size, symmetric)
+        assert torch.equal(quantized_weights[name], expected), name

@@ -149,3 +149,75 @@ def test_accuracy_summary_has_no_standard_error_when_a_task_lacks_one(tmp_path):
                        directory)
     assert summary["mean_abs_drop"] == pytest.approx((0.05 + 0.04) / 2)
     assert summary["mean_abs_drop_stderr"] is None and summary["mean_rel_drop_stderr"] is None
+
+
+def test_a_write_killed_midway_leaves_the_old_file_whole_and_no_temporary(tmp_path, monkeypatch):
+    """A job killed while writing its result (here: the Parquet writer fails after half a file) leaves the previous
+    result readable, byte for byte, and nothing else in the folder."""
+    import pyarrow.parquet
+
+    path = tmp_path / "evals" / "result.parquet"
+    results.write_rows([quantized_row(loss_q=2.2)], results.QUANTIZED_EVAL_SCHEMA, path)
+    before = path.read_bytes()
+    real_write = pyarrow.parquet.write_table
+
+    def killed_midway(table, where, **kwargs):
+        real_write(table, where, **kwargs)
+        with open(where, "r+b") as handle:  # what a kill leaves: the first half of the file
+            handle.truncate(len(before) // 2)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(pyarrow.parquet, "write_table", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        results.write_rows([quantized_row(loss_q=9.9)], results.QUANTIZED_EVAL_SCHEMA, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and pq.read_table(path).column("loss_q").to_pylist() == [2.2]
+    assert [item.name for item in path.parent.iterdir()] == ["result.parquet"]
+
+
+def test_the_aggregate_sorts_every_table_by_its_keys(tmp_path):
+    """Row order in the dataset comes from the table's sort keys, never from file names or the order rows were
+    written: files here hold rows in reverse order and are named against it."""
+    import pyarrow as pa
+
+    def value(field, rank):
+        if pa.types.is_string(field.type):
+            return f"{field.name}-{rank}"
+        return rank if pa.types.is_integer(field.type) else float(rank + 1)
+
+    for name, table in results.TABLES.items():
+        required = [field for field in table.schema if not field.nullable or field.name in table.finite]
+        keys = [table.schema.field(key) for key in table.sort_keys]
+        # every combination of two values per key, written backwards over two files whose names sort the other way
+        combos = [tuple((rank >> shift) & 1 for shift in reversed(range(len(keys)))) for rank in range(2 ** len(keys))]
+        rows = [{**{field.name: value(field, 0) for field in required},
+                 **{field.name: value(field, bit) for field, bit in zip(keys, combo, strict=True)}}
+                for combo in reversed(combos)]
+        half = len(rows) // 2
+        folder = tmp_path / name
+        for file_name, part in (("b.parquet", rows[half:]), ("a.parquet", rows[:half])):
+            results.write_rows(part, table.schema, folder / file_name)
+        results.aggregate({name: [str(folder / "b.parquet"), str(folder / "a.parquet")]}, tmp_path / "dataset")
+        written = pq.read_table(tmp_path / "dataset" / f"{name}.parquet")
+        order = list(zip(*(written.column(key).to_pylist() for key in table.sort_keys), strict=True))
+        assert order == [tuple(value(field, bit) for field, bit in zip(keys, combo, strict=True))
+                         for combo in combos], name
+
+
+@pytest.mark.parametrize(("sql", "kind"), [
+    ("EXPLAIN SELECT 1", "SELECT"),
+    ("EXPLAIN ANALYZE CREATE TABLE x AS SELECT 1", "CREATE"),
+    ("-- a comment\n/* and another */ explain analyse INSERT INTO results SELECT * FROM results", "INSERT"),
+    ("EXPLAIN (FORMAT json) COPY results TO 'out.csv'", "COPY"),
+])
+def test_the_statement_filter_looks_through_explain(results_dir, sql, kind):
+    """EXPLAIN ANALYZE runs what it explains: the filter judges the explained statement (the read-only connection
+    would refuse a write anyway; this layer names it first)."""
+    from qtraj.query import _statement_kind
+
+    connection = connect(results_dir)
+    [statement] = connection.extract_statements(sql)
+    assert _statement_kind(connection, statement).name == kind
+    if kind != "SELECT":
+        with pytest.raises(QueryError, match=f"read-only statements .*; got {kind}"):
+            run_query(connection, sql)

@@ -1,9 +1,10 @@
-"""The Slurm profile against a real Slurm cluster started on this machine (needs root and Debian's packages).
+"""The Slurm profile: its refusal to submit with its variables unset (every run, Slurm's commands stubbed), and a
+real Slurm cluster started on this machine (needs root and Debian's packages).
 
-Run with `make test-slurm` (`.ci/run` does): starts munged, MariaDB, slurmdbd, slurmctld and slurmd with a fake
-GPU (tests/slurm/local-slurm.sh), runs a small qtraj workflow through `snakemake --profile profiles/slurm`, checks
-that its jobs went through Slurm (sacct), that the results equal a local run's, and that a rerun submits nothing;
-then stops exactly the daemons it started, by PID.
+The real cluster runs with `make test-slurm` (`.ci/run` does): starts munged, MariaDB, slurmdbd, slurmctld and
+slurmd with a fake GPU (tests/slurm/local-slurm.sh), runs a small qtraj workflow through `snakemake --profile
+profiles/slurm`, checks that its jobs went through Slurm (sacct), that the results equal a local run's, and that a
+rerun submits nothing; then stops exactly the daemons it started, by PID.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 from tests.test_workflow import SNAKEMAKE
-
-pytestmark = pytest.mark.slurm
 
 SCRIPTS = REPO_ROOT / "tests" / "slurm"
 ACCOUNT = "qtraj-test"
@@ -68,6 +67,35 @@ def comparable(results_dir: Path) -> list[tuple]:
                    round(row["loss_q"], 9)) for row in rows)
 
 
+SLURM_COMMANDS = ("sbatch", "scontrol", "squeue", "sacct", "sacctmgr", "sinfo", "scancel", "srun")
+
+
+def test_the_profile_submits_nothing_with_its_variables_unset(tmp_path, small_corpus):
+    """The onstart check itself, through Snakemake and the Slurm plugin: with QTRAJ_SLURM_PARTITION and
+    QTRAJ_SLURM_ACCOUNT unset, a real run (onstart does not run in a dry run) stops before the first submission,
+    naming both, and creates no results folder. Slurm's commands are stubs that fail and record each call, so the
+    test never reaches a cluster (nor waits on an absent controller, as the real `scontrol` does for ~10 s)."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "slurm-calls.txt"
+    for command in SLURM_COMMANDS:
+        (stubs / command).write_text(f'#!/bin/sh\necho "{command} $*" >> {calls}\necho "no Slurm here" >&2\nexit 1\n')
+        (stubs / command).chmod(0o755)
+    config = small_config(tmp_path / "config.yaml", small_corpus, tmp_path / "results")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("QTRAJ_SLURM_")}
+    env["PATH"] = f"{stubs}{os.pathsep}{env.get('PATH', '')}"
+    result = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(config),
+                             "--profile", str(REPO_ROOT / "profiles" / "slurm")],
+                            # seconds when the check works; without it the plugin waits on the stubs for good
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert "profiles/slurm needs QTRAJ_SLURM_ACCOUNT, QTRAJ_SLURM_PARTITION set" in result.stderr, result.stderr[-3000:]
+    assert "Nothing was submitted" in result.stderr
+    assert "sbatch" not in (calls.read_text() if calls.exists() else "")
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slurm
 def test_the_slurm_profile_runs_the_workflow_through_slurm(local_slurm, tmp_path, small_corpus):
     profile = ["--profile", str(REPO_ROOT / "profiles" / "slurm"),
                # test-only: check job status every 2 s instead of the plugin's default 40 s
