@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 STAMP := $(VENV)/.qtraj-installed
 
-.PHONY: setup run test test-slow test-slurm lint dry-run report real-smollm2 real-gemma3 clean
+.PHONY: setup run test test-slow test-slurm mutants lint dry-run report real-smollm2 real-gemma3 clean
 
 setup: $(STAMP)
 
@@ -55,5 +55,21 @@ test-slow: setup
 test-slurm: setup
 	$(BIN)/pytest -m slurm tests/test_slurm.py
 
+# Mutation testing (not part of `make test`; 12-25 min on 2 cores): named one-line mutations of the core, each
+# applied alone to a temporary copy of the repository, and the tests that should catch it run there; survivors are
+# reported (docs/tests.md, "Mutation testing"). `$(BIN)/python tests/mutants.py --list` names them.
+mutants: setup
+	$(BIN)/python tests/mutants.py
+
 clean:
 	rm -rf results .snakemake
+
+# The GPU check (docs/gpu-check.md): prepare its folder gpu-check/ here (PyPI, ~20 min on 2 cores; PYTHON312=<a
+# Python 3.12> builds the one compiled wheel PyPI lacks for the device), run it on a GPU machine with
+# `python3 bench/gpu_check.py run --out DIR`; `make gpu-check` runs it here, on CPU at its smaller size.
+.PHONY: gpu-check-prepare gpu-check
+gpu-check-prepare: setup
+	$(BIN)/python bench/gpu_check.py prepare $(if $(PYTHON312),--python312 $(PYTHON312))
+
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py run

@@ -254,7 +254,7 @@ def next_token_loss_sum(model: torch.nn.Module, batch: torch.Tensor, split_head:
         classes = model.get_output_embeddings().out_features
         logits_of = lambda rows: head_logits(model, positions[rows])  # noqa: E731 - one line, used once below
     else:
-        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+        logits = model(input_ids=batch[:, :-1]).logits  # any module with .logits: no keyword it may not take
         classes = logits.shape[-1]
         flat = logits.reshape(-1, classes)
         logits_of = lambda rows: flat[rows]  # noqa: E731
