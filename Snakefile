@@ -25,10 +25,14 @@ JOB_SERVER = []  # the running job server, if onstart started one
 
 include: "rules/common.smk"
 include: "rules/data.smk"
-include: "rules/train.smk"
-include: "rules/hub.smk"
-include: "rules/local.smk"
-include: "rules/average.smk"
+
+
+# the rules that make each source's checkpoint folders (qtraj.sources: runs, families, folders, cooldowns, ...)
+for _rules in source_rule_files():
+
+    include: _rules
+
+
 include: "rules/quantize.smk"
 include: "rules/evaluate.smk"
 include: "rules/results.smk"

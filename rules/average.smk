@@ -8,11 +8,11 @@ rule average_checkpoints:
     output:
         directory(f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}"),
     log:
-        f"{LOGS}/average_checkpoints/{{run}}/{{checkpoint}}.log",
+        kind_log("average_checkpoints"),
     benchmark:
         f"{RESULTS}/benchmarks/average_checkpoints/{{run}}/{{checkpoint}}.tsv"
     wildcard_constraints:
-        run=AVERAGE_PATTERN,
+        run=trajectories_of("averages"),
     conda:
         "../envs/qtraj.yaml"
     params:

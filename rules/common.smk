@@ -2,20 +2,13 @@
 import os
 import re
 import sys
-from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
 from qtraj.config import (
-    branch_steps,
-    checkpoint_steps,
-    cooldown_branches,
-    averaging_plan_of,
-    checkpoints_of,
     data_settings,
     data_source,
     is_external,
-    measures_sharpness,
     quant_spec,
     read_yaml,
     run_settings,
@@ -25,10 +18,14 @@ from qtraj.config import (
     validation_text,
 )
 from qtraj.checkpoints import checkpoint_name
-from qtraj.families import checkpoint_source, configured_family, selected_revisions
-from qtraj.local import local_revision_of, selected_checkpoints
-from qtraj.plan import step_resources
-from qtraj.results import DATASET_MANIFEST, TABLES, dataset_file, per_job_file
+from qtraj.corpus import MEASURED_SPLITS, SPLITS
+from qtraj.jobs import JOB_KINDS, RESOURCE_KEYS
+from qtraj.plan import per_job_paths, planned_jobs, step_resources
+from qtraj.results import DATASET_MANIFEST, TABLES, dataset_file
+from qtraj.sources import source_of, sources
+from qtraj.sources.averages import averaging_plan_of
+from qtraj.sources.cooldowns import cooldown_branches
+from qtraj.sources.trained import branch_steps, checkpoint_steps
 
 # Snakemake reads --configfile itself and keeps the last of duplicate keys; read each again, strictly.
 for configfile_path in workflow.configfiles:
@@ -37,12 +34,10 @@ validate_config(config)
 
 RESULTS = config["results_dir"]
 LOGS = f"{RESULTS}/logs"
-RUNS = list(config["runs"])  # trained here
-FAMILIES = list(config["families"])  # from the hub
-LOCAL = list(config["local"])  # checkpoint folders on disk
+SOURCES = sources(config)  # one per kind of trajectory (qtraj.sources), in trajectory order
 TRAJECTORIES = trajectories(config)
 QUANTIZATIONS = list(config["quantizations"])
-SPLITS = ["train", "validation", "calibration"]
+PLANNED_JOBS = planned_jobs(config)  # the sized jobs (qtraj.plan): their per-job files are the durable record
 
 
 def alternatives(names):
@@ -50,10 +45,24 @@ def alternatives(names):
     return "|".join(re.escape(name) for name in names) or "(?!)"
 
 
-FAMILY_PATTERN = alternatives(FAMILIES)
-LOCAL_PATTERN = alternatives(LOCAL)
-AVERAGE_PATTERN = alternatives(config["averages"])
-COOLDOWN_PATTERN = alternatives(config["cooldowns"])
+SOURCE_NAMES = {source.key: source.names() for source in SOURCES}  # config key -> its trajectories
+
+
+def trajectories_of(key):
+    """A wildcard constraint: the trajectories of the source with config key `key` (qtraj.sources)."""
+    return alternatives(SOURCE_NAMES[key])
+
+
+def source_rule_files():
+    """Each source's rules file (a name in rules/, or a plugin's path), once, in trajectory order."""
+    files = [
+        source.rules if os.path.isabs(source.rules) else f"rules/{source.rules}" for source in SOURCES if source.rules
+    ]
+    return list(dict.fromkeys(files))
+
+
+# the trajectories whose checkpoints are folders on disk: rules/local.smk links them (qtraj.sources.folder)
+FOLDER_PATTERN = alternatives(name for source in SOURCES if source.links_folders for name in source.names())
 
 
 wildcard_constraints:
@@ -61,6 +70,27 @@ wildcard_constraints:
     checkpoint=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     quantization=alternatives(QUANTIZATIONS),
     split="|".join(SPLITS),
+
+
+def kind_outputs(kind, **fixed):
+    """Output name -> per-job file of a job of `kind` (qtraj.jobs.JOB_KINDS); `fixed`: wildcards the rule fixes
+    (a training rule's run)."""
+    return {
+        name: f"{RESULTS}/{pattern}".format(**fixed) if fixed else f"{RESULTS}/{pattern}"
+        for name, pattern in JOB_KINDS[kind].output_patterns().items()
+    }
+
+
+def kind_log(kind, **fixed):
+    """The log of a job of `kind` (qtraj.jobs.JOB_KINDS), where `qtraj status` looks for it."""
+    pattern = f"{RESULTS}/{JOB_KINDS[kind].log_pattern()}"
+    return pattern.format(**fixed) if fixed else pattern
+
+
+def kind_resources(kind, run=None):
+    """The `resources:` of the job kind `kind`, what `qtraj plan` reports for its jobs (qtraj.plan); `run` for the
+    rules without a run wildcard."""
+    return {key: resource(JOB_KINDS[kind].step, key, run) for key in RESOURCE_KEYS}
 
 
 def tokens_file(split):
@@ -128,8 +158,8 @@ def resource(step, key, run=None):
 
 def averaged_sources(wildcards):
     """Input function: the checkpoint folders an averaged checkpoint is made of."""
-    sources, _ = averaging_plan_of(config, wildcards.run)[wildcards.checkpoint]
-    return [f"{RESULTS}/checkpoints/{run}/{checkpoint}" for run, checkpoint in sources]
+    ingredients, _ = averaging_plan_of(config, wildcards.run)[wildcards.checkpoint]
+    return [f"{RESULTS}/checkpoints/{run}/{checkpoint}" for run, checkpoint in ingredients]
 
 
 def averaged_weights(wildcards):
@@ -142,17 +172,14 @@ def downloaded_checkpoint(path):
     return folder if config["hub_data"]["keep_checkpoints"] else temp(folder)
 
 
-def tokenizer_source(family_slug):
-    """Where a family's tokenizer comes from: the repo the family file names, else (revision None) the first
-    selected revision's own, which the job looks up itself (`steps.download_tokenizer`), so that selecting other
-    revisions never changes these params and reruns the family."""
-    family = configured_family(config, family_slug)
-    source = family["tokenizer"] or {"repo": family["repo"], "revision": None}
-    return {
-        **source,
-        "trust_remote_code": family["trust_remote_code"],
-        "gated": family["gated"],
-    }
+def family_download(wildcards):
+    """Params function: what one revision's download job needs (qtraj.sources.families)."""
+    return source_of(config, wildcards.run).download_params(wildcards.run, wildcards.checkpoint)
+
+
+def family_tokenizer(wildcards):
+    """Params function: where a family's tokenizer comes from (qtraj.sources.families)."""
+    return source_of(config, wildcards.run).tokenizer_params(wildcards.run)
 
 
 def training_settings(run):
@@ -160,23 +187,20 @@ def training_settings(run):
     return {**run_settings(config, run), "model": config["model"]}
 
 
-def local_checkpoint(wildcards):
-    """Input function: the folder on disk a local trajectory's checkpoint is read from."""
-    return f"{config['local'][wildcards.run]['path']}/{wildcards.checkpoint}"
+def folder_checkpoint(wildcards):
+    """Input function: the folder on disk a checkpoint of a folder source is read from (qtraj.sources.folder)."""
+    return source_of(config, wildcards.run).checkpoint_folder(wildcards.run, wildcards.checkpoint)
 
 
-def local_checkpoint_facts(wildcards):
-    """Params function: what the link job records about a local checkpoint (its step, tokens, LR, phase; the
-    folder's path is filled in by the job, so moving the data never reruns anything)."""
-    from dataclasses import asdict
+def folder_checkpoint_facts(wildcards):
+    """Params function: what the link job records about a checkpoint (its step, tokens, LR, phase; the folder's
+    path is filled in by the job, so moving the data never reruns anything)."""
+    return source_of(config, wildcards.run).checkpoint_facts(wildcards.run, wildcards.checkpoint)
 
-    from qtraj.local import checkpoint_info
 
-    entry = config["local"][wildcards.run]
-    revision = local_revision_of(config, wildcards.run, wildcards.checkpoint)
-    return {
-        key: value for key, value in asdict(checkpoint_info(wildcards.run, entry, revision)).items() if key != "path"
-    }
+def folder_link_setting(key):
+    """Params function: `allow_pickle` or `allow_external_links` of a folder source's trajectory."""
+    return lambda wildcards: source_of(config, wildcards.run).link_settings(wildcards.run)[key]
 
 
 def fingerprint_cache():
@@ -188,24 +212,19 @@ def fingerprint_cache():
     return f"{RESULTS}/{CACHE_FILE}" if owned else None
 
 
-def local_checkpoint_fingerprint(wildcards):
-    """Params function: the content of the files a local checkpoint contributes (qtraj.fingerprint), so that
+def folder_fingerprint(wildcards):
+    """Params function: the content of the files a checkpoint folder contributes (qtraj.fingerprint), so that
     weights overwritten in place rerun exactly this checkpoint's jobs. None for a folder a rule of this workflow
     makes (a converted GGUF model: its own job reruns on a change) or one not there yet."""
     from qtraj.fingerprint import fingerprint
-    from qtraj.local import external_link_target, linked_files
 
-    entry = config["local"][wildcards.run]
-    folder = f"{entry['path']}/{wildcards.checkpoint}"
-    made_here = {os.path.abspath(f"{config['models_dir']}/{name}") for name in config["gguf_models"]}
-    if os.path.abspath(folder) in made_here or not os.path.isdir(folder):
+    source = source_of(config, wildcards.run)
+    folder = source.checkpoint_folder(wildcards.run, wildcards.checkpoint)
+    made_here = {os.path.abspath(path) for other in SOURCES for path in other.made_folders()}
+    if os.path.abspath(folder) in made_here:
         return None
-    inside = [
-        path
-        for path in linked_files(folder, entry["allow_pickle"])
-        if entry["allow_external_links"] or external_link_target(path, Path(folder)) is None
-    ]  # a link out of the folder is refused by the job, never read here
-    return fingerprint(inside, fingerprint_cache())
+    files = source.linked_files(wildcards.run, wildcards.checkpoint)  # a link out is refused by the job, not read
+    return None if files is None else fingerprint(files, fingerprint_cache())
 
 
 def gguf_file_fingerprint(wildcards):
@@ -217,11 +236,10 @@ def gguf_file_fingerprint(wildcards):
     return fingerprint([path], fingerprint_cache()) if path and os.path.isfile(path) else None
 
 
-def local_tokenizer_folder(wildcards):
-    """Input function: a local trajectory's `tokenizer` folder when its entry names one (none: the job takes the
-    first selected checkpoint's own, so that selecting other checkpoints never reruns the trajectory)."""
-    folder = config["local"][wildcards.run]["tokenizer"]
-    return [folder] if folder else []
+def folder_tokenizer(wildcards):
+    """Input function: the `tokenizer` folder a folder source's entry names (none: the job takes the first selected
+    checkpoint's own, so that selecting other checkpoints never reruns the trajectory)."""
+    return source_of(config, wildcards.run).tokenizer_input(wildcards.run)
 
 
 def checkpoint_dirs(run):
@@ -236,32 +254,10 @@ def cooldown_parent(wildcards):
     return f"{RESULTS}/checkpoints/{run}/{checkpoint_name(step)}"
 
 
-def result_file(table, index=0):
-    """A rule's output: the `index`-th per-job file pattern of result table `table` (qtraj.results.TABLES)."""
-    return f"{RESULTS}/{per_job_file(table, index)}"
-
-
 def per_job_files(table):
-    """Every per-job file of result table `table` this config makes: the aggregate's inputs and, all together, the
-    workflow's durable targets. A pattern with {quantization} has one file per quantized model, one with only
-    {checkpoint} one per checkpoint (sharpness: of the trajectories it is enabled for)."""
-    if table == "training_log":
-        return [f"{RESULTS}/{per_job_file(table, 0).format(run=run)}" for run in RUNS] + [
-            f"{RESULTS}/{per_job_file(table, 1).format(run=name, checkpoint=checkpoint)}"
-            for name in config["cooldowns"]
-            for checkpoint in cooldown_branches(config, name)
-        ]
-    runs = [run for run in TRAJECTORIES if table != "sharpness" or measures_sharpness(config, run)]
-    files = []
-    for pattern in TABLES[table].per_job:
-        quantizations = QUANTIZATIONS if "{quantization}" in pattern else [None]
-        files += [
-            f"{RESULTS}/{pattern.format(run=run, checkpoint=checkpoint, quantization=quantization)}"
-            for run in runs
-            for checkpoint in checkpoints_of(config, run)
-            for quantization in quantizations
-        ]
-    return files
+    """Every per-job file of result table `table` this config makes (the planned jobs' outputs): the aggregate's
+    inputs and, all together, the workflow's durable targets."""
+    return [f"{RESULTS}/{path}" for path in per_job_paths(PLANNED_JOBS, table)]
 
 
 def packed_model_output():
@@ -337,8 +333,9 @@ def check_ownership():
     problem = results_dir_problem(RESULTS, protected)
     if problem:
         raise WorkflowError(problem)
-    models = [f"{config['models_dir']}/{name}" for name in config["gguf_models"]]
-    declared = {f"{RESULTS}/{pattern}" for pattern in FOLDER_OUTPUTS} | {f"{config['models_dir']}/*"}
+    models = [folder for source in SOURCES for folder in source.made_folders()]
+    declared = {f"{RESULTS}/{pattern}" for pattern in FOLDER_OUTPUTS}
+    declared |= {glob for source in SOURCES for glob in source.made_folder_globs()}
     for job_kind in workflow.rules:
         for output in job_kind.output:
             pattern = re.sub(r"\{[^}]*\}", "*", str(output))
@@ -365,8 +362,9 @@ def claim_results():
 def all_targets():
     check_ownership()
     check_results_readable()
-    # averages and cooldowns have no figure of their own: they are drawn in their parent's (qtraj.plotting)
-    figures = [f"{RESULTS}/figures/{run}.png" for run in RUNS + FAMILIES + LOCAL]
+    # derived trajectories (averages, cooldowns) have no figure of their own: they are drawn in their parent's
+    # (qtraj.plotting)
+    figures = [f"{RESULTS}/figures/{run}.png" for source in SOURCES if not source.derived for run in source.names()]
     figures += [f"{RESULTS}/figures/{name}.png" for name in summary_figures(config)]
     # the headline numbers that report/workflow.rst shows first
     return per_job_results() + [dataset_manifest()] + figures + [f"{RESULTS}/science_check.txt"]

@@ -5,21 +5,16 @@ rule evaluate_fp:
         tasks=lambda wildcards: task_files(wildcards).values(),
         lm_eval_tasks=lm_eval_marker,
     output:
-        result=result_file("fp_evals"),
-        accuracy=result_file("accuracy", 0),
+        **kind_outputs("evaluate_fp"),
     log:
-        f"{LOGS}/evaluate_fp/{{run}}/{{checkpoint}}.log",
+        kind_log("evaluate_fp"),
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_fp/{{run}}/{{checkpoint}}.tsv"
     conda:
         "../envs/qtraj.yaml"
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=resource("evaluate_fp", "gpu"),
-        cpus_per_gpu=resource("evaluate_fp", "cpus_per_gpu"),
-        tasks_per_gpu=resource("evaluate_fp", "tasks_per_gpu"),
-        mem_mb=resource("evaluate_fp", "mem_mb"),
-        runtime=resource("evaluate_fp", "runtime"),
+        **kind_resources("evaluate_fp"),
     params:
         evaluation=data_setting("evaluation"),
         accuracy=data_setting("accuracy"),
@@ -33,20 +28,16 @@ rule sharpness:
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
         validation=tokens_file("validation"),
     output:
-        result_file("sharpness"),
+        **kind_outputs("sharpness"),
     log:
-        f"{LOGS}/sharpness/{{run}}/{{checkpoint}}.log",
+        kind_log("sharpness"),
     benchmark:
         f"{RESULTS}/benchmarks/sharpness/{{run}}/{{checkpoint}}.tsv"
     conda:
         "../envs/qtraj.yaml"
     threads: config["threads"]["evaluate"]
     resources:
-        gpu=resource("sharpness", "gpu"),
-        cpus_per_gpu=resource("sharpness", "cpus_per_gpu"),
-        tasks_per_gpu=resource("sharpness", "tasks_per_gpu"),
-        mem_mb=resource("sharpness", "mem_mb"),
-        runtime=resource("sharpness", "runtime"),
+        **kind_resources("sharpness"),
     params:
         settings=config["sharpness"],
     script:

@@ -9,14 +9,14 @@ rule download_checkpoint:
     output:
         downloaded_checkpoint(f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}"),
     log:
-        f"{LOGS}/download_checkpoint/{{run}}/{{checkpoint}}.log",
+        kind_log("download_checkpoint"),
     wildcard_constraints:
-        run=FAMILY_PATTERN,
+        run=trajectories_of("families"),
     localrule: True
     conda:
         "../envs/qtraj.yaml"
     params:
-        source=lambda wildcards: checkpoint_source(config, wildcards.run, wildcards.checkpoint),
+        source=family_download,
     script:
         "../scripts/download_checkpoint.py"
 
@@ -27,7 +27,7 @@ rule download_text:
     log:
         f"{LOGS}/download_text/{{split}}.log",
     wildcard_constraints:
-        split="calibration|validation",
+        split="|".join(MEASURED_SPLITS),
     localrule: True
     conda:
         "../envs/qtraj.yaml"
@@ -43,12 +43,12 @@ rule download_tokenizer:
     log:
         f"{LOGS}/download_tokenizer/{{run}}.log",
     wildcard_constraints:
-        run=FAMILY_PATTERN,
+        run=trajectories_of("families"),
     localrule: True
     conda:
         "../envs/qtraj.yaml"
     params:
-        source=lambda wildcards: tokenizer_source(wildcards.run),
+        source=family_tokenizer,
     script:
         "../scripts/download_tokenizer.py"
 
@@ -64,8 +64,8 @@ rule tokenize_family_split:
     benchmark:
         f"{RESULTS}/benchmarks/tokenize_family_split/{{run}}/{{split}}.tsv"
     wildcard_constraints:
-        run=FAMILY_PATTERN,
-        split="calibration|validation",
+        run=trajectories_of("families"),
+        split="|".join(MEASURED_SPLITS),
     conda:
         "../envs/qtraj.yaml"
     params:

@@ -3,29 +3,23 @@
 rule quantize:
     input:
         checkpoint=f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}",
-        fp_eval=result_file("fp_evals"),
+        fp_eval=kind_outputs("evaluate_fp")["result"],
         validation=tokens_file("validation"),
         calibration=tokens_file("calibration"),
         tasks=lambda wildcards: task_files(wildcards).values(),
         lm_eval_tasks=lm_eval_marker,
     output:
         **packed_model_output(),
-        result=result_file("results"),
-        layer_errors=result_file("layer_errors"),
-        accuracy=result_file("accuracy", 1),
+        **kind_outputs("quantize"),
     log:
-        f"{LOGS}/quantize/{{run}}/{{checkpoint}}/{{quantization}}.log",
+        kind_log("quantize"),
     benchmark:
         f"{RESULTS}/benchmarks/quantize/{{run}}/{{checkpoint}}/{{quantization}}.tsv"
     conda:
         "../envs/qtraj.yaml"
     threads: config["threads"]["quantize"]
     resources:
-        gpu=resource("quantize", "gpu"),
-        cpus_per_gpu=resource("quantize", "cpus_per_gpu"),
-        tasks_per_gpu=resource("quantize", "tasks_per_gpu"),
-        mem_mb=resource("quantize", "mem_mb"),
-        runtime=resource("quantize", "runtime"),
+        **kind_resources("quantize"),
     params:
         spec=lambda wildcards: quant_spec(config, wildcards.quantization),
         layer_error_rows=config["layer_errors"]["max_rows"],

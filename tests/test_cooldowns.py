@@ -8,15 +8,9 @@ import yaml
 from safetensors.torch import load_file
 
 from qtraj.checkpoints import TRAINING_STATE_FILE, read_checkpoint_info
-from qtraj.config import (
-    ConfigError,
-    averaging_plan_of,
-    checkpoints_of,
-    data_source,
-    trajectories,
-    validate_config,
-)
+from qtraj.config import ConfigError, checkpoints_of, data_source, trajectories, validate_config
 from qtraj.schedules import Schedule
+from qtraj.sources.averages import averaging_plan_of
 from qtraj.training import TrainingSpec, cool_down, train
 from tests.conftest import REPO_ROOT, TINY_MODEL
 
@@ -122,7 +116,7 @@ def test_bad_cooldowns_name_the_key(cooldown, message):
 
 
 def test_a_cooldown_named_like_a_run_is_refused():
-    with pytest.raises(ConfigError, match="cooldowns need their own name"):
+    with pytest.raises(ConfigError, match="'cosine' is both a trained run and a cooldown"):
         validate_config(_config(cosine={"from": "wsd", "at": [10], "length": 5}))
 
 

@@ -515,7 +515,7 @@ def test_a_local_checkpoint_overwritten_in_place_is_measured_again(tmp_path, sma
     save_tiny_checkpoint("LlamaForCausalLM", run / "step2", tokenizer_dir, seed=1, perturb_from=run / "step1")
     save_tiny_checkpoint("LlamaForCausalLM", tmp_path / "new", tokenizer_dir, seed=2, perturb_from=run / "step1",
                          relative_noise=0.5)
-    config = {"results_dir": str(tmp_path / "results"), "job_server": False,
+    config = {"results_dir": str(tmp_path / "results"), "job_server": True,
               "corpus": {"path": str(small_corpus), "validation_fraction": 0.1, "calibration_fraction": 0.1},
               "local": {"mine": {"path": str(run), "pattern": "step{step}"}},
               "quantizations": {"rtn-w4g32": {"method": "rtn", "bits": 4, "group_size": 32}},
@@ -594,7 +594,7 @@ INFO = CheckpointInfo(run="mine", checkpoint="step60", step=60, tokens=None, lr=
 
 
 def test_a_weights_link_out_of_the_checkpoint_folder_is_refused_naming_it(tmp_path, trained_checkpoint):
-    from qtraj.local import link_checkpoint
+    from qtraj.sources.folder import link_checkpoint
 
     folder = local_copy(trained_checkpoint, tmp_path / "run" / "step60")
     outside = tmp_path / "elsewhere" / "secret"
@@ -611,7 +611,7 @@ def test_a_weights_link_out_of_the_checkpoint_folder_is_refused_naming_it(tmp_pa
 
 def test_an_external_link_is_followed_where_the_entry_allows_it(tmp_path, trained_checkpoint):
     """A Hugging Face cache snapshot as a local checkpoint: its files link into ../../blobs."""
-    from qtraj.local import link_checkpoint
+    from qtraj.sources.folder import link_checkpoint
 
     folder = local_copy(trained_checkpoint, tmp_path / "snapshots" / "abc123")
     blob = tmp_path / "blobs" / "0123abcd"
@@ -625,7 +625,7 @@ def test_an_external_link_is_followed_where_the_entry_allows_it(tmp_path, traine
 
 
 def test_a_truncated_safetensors_file_is_refused_naming_it(tmp_path, trained_checkpoint):
-    from qtraj.local import link_checkpoint
+    from qtraj.sources.folder import link_checkpoint
 
     folder = local_copy(trained_checkpoint, tmp_path / "run" / "step60")
     weights = folder / "model.safetensors"
@@ -638,7 +638,7 @@ def test_a_truncated_safetensors_file_is_refused_naming_it(tmp_path, trained_che
 
 
 def test_a_safetensors_file_cut_inside_its_tensor_data_is_refused(tmp_path, trained_checkpoint):
-    from qtraj.local import check_safetensors_file
+    from qtraj.sources.folder import check_safetensors_file
 
     weights = tmp_path / "model.safetensors"
     data = (trained_checkpoint / "model.safetensors").read_bytes()

@@ -11,7 +11,8 @@ import pytest
 
 from qtraj.checkpoints import read_checkpoint_info
 from qtraj.config import ConfigError, checkpoints_of, validate_config
-from qtraj.local import checkpoint_info, discover_checkpoints, link_checkpoint, selected_checkpoints
+from qtraj.local import checkpoint_info, discover_checkpoints, selected_checkpoints
+from qtraj.sources.folder import link_checkpoint
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -91,6 +92,21 @@ def test_linking_reads_in_place_and_brings_no_code_or_training_state(trainer_run
     assert tree_digest(trainer_run) == before
 
 
+def test_a_folder_whose_config_asks_for_its_own_code_is_refused_and_nothing_is_linked(trainer_run, tmp_path):
+    """A local folder never runs code, whatever its config.json maps (the loader would refuse it too, later and
+    without naming the local entry)."""
+    folder = trainer_run / "checkpoint-10"
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {
+        "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}))
+    entry = local_entry(trainer_run, pattern="checkpoint-{step}")
+    info = checkpoint_info("mine", entry, discover_checkpoints("mine", entry)[0])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"checkpoint-10 needs its own Python code \(config.json has an auto_map\)"):
+        link_checkpoint(folder, out, info)
+    assert not out.exists()
+
+
 def test_a_folder_without_safetensors_is_refused_with_the_fix(trainer_run, tmp_path):
     folder = trainer_run / "checkpoint-10"
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
@@ -100,6 +116,7 @@ def test_a_folder_without_safetensors_is_refused_with_the_fix(trainer_run, tmp_p
         link_checkpoint(folder, tmp_path / "out", info)
 
 
+@pytest.mark.slow  # a minute; GPT-NeoX is in the architecture matrix, a local run in test_faults' overwrite test
 def test_a_local_run_of_another_architecture_goes_through_the_workflow(tmp_path, small_corpus, tokenizer_dir):
     """A Pythia-shaped (GPT-NeoX: biased, fused qkv, `embed_out` head) run saved by an HF-Trainer-like loop,
     evaluated in place; adding a checkpoint later computes only its jobs."""

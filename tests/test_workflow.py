@@ -111,7 +111,8 @@ def test_experiment_configs_hold_their_grids(tmp_path, experiment, checkpoints):
 # the two whose DAGs use rules the default does not: cooldown jobs, and lm-eval tasks fetched on the submit host
 @pytest.mark.parametrize(("experiment", "expected"), [
     ("cooldowns", {"train_constant": 1, "cooldown": 5, "evaluate_fp": 8 + 5}),
-    ("lr-sweep-160m", {"train_lr3e-3": 1, "average_checkpoints": 16, "fetch_lm_eval_tasks": 1}),
+    pytest.param("lr-sweep-160m", {"train_lr3e-3": 1, "average_checkpoints": 16, "fetch_lm_eval_tasks": 1},
+                 marks=pytest.mark.slow),  # fetch_lm_eval_tasks is also planned by the paper grid's dry run
 ])
 def test_experiment_configs_plan_their_jobs(tmp_path, experiment, expected):
     config = experiment_config(experiment, tmp_path)
@@ -324,6 +325,7 @@ def test_second_run_does_nothing_even_with_the_keys_reordered(tiny_run):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # a minute; only-new-jobs is also guarded fast by test_hub_workflow's added family file
 def test_adding_a_schedule_runs_only_its_jobs(tiny_run, small_corpus):
     workdir, _, results_dir = tiny_run
     config = write_config(workdir / "config3.yaml", small_corpus, results_dir, {"linear": {"schedule": "linear"}})

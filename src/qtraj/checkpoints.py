@@ -29,13 +29,16 @@ WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.j
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    run: str  # a trained run or a hub family
+    """What every result row says about its checkpoint: its fields are the checkpoint columns of every table
+    (qtraj.results.CHECKPOINT_FIELDS types them from these annotations; a field is only ever added)."""
+
+    run: str  # the trajectory (qtraj.sources)
     checkpoint: str  # step000800 for trained runs, the revision name for hub checkpoints
     step: int | None  # None where a revision does not say (e.g. a final `main` soup)
     tokens: int | None
     lr: float | None
     phase: str | None  # warmup / stable / decay / anneal / post-training; None where no schedule is known
-    source: str  # "trained", "cooldown", "averaged", "hub" or "local"
+    source: str  # its source's `column`: "trained", "cooldown", "averaged", "hub", "local" or a plugin source's
     repo: str | None = None  # hub checkpoints: repo id, revision and the commit it resolved to
     revision: str | None = None
     commit: str | None = None

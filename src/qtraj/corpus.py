@@ -9,6 +9,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 SPLITS = ("train", "validation", "calibration")
+# the splits a model is evaluated and calibrated on: a model from elsewhere tokenizes these with its own tokenizer,
+# and hub families take them from the hub text instead (`hub_data.<split>_text`)
+MEASURED_SPLITS = ("validation", "calibration")
 
 
 def read_documents(path: str | Path) -> list[dict]:

@@ -13,20 +13,14 @@ import io
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator
-from fnmatch import fnmatch
 from pathlib import Path
 
-from qtraj.checkpoints import REMOTE_CODE_MARKER, CheckpointInfo, write_checkpoint_info
+from qtraj.checkpoints import REMOTE_CODE_MARKER, CheckpointInfo
 from qtraj.families import Revision, revision_lr_and_phase
+from qtraj.sources.folder import TOKENIZER_MARKERS, allowed_files, build_checkpoint_folder, file_patterns
 
 log = logging.getLogger(__name__)
-
-# What a checkpoint folder needs: safetensors weights (and their index), configs, tokenizer files.
-CHECKPOINT_FILES = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]
-PICKLE_FILES = ["pytorch_model*.bin"]
-REMOTE_CODE_FILES = ["*.py"]
 
 
 class HubError(RuntimeError):
@@ -106,10 +100,10 @@ def _cached_files(repo: str, ref: str) -> set[str] | None:
 
 
 def _file_patterns(family: dict, pickle: bool) -> list[str]:
-    """The files of a checkpoint qtraj takes: weights, configs, tokenizer; remote code and pickle weights only
-    where the family allows them (and, for pickle, only where `pickle` asks for them)."""
-    patterns = list(CHECKPOINT_FILES) + (REMOTE_CODE_FILES if family["trust_remote_code"] else [])
-    return patterns + (PICKLE_FILES if pickle and family["allow_pickle"] else [])
+    """The files of a checkpoint qtraj takes (qtraj.sources.folder, as for every source that links files): weights,
+    configs, tokenizer; remote code and pickle weights only where the family allows them (and, for pickle, only where
+    `pickle` asks for them)."""
+    return file_patterns(pickle and family["allow_pickle"], family["trust_remote_code"])
 
 
 def _weight_patterns(repo: str, ref: str, family: dict, token: str | None) -> list[str]:
@@ -126,10 +120,6 @@ def _weight_patterns(repo: str, ref: str, family: dict, token: str | None) -> li
         raise HubError(f"revision {ref!r} of {repo} has only pickle weights (.bin), which can run arbitrary code "
                        "when loaded; qtraj refuses them unless the family file sets `allow_pickle: true`")
     raise HubError(f"revision {ref!r} of {repo} holds no model weights (files: {', '.join(files[:10])})")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 def download_checkpoint(slug: str, family: dict, revision: Revision, out_dir: str | Path,
@@ -152,29 +142,22 @@ def download_checkpoint(slug: str, family: dict, revision: Revision, out_dir: st
     snapshot = _cached_snapshot(repo, ref, _file_patterns(family, pickle=True))
     if snapshot is not None:
         commit = snapshot.name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        patterns = _file_patterns(family, pickle=True)
-        for item in snapshot.iterdir():  # links into the cache: nothing is copied, the cache stays intact
-            # only what a download would fetch: a cached snapshot must not bring files the family did not allow
-            if any(fnmatch(item.name, pattern) for pattern in patterns) and not item.name.startswith("qtraj_"):
-                (out_dir / item.name).symlink_to(item.resolve())
+        # links into the cache: nothing is copied, the cache stays intact; only what a download would fetch, so that
+        # a cached snapshot brings no file the family did not allow
+        files = allowed_files(snapshot, family["allow_pickle"], family["trust_remote_code"])
         log.info("%s@%s: linked from the local hub cache (commit %s)", repo, ref, commit)
     else:
         commit = _download(repo, ref, family, out_dir)
-    if not family["allow_pickle"] and not any(out_dir.glob("*.safetensors")):
+        files = []
+    if not family["allow_pickle"] and not any(item.suffix == ".safetensors" for item in files) and not any(
+            out_dir.glob("*.safetensors")):
         raise HubError(f"revision {ref!r} of {repo} in the local hub cache has only pickle weights; set "
                        "`allow_pickle: true` in the family file if you trust it")
-    if tokenizer_dir is not None and not any((out_dir / name).exists() for name in TOKENIZER_FILES[:2]):
-        for name in TOKENIZER_FILES:
-            # never over an existing entry, even a dangling link: a linked one points into the shared hub cache
-            if (Path(tokenizer_dir) / name).is_file() and not os.path.lexists(out_dir / name):
-                shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
-    if family["trust_remote_code"]:
-        (out_dir / REMOTE_CODE_MARKER).write_text(f"{repo}@{commit}\n")
     lr, phase = lr_and_phase if lr_and_phase is not None else revision_lr_and_phase(family, revision)
     info = CheckpointInfo(run=slug, checkpoint=revision.revision, step=revision.step, tokens=revision.tokens,
                           lr=lr, phase=phase, source="hub", repo=repo, revision=revision.revision, commit=commit)
-    write_checkpoint_info(out_dir, info)
+    build_checkpoint_folder(out_dir, files, info, tokenizer_dir,
+                            f"{repo}@{commit}" if family["trust_remote_code"] else None)
     return info
 
 
@@ -212,7 +195,7 @@ def download_tokenizer(repo: str, revision: str, out_dir: str | Path, trust_remo
         raise HubError(f"{repo} needs trust_remote_code, so its tokenizer must come from a pinned commit: set "
                        f"`tokenizer: {{repo: {repo}, revision: <40-hex sha>}}` in the family file")
     cached = _cached_files(repo, revision) if _offline() else None
-    if cached is not None and not any(name in cached for name in TOKENIZER_FILES[:2] + ("tokenizer.model",)):
+    if cached is not None and not any(name in cached for name in (*TOKENIZER_MARKERS, "tokenizer.model")):
         # offline, transformers would report this as "not in the cache", which sends users looking for a download
         raise HubError(f"revision {revision!r} of {repo} is in the local hub cache but has no tokenizer files "
                        f"({', '.join(sorted(cached)[:8])}); set `tokenizer: {{repo: ..., revision: ...}}` in the "

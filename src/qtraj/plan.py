@@ -1,74 +1,28 @@
-"""What a config asks for: its sized jobs (train, cooldown, evaluate_fp, sharpness, quantize), the per-job files and
-logs each one writes, and the GPU-hours they request from a cluster (`qtraj plan`, `qtraj status`).
+"""What a config asks for: its sized jobs (qtraj.jobs.SIZED_KINDS: train, cooldown, evaluate_fp, sharpness, quantize),
+the per-job files and logs each one writes, and the GPU-hours they request from a cluster (`qtraj plan`,
+`qtraj status`).
 
-Jobs are sized by `step_resources` (qtraj.resources.job_resources on the trajectory's model), which the rules'
-`resource` (rules/common.smk) calls too. The runtimes are the requested limits, so GPU-hours here are an upper
-bound, not a forecast. Downloads, data preparation, averaging, aggregation and figures ask for no GPU and are not
-counted.
+Jobs are sized by `step_resources` (qtraj.resources.job_resources on the trajectory's model, as its source gives it:
+qtraj.sources), which the rules' `resources:` (rules/common.smk) call too. The runtimes are the requested limits, so
+GPU-hours here are an upper bound, not a forecast. Downloads, data preparation, averaging, aggregation and figures
+ask for no GPU and are not counted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qtraj.config import (
-    checkpoints_of,
-    cooldown_branches,
-    data_settings,
-    data_source,
-    is_family,
-    is_local,
-    measures_sharpness,
-    trajectories,
-)
-from qtraj.resources import (
-    ModelShape,
-    cpu_job_resources,
-    estimated_shape,
-    job_resources,
-    llama_parameters,
-    shape_of_hf_config,
-    working_memory_gb,
-)
-from qtraj.results import per_job_file
+from qtraj.config import data_settings, data_source, measures_sharpness
+from qtraj.jobs import JOB_KINDS, SIZED_KINDS, Job
+from qtraj.resources import ModelShape, cpu_job_resources, job_resources, working_memory_gb
+from qtraj.sources import source_of, sources
 from qtraj.texttable import text_table
 
-# Rule -> the per-job files it writes: (table of qtraj.results.TABLES, index of its per-job pattern).
-RULE_OUTPUTS: dict[str, tuple[tuple[str, int], ...]] = {
-    "train": (("training_log", 0),),
-    "cooldown": (("training_log", 1),),
-    "evaluate_fp": (("fp_evals", 0), ("accuracy", 0)),
-    "sharpness": (("sharpness", 0),),
-    "quantize": (("results", 0), ("layer_errors", 0), ("accuracy", 1)),
-}
-# Rule -> the step of qtraj.resources that sizes it (a cooldown is training).
-RULE_STEP = {"train": "train", "cooldown": "train", "evaluate_fp": "evaluate_fp", "sharpness": "sharpness",
-             "quantize": "quantize"}
+__all__ = ["JOB_KINDS", "RULE_STEP", "Job", "checkpoint_jobs", "per_job_paths", "plan", "planned_jobs",
+           "render_plan", "step_resources", "totals_by_rule"]
 
-
-@dataclass(frozen=True)
-class Job:
-    """One sized job of the workflow. `checkpoint` None: a training job, which saves all its run's checkpoints."""
-
-    rule: str
-    run: str
-    checkpoint: str | None = None
-    quantization: str | None = None
-
-    def outputs(self) -> list[str]:
-        """Its per-job Parquet files, relative to the results directory."""
-        fields = {"run": self.run, "checkpoint": self.checkpoint, "quantization": self.quantization}
-        return [per_job_file(table, index).format(**fields) for table, index in RULE_OUTPUTS[self.rule]]
-
-    def log(self) -> str:
-        """Its log, relative to the results directory (the rules' `logs/<rule>/<wildcards>.log`)."""
-        return job_log(self.rule, self.run, self.checkpoint, self.quantization)
-
-
-def job_log(rule: str, run: str, checkpoint: str | None = None, quantization: str | None = None) -> str:
-    """The log of a job of `rule`, relative to the results directory, in the layout every rule's `log:` follows:
-    `logs/<rule>/<run>[/<checkpoint>][/<quantization>].log`."""
-    return "/".join(["logs", rule, *(part for part in (run, checkpoint, quantization) if part is not None)]) + ".log"
+# Rule -> the step of qtraj.resources that sizes it (a cooldown is training): qtraj.jobs declares it.
+RULE_STEP = SIZED_KINDS
 
 
 def checkpoint_jobs(config: dict, run: str, checkpoint: str) -> list[Job]:
@@ -82,55 +36,41 @@ def checkpoint_jobs(config: dict, run: str, checkpoint: str) -> list[Job]:
 
 
 def planned_jobs(config: dict) -> list[Job]:
-    """Every sized job of a (validated) config, trajectory by trajectory: training, cooldown branches, then the
-    measurements of each checkpoint."""
+    """Every sized job of a (validated) config, trajectory by trajectory: the jobs that make its checkpoints
+    (training, cooldown branches), then the measurements of each checkpoint."""
     jobs = []
-    for run in trajectories(config):
-        if run in config["runs"]:
-            jobs.append(Job("train", run))
-        if run in config["cooldowns"]:
-            jobs += [Job("cooldown", run, checkpoint) for checkpoint in cooldown_branches(config, run)]
-        for checkpoint in checkpoints_of(config, run):
-            jobs += checkpoint_jobs(config, run, checkpoint)
+    for source in sources(config):
+        for run in source.names():
+            jobs += source.making_jobs(run)
+            for checkpoint in source.checkpoints(run):
+                jobs += checkpoint_jobs(config, run, checkpoint)
     return jobs
 
 
+def per_job_paths(jobs: list[Job], table: str) -> list[str]:
+    """The per-job files of result table `table` that `jobs` write (relative to the results directory), pattern by
+    pattern of the table (qtraj.results.TABLES), each in the jobs' order."""
+    found = [(index, pattern.format(**job.fields())) for job in jobs
+             for (name, index), pattern in zip(JOB_KINDS[job.rule].outputs.values(),
+                                               JOB_KINDS[job.rule].output_patterns().values(), strict=True)
+             if name == table]
+    return [path for _, path in sorted(found, key=lambda item: item[0])]
+
+
 def model_parameters(config: dict, run: str) -> float | None:
-    """The parameter count that sizes a trajectory's jobs (that of the model it comes from): a family file's, a local
-    folder's, a trained model's when `resources.trained_on_gpu`; None for micro models trained on the CPU."""
-    source = data_source(config, run)
-    if is_family(config, source):
-        from qtraj.families import configured_family
-
-        return configured_family(config, source)["parameters"]
-    if is_local(config, source):
-        from qtraj.local import parameter_count
-
-        return parameter_count(config, source)
-    if config["resources"]["trained_on_gpu"]:
-        return llama_parameters(config["model"], config["tokenizer"]["vocab_size"])
-    return None
+    """The parameter count that sizes a trajectory's jobs (that of the model it comes from, as its source says): a
+    family file's, a local folder's, a trained model's when `resources.trained_on_gpu`; None for micro models
+    trained on the CPU."""
+    base = data_source(config, run)
+    return source_of(config, base).parameters(base)
 
 
 def model_shape(config: dict, run: str) -> ModelShape | None:
     """What sizes a trajectory's jobs beyond the parameter count (qtraj.resources.working_memory_gb): a trained
     model's config, a local folder's config.json, a family's estimate from its parameter count; None for a folder
     a rule has yet to make."""
-    source = data_source(config, run)
-    if is_family(config, source) or is_local(config, source):
-        parameters = model_parameters(config, run)
-        if parameters is None:
-            return None
-        if is_local(config, source):
-            from qtraj.local import hf_config
-
-            settings = hf_config(config, source)
-            if settings:
-                return shape_of_hf_config(settings, parameters)
-        return estimated_shape(parameters)
-    model = config["model"]
-    return ModelShape(llama_parameters(model, config["tokenizer"]["vocab_size"]), model["hidden_size"],
-                      model["intermediate_size"], model["num_hidden_layers"], config["tokenizer"]["vocab_size"])
+    base = data_source(config, run)
+    return source_of(config, base).shape(base)
 
 
 def step_resources(config: dict, step: str, run: str) -> dict:
@@ -143,8 +83,8 @@ def step_resources(config: dict, step: str, run: str) -> dict:
     if shape is None:
         return job_resources(step, parameters, config["resources"], lm_eval_tasks)
     on_gpu = parameters is not None
-    working = working_memory_gb(step, shape, data, on_gpu, config["training"] if run in config["runs"] or
-                                run in config["cooldowns"] else None)
+    # the training batch sizes only training jobs (trained runs and their cooldowns)
+    working = working_memory_gb(step, shape, data, on_gpu, config["training"])
     if not on_gpu:
         return {**cpu_job_resources(step, shape.parameters, working), "working_mb": round(working * 1e9 / 2**20)}
     return {**job_resources(step, parameters, config["resources"], lm_eval_tasks, working),
@@ -179,7 +119,7 @@ def plan(config: dict) -> list[PlanRow]:
         counts[(job.run, job.rule)] = counts.get((job.run, job.rule), 0) + 1
     rows = []
     for (run, rule), jobs in counts.items():
-        resources = step_resources(config, RULE_STEP[rule], run)
+        resources = step_resources(config, SIZED_KINDS[rule], run)
         rows.append(PlanRow(run, rule, jobs, resources.get("gpu", 0), resources.get("runtime", 0),
                             resources.get("mem_mb", 0), resources.get("working_mb", 0)))
     return rows

@@ -9,7 +9,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 import qtraj
 
+# every row records the versions of these (qtraj.results.PROVENANCE_FIELDS: one `version_column` each)
 TRACKED_LIBRARIES = ("torch", "transformers", "llmcompressor", "compressed-tensors")
+
+
+def version_column(library: str) -> str:
+    """The column holding a tracked library's version: `compressed-tensors` -> `compressed_tensors_version`."""
+    return f"{library.replace('-', '_')}_version"
 
 
 def library_version(name: str) -> str | None:
@@ -33,5 +39,5 @@ def provenance(settings: object, device: str) -> dict:
         "created_at": datetime.now(UTC).replace(tzinfo=None),
     }
     for name in TRACKED_LIBRARIES:
-        row[f"{name.replace('-', '_')}_version"] = library_version(name)
+        row[version_column(name)] = library_version(name)
     return row

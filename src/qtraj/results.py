@@ -9,38 +9,30 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qtraj.checkpoints import CheckpointInfo
+from qtraj.provenance import TRACKED_LIBRARIES, version_column
+
+# The columns every row of a checkpoint carries: qtraj.checkpoints.CheckpointInfo's fields, typed from its
+# annotations (`int | None` -> int64); run and checkpoint, which name every row, are never null.
+ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}
 CHECKPOINT_FIELDS = [
-    pa.field("run", pa.string(), nullable=False),
-    pa.field("checkpoint", pa.string(), nullable=False),
-    pa.field("step", pa.int64()),
-    pa.field("tokens", pa.int64()),
-    pa.field("lr", pa.float64()),
-    pa.field("phase", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("repo", pa.string()),  # hub checkpoints: where they came from, pinned to a commit
-    pa.field("revision", pa.string()),
-    pa.field("commit", pa.string()),
-    pa.field("parent_run", pa.string()),  # cooldowns: the branch point; averages: the newest checkpoint averaged
-    pa.field("parent_checkpoint", pa.string()),
-    pa.field("path", pa.string()),  # local checkpoints: the folder read
-    pa.field("fingerprint", pa.string()),  # local checkpoints: the content of the files read (qtraj.fingerprint)
+    pa.field(field.name, ARROW_TYPES[field.type.split(" | ")[0]], nullable=field.name not in ("run", "checkpoint"))
+    for field in fields(CheckpointInfo)
 ]
 
+# What every row carries to be traced back to the code and settings that made it (qtraj.provenance).
 PROVENANCE_FIELDS = [
     pa.field("qtraj_version", pa.string()),
     pa.field("config_hash", pa.string()),
     pa.field("device", pa.string()),
     pa.field("created_at", pa.timestamp("us")),
-    pa.field("torch_version", pa.string()),
-    pa.field("transformers_version", pa.string()),
-    pa.field("llmcompressor_version", pa.string()),
-    pa.field("compressed_tensors_version", pa.string()),
+    *(pa.field(version_column(name), pa.string()) for name in TRACKED_LIBRARIES),
 ]
 
 FP_EVAL_SCHEMA = pa.schema([

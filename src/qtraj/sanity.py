@@ -22,8 +22,12 @@ DEFAULT_LIMITS = {
     "max_loss_fraction": 0.75,
 }
 
-# Checkpoints of models trained here: a micro model may sit near uniform (step 0, a tiny run), and that is a finding.
-TRAINED_HERE = ("trained", "cooldown", "averaged")
+def trained_here() -> set[str]:
+    """The `source` columns of checkpoints of models trained here (qtraj.sources: the sources that are not
+    `external`): a micro model may sit near uniform (step 0, a tiny run), and that is a finding."""
+    from qtraj.sources import source_classes
+
+    return {cls.column for cls in source_classes({}) if not cls.external and cls.column}
 
 
 class TokenizerCheckError(ValueError):
@@ -71,7 +75,7 @@ def is_pretrained(info: CheckpointInfo) -> bool:
     """Whether a checkpoint must have learned something: one that comes from elsewhere (hub, local) and is neither
     its initialisation (step or tokens 0) nor in its LR warmup (Pythia's step1 ... step512 score about ln V: their
     near-uniform loss is the data). An unknown step counts as pretrained (a final release, a `main`)."""
-    if info.source in TRAINED_HERE:
+    if info.source in trained_here():
         return False
     return info.step != 0 and info.tokens != 0 and info.phase != "warmup"
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qtraj.config import checkpoints_of, is_family, trajectories
-from qtraj.plan import checkpoint_jobs, job_log
+from qtraj.config import trajectories
+from qtraj.plan import checkpoint_jobs
 from qtraj.results import unreadable_parquet_files
 from qtraj.schema import SCHEMA_PATH, ConfigError, load_schema, read_yaml
+from qtraj.sources import source_of
 from qtraj.texttable import text_table
 
 FAILURE_MARK = "ERROR qtraj: job failed"  # what qtraj.joblog.job_logging logs when a step raises
@@ -25,7 +26,7 @@ FAILURE_MARK = "ERROR qtraj: job failed"  # what qtraj.joblog.job_logging logs w
 @dataclass
 class TrajectoryStatus:
     run: str
-    kind: str  # trained | cooldown | average | family | local
+    kind: str  # its source's (qtraj.sources): trained | cooldown | average | family | local | a plugin's
     done: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -52,25 +53,6 @@ def results_dir_of(config_path: str | Path) -> str:
     return results_dir
 
 
-def trajectory_kind(config: dict, run: str) -> str:
-    if run in config["runs"]:
-        return "trained"
-    if run in config["cooldowns"]:
-        return "cooldown"
-    if run in config["averages"]:
-        return "average"
-    return "family" if is_family(config, run) else "local"
-
-
-def source_log(config: dict, run: str, checkpoint: str) -> str:
-    """The log of the job that makes checkpoint `checkpoint` of `run` (relative to the results directory)."""
-    if run in config["runs"]:
-        return job_log("train", run)
-    rule = {"cooldown": "cooldown", "average": "average_checkpoints", "family": "download_checkpoint",
-            "local": "link_local_checkpoint"}[trajectory_kind(config, run)]
-    return job_log(rule, run, checkpoint)
-
-
 def logged_failure(path: Path) -> bool:
     """Whether a job log records a failure (qtraj.joblog); a missing or unreadable log records none."""
     try:
@@ -83,8 +65,9 @@ def logged_failure(path: Path) -> bool:
 def trajectory_status(config: dict, run: str, results_dir: str | Path) -> TrajectoryStatus:
     """Done, pending and failed checkpoints of one trajectory of a (validated) config, from `results_dir`."""
     results_dir = Path(results_dir)
-    status = TrajectoryStatus(run, trajectory_kind(config, run))
-    for checkpoint in checkpoints_of(config, run):
+    source = source_of(config, run)
+    status = TrajectoryStatus(run, source.kind)
+    for checkpoint in source.checkpoints(run):
         jobs = checkpoint_jobs(config, run, checkpoint)
         status.jobs_total += len(jobs)
         reasons = []
@@ -102,8 +85,9 @@ def trajectory_status(config: dict, run: str, results_dir: str | Path) -> Trajec
         if complete:
             status.done.append(checkpoint)
             continue
-        if logged_failure(results_dir / source_log(config, run, checkpoint)):
-            reasons.append(str(results_dir / source_log(config, run, checkpoint)))
+        making_log = source.making_log(run, checkpoint)  # the training, download, link or average job's
+        if making_log is not None and logged_failure(results_dir / making_log):
+            reasons.append(str(results_dir / making_log))
         if reasons:
             status.failed.append(checkpoint)
             status.failed_logs += [reason for reason in reasons if reason not in status.failed_logs]

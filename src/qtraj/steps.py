@@ -168,15 +168,18 @@ def download_tokenizer(source: dict, out_dir: str, default_revision: str) -> Non
 
 @writes_folders("out_dir")
 def local_tokenizer(config: dict, run: str, out_dir: str) -> None:
-    """A local trajectory's tokenizer, saved once: its entry's `tokenizer` folder, else its first selected
-    checkpoint's own (looked up here, not in params, so selecting other checkpoints reruns nothing)."""
+    """The tokenizer of a trajectory of checkpoint folders on disk (qtraj.sources.folder.FolderSource), saved once: its
+    entry's `tokenizer` folder, else its first selected checkpoint's own (looked up here, not in params, so selecting
+    other checkpoints reruns nothing)."""
     import copy
 
     from qtraj.config import validate_config
-    from qtraj.local import save_tokenizer, tokenizer_folder
+    from qtraj.sources import source_of
+    from qtraj.sources.folder import save_tokenizer
 
-    folder = tokenizer_folder(validate_config(copy.deepcopy(config)), run)
-    save_tokenizer(run, folder, out_dir)
+    source = source_of(validate_config(copy.deepcopy(config)), run)
+    folder = source.tokenizer_folder(run)
+    save_tokenizer(f"{source.key}.{run}", folder, out_dir)
     log.info("%s: tokenizer of %s", run, folder)
 
 
@@ -185,7 +188,7 @@ def link_local_checkpoint(source: str, tokenizer_dir: str, out_dir: str, info: d
                           allow_external_links: bool = False) -> None:
     from qtraj.checkpoints import CheckpointInfo
     from qtraj.fingerprint import CACHE_FILE, fingerprint
-    from qtraj.local import checked_files, link_checkpoint
+    from qtraj.sources.folder import checked_files, link_checkpoint
 
     # the cache the DAG's params filled (rules/common.smk fingerprint_cache): out_dir is <results>/checkpoints/<run>/<c>
     cache = Path(out_dir).parents[2] / CACHE_FILE

@@ -1,0 +1,25 @@
+# One job per cooldown branch: resumes its run's checkpoint at the branch step and decays the LR.
+rule cooldown:
+    input:
+        parent=cooldown_parent,
+        tokens=f"{RESULTS}/data/tokens/train.npy",
+    output:
+        **kind_outputs("cooldown"),
+        checkpoint=directory(f"{RESULTS}/checkpoints/{{run}}/{{checkpoint}}"),
+    log:
+        kind_log("cooldown"),
+    benchmark:
+        f"{RESULTS}/benchmarks/cooldown/{{run}}/{{checkpoint}}.tsv"
+    wildcard_constraints:
+        run=trajectories_of("cooldowns"),
+    conda:
+        "../envs/qtraj.yaml"
+    threads: config["threads"]["train"]
+    resources:
+        **kind_resources("cooldown"),
+    params:
+        run=lambda wildcards: wildcards.run,
+        settings=lambda wildcards: training_settings(config["cooldowns"][wildcards.run]["from"]),
+        cooldown=lambda wildcards: config["cooldowns"][wildcards.run],
+    script:
+        "../scripts/cooldown.py"
