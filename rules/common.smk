@@ -150,10 +150,18 @@ def resource(step, key, run=None):
     (qtraj.resources; micro models trained here ask for no GPU). `run`: for rules without a run wildcard."""
 
     def value(wildcards):
-        # the same sizing `qtraj plan` reports (qtraj.plan.step_resources)
-        return step_resources(config, step, run or wildcards.run).get(key, 0)
+        # the same sizing `qtraj plan` reports (qtraj.plan.step_resources), once per (step, trajectory): every job
+        # asks for each of RESOURCE_KEYS, and sizing a local folder reads its safetensors headers and config.json
+        name = run or wildcards.run
+        if (step, name) not in SIZED:
+            SIZED[step, name] = step_resources(config, step, name)
+        return SIZED[step, name].get(key, 0)
 
     return value
+
+
+# (step, trajectory) -> its step_resources: the config does not change while Snakemake plans
+SIZED = {}
 
 
 def averaged_sources(wildcards):
