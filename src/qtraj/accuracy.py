@@ -399,11 +399,14 @@ def shared_context_lm_class() -> type:
                     and self._cache_is_trusted is not False
                     and forward_accepts(self.model, "past_key_values", "use_cache"))
 
-        def _forward(self, input_ids, module=None, **kwargs):
+        def _no_grad_call(self, function, *args, **kwargs):
             # as HFLM._model_call: no gradients, lm-eval's optional autocast
             with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                                  enabled=self.mixed_precision_dtype is not None):
-                return (module or self.model)(input_ids=input_ids, **kwargs)
+                return function(*args, **kwargs)
+
+        def _forward(self, input_ids, module=None, **kwargs):
+            return self._no_grad_call(module or self.model, input_ids=input_ids, **kwargs)
 
         def _suffix_log_probs(self, suffixes: torch.Tensor, cache):
             """Each suffix row's log-probabilities [positions, vocab], one row's logits in memory at a time where
@@ -420,10 +423,7 @@ def shared_context_lm_class() -> type:
             hidden = self._forward(suffixes, module=self.model.get_decoder(), past_key_values=cache,
                                    use_cache=cache is not None).last_hidden_state
             for row in hidden:
-                with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                                     enabled=self.mixed_precision_dtype is not None):
-                    logits = head_logits(self.model, row)
-                yield F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+                yield F.log_softmax(self._no_grad_call(head_logits, self.model, row), dim=-1, dtype=self.softmax_dtype)
 
         def _score_batch(self, batch: list[SharedContext],
                          requests: list[TokenRequest]) -> list[tuple[float, bool]] | None:
