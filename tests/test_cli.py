@@ -1,5 +1,6 @@
-"""The `qtraj` command line: --version, families, plan, status, and query / science-check reading results_dir from a
-config. Offline, on the default config, the carried family files and tiny synthetic results trees."""
+"""The `qtraj` command line: --version, a handler per subcommand and one way to refuse an input (exit status 2),
+families, plan, status, and query / science-check reading results_dir from a config. Offline, on the default config,
+the carried family files and tiny synthetic results trees."""
 
 import argparse
 import json
@@ -14,7 +15,7 @@ import yaml
 import qtraj
 from qtraj import results
 from qtraj.catalog import describe_schedule, format_parameters
-from qtraj.cli import main
+from qtraj.cli import COMMANDS, build_parser, main
 from qtraj.config import checkpoints_of, load_config, trajectories, validate_config
 from qtraj.families import expand_revisions, load_family
 from qtraj.plan import RULE_STEP, Job, checkpoint_jobs, plan, planned_jobs, step_resources, totals_by_rule
@@ -51,12 +52,14 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"qtraj {qtraj.__version__}"
 
 
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+
+
 def test_help_texts_print_percent_signs_once():
     """argparse formats help with %: a literal % must be written %% in the source and printed once."""
-    from qtraj.cli import build_parser
-
     parser = build_parser()
-    commands = next(action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    commands = subcommands(parser)
     for name, command in {"qtraj": parser, **commands}.items():
         assert "%%" not in command.format_help(), name
     assert "95% CI" in commands["science-check"].format_help()
@@ -73,6 +76,59 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly():
     stderr = process.stderr.read().decode()
     assert process.wait() == 141, stderr
     assert stderr == ""
+
+
+def test_every_subcommand_has_a_handler():
+    """A subcommand added to the parser without a handler (or a handler left for a removed one) fails here, not in
+    the hands of the first user who types it."""
+    assert sorted(COMMANDS) == sorted(subcommands(build_parser()))
+
+
+def user_error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Per subcommand: a command line whose input is refused, and what the message must name."""
+    missing_config = str(tmp_path / "missing.yaml")
+    duplicate_key = tmp_path / "duplicate.yaml"
+    duplicate_key.write_text("results_dir: a\nresults_dir: b\n")
+    not_a_folder_name = tmp_path / "not-a-folder-name.yaml"
+    not_a_folder_name.write_text("results_dir: [a, b]\n")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("the user's, not qtraj's")
+    return {
+        "query": (["query", "SELECT 1", "--configfile", missing_config], "missing.yaml cannot be read"),
+        "science-check": (["science-check", "--configfile", str(not_a_folder_name)], "'results_dir'"),
+        "check-config": (["check-config", str(duplicate_key)], "'results_dir' is written twice"),
+        "status": (["status", "--configfile", missing_config], "missing.yaml cannot be read"),
+        "plan": (["plan", "--configfile", str(duplicate_key)], "'results_dir' is written twice"),
+        "families": (["families", "--families-dir", str(tmp_path / "nowhere")], "no family folder"),
+        "adopt-results": (["adopt-results", str(foreign)], "notes.txt"),
+    }
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_refused_input_is_one_line_and_exit_status_2(command, tmp_path, capsys):
+    """Every subcommand reports a config, folder or statement it cannot use the same way: `qtraj: <message>` naming
+    the input, nothing on stdout, status 2."""
+    argv, named = user_error_cases(tmp_path)[command]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("qtraj: ") and captured.err.count("\n") == 1, captured.err
+    assert named in captured.err
+
+
+def test_a_dataset_the_science_check_cannot_read_is_status_2_with_the_cause(tmp_path, capsys):
+    """Unlike a failing query (status 1), a science check that could not be computed is status 2, as its help says."""
+    from qtraj.query import DATASET_FILES
+
+    unreadable = tmp_path / "results"
+    (unreadable / "dataset").mkdir(parents=True)
+    (unreadable / "dataset" / DATASET_FILES["results"]).write_bytes(b"PAR1")  # a truncated copy
+    assert main(["science-check", "--results-dir", str(unreadable)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("qtraj: the science check could not be computed: ")
+    assert DATASET_FILES["results"] in captured.err
 
 
 # --- families ------------------------------------------------------------------------------------------------------

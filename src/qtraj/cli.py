@@ -11,8 +11,11 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import qtraj
+from qtraj.catalog import HubUnreachable
+from qtraj.ownership import OwnershipError
 from qtraj.query import CANNED_VIEWS, DATASET_FILES, QueryError, connect, run_query
 from qtraj.schema import ConfigError
 
@@ -148,86 +151,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _query(args) -> int:
+    results_dir = _results_dir(args)
     try:
-        status = _main(argv)
-        sys.stdout.flush()  # a closed pipe shows here, not at exit, where Python would print a traceback
-        return status
-    except BrokenPipeError:
-        # the reader went away (`qtraj plan | head`): stop quietly, with the status of a process that SIGPIPE ends
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
-
-
-def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-
-    if args.command in ("status", "plan", "families"):
-        try:
-            return {"status": _status, "plan": _plan, "families": _families}[args.command](args)
-        except ConfigError as error:
-            print(f"qtraj: {error}", file=sys.stderr)
-            return 2
-    if args.command in ("query", "science-check"):
-        try:
-            args.results_dir = _results_dir(args)
-        except ConfigError as error:
-            print(f"qtraj: {error}", file=sys.stderr)
-            return 2
-    if args.command == "adopt-results":
-        from qtraj.ownership import OwnershipError, adopt_results_dir
-
-        try:
-            sealed = adopt_results_dir(args.folder)
-        except OwnershipError as error:
-            print(f"qtraj: {error}", file=sys.stderr)
-            return 2
-        print(f"{args.folder}: adopted as a qtraj results folder ({sealed} job-written folders recorded)")
-        return 0
-    if args.command == "check-config":
-        from qtraj.config import load_config, trajectories
-
-        try:
-            config = load_config(args.file)
-        except ConfigError as error:
-            print(f"qtraj: {error}", file=sys.stderr)
-            return 2
-        print(f"{args.file}: valid ({len(trajectories(config))} trajectories, {len(config['quantizations'])} "
-              "quantizations)")
-        return 0
-    if args.command == "science-check":
-        from qtraj.science import measure, render
-
-        try:
-            science_check = measure(args.results_dir)
-        except FileNotFoundError as error:
-            print(f"qtraj: {error}", file=sys.stderr)
-            return 2
-        except Exception as error:  # e.g. a dataset aggregated by an older qtraj: the view says what to do
-            print(f"qtraj: the science check could not be computed: {type(error).__name__}: {error}", file=sys.stderr)
-            return 2
-        print(render(science_check))
-        if not science_check.checked:
-            return 2
-        unsupported = science_check.unsupported
-        if args.strict and unsupported:
-            print(f"qtraj: --strict: {len(unsupported)} effects with an expected direction are not supported",
-                  file=sys.stderr)
-            return 1
-        return 0
-    try:
-        relation = run_query(connect(args.results_dir), args.sql)
+        relation = run_query(connect(results_dir), args.sql)
         if relation is not None:  # relations are lazy: errors of the query itself surface while printing
             _print(relation, args.format, args.max_rows)
-    except (FileNotFoundError, QueryError) as error:
-        print(f"qtraj: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # the reader went away while the answer was printed: main() ends quietly
-        raise
-    except Exception as error:  # DuckDB's parser and binder errors already name the problem
+    except (FileNotFoundError, QueryError, BrokenPipeError):
+        raise  # no dataset or a refused statement: a user error for _main; a closed pipe: main() ends quietly
+    except Exception as error:
+        # the SQL itself is wrong (DuckDB's parser and binder errors name the problem, their type says which kind):
+        # status 1, apart from the 2 of a missing dataset or a refused statement
         print(f"qtraj: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _science_check(args) -> int:
+    from qtraj.science import measure, render
+
+    results_dir = _results_dir(args)
+    try:
+        science_check = measure(results_dir)
+    except FileNotFoundError:
+        raise  # no dataset: a user error for _main
+    except Exception as error:  # e.g. a dataset aggregated by an older qtraj: the view says what to do
+        # status 2, which the help promises for an unreadable dataset; 1 is --strict's, for a check that was computed
+        print(f"qtraj: the science check could not be computed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    print(render(science_check))
+    if not science_check.checked:
+        return 2  # nothing could be checked (no decay phase, no averages): the help's status 2
+    unsupported = science_check.unsupported
+    if args.strict and unsupported:
+        print(f"qtraj: --strict: {len(unsupported)} effects with an expected direction are not supported",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_config(args) -> int:
+    from qtraj.config import load_config, trajectories
+
+    config = load_config(args.file)
+    print(f"{args.file}: valid ({len(trajectories(config))} trajectories, {len(config['quantizations'])} "
+          "quantizations)")
     return 0
 
 
@@ -273,18 +241,59 @@ def _families(args) -> int:
 
 
 def _verify_families(folder: str, name: str | None, output_format: str) -> int:
-    from qtraj.catalog import HubUnreachable, render_verification, verify_catalog
+    from qtraj.catalog import render_verification, verify_catalog
 
-    try:
-        results = verify_catalog(folder, name)
-    except HubUnreachable as error:
-        print(f"qtraj: {error}", file=sys.stderr)
-        return 2
+    results = verify_catalog(folder, name)
     if output_format == "json":
         _print_json([dataclasses.asdict(result) for result in results])
     else:
         print(render_verification(results))
     return 1 if any(result.problems for result in results) else 0
+
+
+def _adopt_results(args) -> int:
+    from qtraj.ownership import adopt_results_dir
+
+    sealed = adopt_results_dir(args.folder)
+    print(f"{args.folder}: adopted as a qtraj results folder ({sealed} job-written folders recorded)")
+    return 0
+
+
+# One handler per subcommand of build_parser() (tests/test_cli.py checks that the two name the same commands).
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "query": _query,
+    "science-check": _science_check,
+    "check-config": _check_config,
+    "status": _status,
+    "plan": _plan,
+    "families": _families,
+    "adopt-results": _adopt_results,
+}
+
+# What a user's input can be refused with (a config, a folder, a statement, a hub out of reach): each names the
+# input and the fix, so the message alone is printed, with exit status 2, by _main and nowhere else.
+USER_ERRORS = (ConfigError, OwnershipError, FileNotFoundError, QueryError, HubUnreachable)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit, where Python would print a traceback
+        return status
+    except BrokenPipeError:
+        # the reader went away (`qtraj plan | head`): stop quietly, with the status of a process that SIGPIPE ends
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as error:
+        print(f"qtraj: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
