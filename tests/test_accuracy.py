@@ -14,6 +14,7 @@ from qtraj.accuracy import (
     evaluate_accuracy,
     flatten_results,
     group_shared_contexts,
+    item_scores,
     load_tasks,
     local_task_config,
     shared_context_lm_class,
@@ -62,26 +63,61 @@ def test_bad_task_settings_name_the_problem():
 
 def test_flatten_splits_metric_and_filter_and_keeps_stderr():
     results = {"arc_easy": {"alias": "arc_easy", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6,
-                            "acc_norm_stderr,none": "N/A", "samples": 10},
+                            "acc_norm_stderr,none": "N/A", "samples": 10,
+                            "item_scores": {"acc,none": [1.0, 0.0], "acc_norm,none": [0.0, 1.0]}},
                "gsm8k": {"exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": 0.02,
-                         "exact_match,flexible-extract": 0.3, "samples": 5}}
+                         "exact_match,flexible-extract": 0.3, "samples": 5,
+                         "item_scores": {"exact_match,strict-match": [0.0, 1.0, 0.0]}}}
     rows = flatten_results(results, configured=["arc_easy"])
     assert rows == [
         {"task": "arc_easy", "metric": "acc", "filter": "none", "value": 0.5, "stderr": 0.1, "samples": 10,
-         "configured": True},
+         "configured": True, "item_scores": [1.0, 0.0]},
         {"task": "arc_easy", "metric": "acc_norm", "filter": "none", "value": 0.6, "stderr": None, "samples": 10,
-         "configured": True},
+         "configured": True, "item_scores": [0.0, 1.0]},
         {"task": "gsm8k", "metric": "exact_match", "filter": "flexible-extract", "value": 0.3, "stderr": None,
-         "samples": 5, "configured": False},
+         "samples": 5, "configured": False, "item_scores": None},
         {"task": "gsm8k", "metric": "exact_match", "filter": "strict-match", "value": 0.2, "stderr": 0.02,
-         "samples": 5, "configured": False},
+         "samples": 5, "configured": False, "item_scores": [0.0, 1.0, 0.0]},
     ]
+    # a group's entry (no item scores of its own) and results from before item scores
+    assert [row["item_scores"] for row in flatten_results({"mmlu": {"acc,none": 0.3, "samples": 7}})] == [None]
 
 
-def _own_accuracy(model, tokenizer, items):
-    """The same question scored by hand: the choice with the highest summed log-likelihood after the context,
-    tokenized as lm-eval does (context and continuation encoded together, continuation = the extra tokens)."""
-    correct = 0
+def _logged_sample(doc_id, filter_name="none", **metrics):
+    """An item as lm-eval's `evaluate(log_samples=True)` logs it, with the fields item_scores does not read."""
+    return {"doc_id": doc_id, "doc": {"text": f"document {doc_id}"}, "target": 0, "arguments": [("a", " b")],
+            "resps": [[(-1.0, False)]], "filtered_resps": [(-1.0, False)], "filter": filter_name,
+            "metrics": list(metrics), "doc_hash": "0", "prompt_hash": "0", "target_hash": "0", **metrics}
+
+
+def test_item_scores_follow_doc_ids_per_metric_and_filter():
+    import numpy as np
+    from lm_eval.api.metrics import mean, perplexity
+
+    samples = [_logged_sample(doc_id, acc=float(doc_id == 2), acc_norm=np.bool_(doc_id > 0)) for doc_id in range(4)]
+    samples += [_logged_sample(doc_id, "strict-match", exact_match=doc_id % 2) for doc_id in range(4)]
+    samples += [_logged_sample(doc_id, "flexible-extract", exact_match=1) for doc_id in (0, 1, 3)]
+    expected = {"acc,none": [0.0, 0.0, 1.0, 0.0], "acc_norm,none": [0.0, 1.0, 1.0, 1.0],
+                "exact_match,strict-match": [0.0, 1.0, 0.0, 1.0], "exact_match,flexible-extract": [1.0, 1.0, 1.0]}
+    aggregations = {"acc": mean, "acc_norm": mean, "exact_match": mean}
+    assert item_scores(samples, aggregations) == expected
+    # lm-eval logs items in its own order (ranks one after another): the lists stay in doc_id order
+    assert item_scores(samples[::-1], aggregations) == expected
+    assert all(type(score) is float for scores in expected.values() for score in scores)
+
+    # no list where the task value is not the items' mean, or where an item has no number or no score
+    assert item_scores(samples, {**aggregations, "acc": perplexity}).keys() == expected.keys() - {"acc,none"}
+    pairs = [_logged_sample(doc_id, f1=(doc_id, 0)) for doc_id in range(3)]
+    assert item_scores(pairs, {}) == {}
+    some_without_acc = [_logged_sample(0, acc=1.0, acc_norm=1.0), _logged_sample(1, acc_norm=0.0)]
+    assert item_scores(some_without_acc, aggregations) == {"acc_norm,none": [1.0, 0.0]}
+
+
+def _own_item_scores(model, tokenizer, items):
+    """The same questions scored by hand, {metric: [1.0 or 0.0 per item]}: acc picks the choice with the highest
+    summed log-likelihood after the context, tokenized as lm-eval does (context and continuation encoded together,
+    continuation = the extra tokens); acc_norm the highest per character of the choice."""
+    own = {"acc": [], "acc_norm": []}
     for item in items:
         context = tokenizer(item["context"], add_special_tokens=False)["input_ids"]
         scores = []
@@ -92,8 +128,10 @@ def _own_accuracy(model, tokenizer, items):
             targets = torch.tensor(whole[1:])
             picked = logits[torch.arange(len(targets)), targets][-len(continuation):]
             scores.append(picked.sum().item())
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
-    return correct / len(items)
+        per_character = [score / len(choice) for score, choice in zip(scores, item["choices"], strict=True)]
+        for metric, ranked in (("acc", scores), ("acc_norm", per_character)):
+            own[metric].append(float(max(range(len(ranked)), key=ranked.__getitem__) == item["label"]))
+    return own
 
 
 def test_lm_eval_scores_an_in_memory_model_like_a_hand_count(trained_checkpoint, small_corpus, tmp_path):
@@ -111,11 +149,21 @@ def test_lm_eval_scores_an_in_memory_model_like_a_hand_count(trained_checkpoint,
     by_metric = {row["metric"]: row for row in rows}
     assert set(by_metric) == {"acc", "acc_norm"} and by_metric["acc"]["samples"] == 24
     with torch.no_grad():
-        assert by_metric["acc"]["value"] == pytest.approx(_own_accuracy(model, tokenizer, items))
+        own = _own_item_scores(model, tokenizer, items)
+    assert by_metric["acc"]["value"] == pytest.approx(sum(own["acc"]) / len(items))
     assert by_metric["acc"]["stderr"] > 0
+    for metric, row in by_metric.items():
+        # item by item in the task file's order (doc_id), each the items' score lm-eval averaged into the value
+        assert row["item_scores"] == own[metric]
+        assert own[metric] != own[metric][::-1]  # so a list in another order would differ
+        assert len(row["item_scores"]) == row["samples"]
+        assert sum(row["item_scores"]) / len(row["item_scores"]) == row["value"]
+    assert flatten_results(evaluate_accuracy(model, tokenizer, tasks, batch_size=8, limit=None)) == rows
 
     limited = flatten_results(evaluate_accuracy(model, tokenizer, tasks, batch_size=8, limit=6))
     assert {row["samples"] for row in limited} == {6}
+    assert {row["metric"]: row["item_scores"] for row in limited} == {
+        metric: row["item_scores"][:6] for metric, row in by_metric.items()}
 
 
 def test_local_tasks_read_their_fields_as_jinja_templates_of_them_would(tmp_path):

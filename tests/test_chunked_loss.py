@@ -99,3 +99,16 @@ def test_the_head_never_sees_more_than_one_chunk_of_positions(blocks):
 def test_chunk_positions():
     assert chunk_positions(262_144) == 256  # the default 256 MiB chunk of Gemma 3's vocabulary
     assert chunk_positions(50_000, chunk_bytes=1) == 1
+
+
+@pytest.mark.parametrize("name", ["llama-untied", "gpt2-tied"])
+def test_each_block_loss_is_that_block_scored_alone(name, blocks):
+    """The per-block losses a paired bootstrap resamples: each equals the loss of its block evaluated by itself,
+    in block order, whatever the batch and chunk sizes cut (a chunk of 7 positions straddles blocks of 32); their
+    mean is the loss."""
+    model = _model(name)
+    result = cross_entropy(model, blocks, batch_size=4, chunk_bytes=SMALL_CHUNK)
+    alone = [cross_entropy(model, blocks[index : index + 1], batch_size=1).loss for index in range(len(blocks))]
+    assert result.block_losses == pytest.approx(alone, rel=1e-6)
+    assert len(set(alone)) == len(alone)  # distinct blocks: a wrong order could not pass
+    assert np.mean(result.block_losses) == pytest.approx(result.loss, rel=1e-12)

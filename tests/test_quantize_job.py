@@ -52,8 +52,12 @@ def test_loss_q_is_the_quantized_models_loss_on_the_validation_blocks(quantize_j
     model, _ = quantize_model(load_causal_lm(trained_checkpoint, torch.device("cpu")), trained_checkpoint,
                               QuantSpec(**SPEC), folder / "calibration.npy", CALIBRATION, torch.device("cpu"))
     blocks = validation_blocks(np.load(folder / "validation.npy"), EVALUATION["seq_len"], EVALUATION["max_blocks"])
-    assert row["loss_q"] == cross_entropy(model, blocks, EVALUATION["batch_size"]).loss
-    assert fp_row["loss_fp"] == cross_entropy(load_causal_lm(trained_checkpoint), blocks, EVALUATION["batch_size"]).loss
+    quantized, fp = (cross_entropy(model, blocks, EVALUATION["batch_size"]),
+                     cross_entropy(load_causal_lm(trained_checkpoint), blocks, EVALUATION["batch_size"]))
+    assert (row["loss_q"], fp_row["loss_fp"]) == (quantized.loss, fp.loss)
+    # each row's per-block losses are its own model's, in block order: what the paired bootstrap resamples
+    assert (row["block_losses"], fp_row["block_losses"]) == (list(quantized.block_losses), list(fp.block_losses))
+    assert len(row["block_losses"]) == len(blocks) == 6
     calibration = validation_blocks(np.load(folder / "calibration.npy"), EVALUATION["seq_len"], 3)
     assert row["loss_q"] != cross_entropy(model, calibration, EVALUATION["batch_size"]).loss
 

@@ -24,6 +24,9 @@ class LossResult:
     loss: float  # mean next-token cross-entropy in nats
     tokens: int  # number of scored predictions
     classes: int | None = None  # size of the distribution scored (the logits' last dimension): uniform = ln(classes)
+    # mean loss of each validation block, in block order: the unit a paired bootstrap resamples (qtraj.science);
+    # every block scores the same number of tokens, so their mean is `loss`
+    block_losses: tuple[float, ...] = ()
 
     @property
     def perplexity(self) -> float:
@@ -242,11 +245,12 @@ def head_split_agrees(model: torch.nn.Module, input_ids: torch.Tensor) -> bool:
 
 
 def next_token_loss_sum(model: torch.nn.Module, batch: torch.Tensor, split_head: bool,
-                        chunk_bytes: int = LOGITS_CHUNK_BYTES) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy of a batch of blocks (inputs + 1 target each), in float64, and the number
-    of classes scored. With `split_head` the logits exist one chunk of positions at a time (float32 log-softmax per
-    chunk), so memory holds the weights, the hidden states and one chunk whatever the vocabulary; without it the
-    model's full logits are made once and only their float32 copies are chunked. Differentiable (sharpness)."""
+                        chunk_bytes: int = LOGITS_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed next-token cross-entropy of a batch of blocks (inputs + 1 target each), in float64; the same sum per
+    block (detached: a number to report, not to differentiate); and the number of classes scored. With
+    `split_head` the logits exist one chunk of positions at a time (float32 log-softmax per chunk), so memory holds
+    the weights, the hidden states and one chunk whatever the vocabulary; without it the model's full logits are
+    made once and only their float32 copies are chunked. Differentiable (sharpness)."""
     targets = batch[:, 1:].reshape(-1)
     if split_head:
         hidden = final_hidden_states(model, batch[:, :-1])
@@ -259,36 +263,44 @@ def next_token_loss_sum(model: torch.nn.Module, batch: torch.Tensor, split_head:
         flat = logits.reshape(-1, classes)
         logits_of = lambda rows: flat[rows]  # noqa: E731
     step = chunk_positions(classes, chunk_bytes)
+    block_of_position = torch.arange(len(targets), device=batch.device) // (batch.shape[1] - 1)
     total = torch.zeros((), dtype=torch.float64, device=batch.device)
+    block_sums = torch.zeros(len(batch), dtype=torch.float64, device=batch.device)
     for start in range(0, len(targets), step):
         rows = slice(start, start + step)
-        chunk = logits_of(rows).float()
-        total = total + torch.nn.functional.cross_entropy(chunk, targets[rows], reduction="sum").double()
-    return total, classes
+        # per position, then summed in float64: the same numbers give the total and each block's sum
+        losses = torch.nn.functional.cross_entropy(logits_of(rows).float(), targets[rows], reduction="none").double()
+        total = total + losses.sum()
+        block_sums.index_add_(0, block_of_position[rows], losses.detach())
+    return total, block_sums, classes
 
 
 @torch.inference_mode()
 def cross_entropy(model: torch.nn.Module, blocks: np.ndarray, batch_size: int,
                   chunk_bytes: int = LOGITS_CHUNK_BYTES) -> LossResult:
-    """Mean next-token cross-entropy over every position of every block (each block is inputs + 1 target).
+    """Mean next-token cross-entropy over every position of every block (each block is inputs + 1 target), and
+    each block's own mean.
 
     Summed in float64 over all tokens, then divided once, so the result does not depend on batch size. The logits
     are made a chunk of positions at a time (next_token_loss_sum) where head_split_agrees on the first block.
     """
     device = next(model.parameters()).device
-    total, count, classes = 0.0, 0, None
+    total, count, classes, block_sums = 0.0, 0, None, []
     split_head = head_split_agrees(model, torch.from_numpy(blocks[:1, :8].astype(np.int64)).to(device))
     progress = Progress(log, "validation loss", len(blocks) * (blocks.shape[1] - 1), "tokens")
     for start in range(0, len(blocks), batch_size):
         batch = torch.from_numpy(blocks[start : start + batch_size].astype(np.int64)).to(device)
-        losses, classes = next_token_loss_sum(model, batch, split_head, chunk_bytes)
+        losses, per_block, classes = next_token_loss_sum(model, batch, split_head, chunk_bytes)
         total += losses.item()
+        block_sums.extend(per_block.tolist())
         count += batch[:, 1:].numel()
         progress.advance(batch[:, 1:].numel())
     loss = total / count
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"validation loss is {loss}")
-    return LossResult(loss=loss, tokens=count, classes=classes)
+    scored_per_block = blocks.shape[1] - 1
+    return LossResult(loss=loss, tokens=count, classes=classes,
+                      block_losses=tuple(block_sum / scored_per_block for block_sum in block_sums))
 
 
 def checkpoint_bos_id(folder: str | Path) -> int | None:

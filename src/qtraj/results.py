@@ -35,6 +35,10 @@ PROVENANCE_FIELDS = [
     *(pa.field(version_column(name), pa.string()) for name in TRACKED_LIBRARIES),
 ]
 
+# Added later (older per-job files lack it: null): each validation block's mean loss, in block order, so a paired
+# bootstrap can resample the blocks two models were scored on (qtraj.science.paired_bootstrap_interval).
+BLOCK_LOSSES = pa.list_(pa.float64())
+
 FP_EVAL_SCHEMA = pa.schema([
     *CHECKPOINT_FIELDS,
     pa.field("loss_fp", pa.float64()),
@@ -45,6 +49,7 @@ FP_EVAL_SCHEMA = pa.schema([
     # columns added later (null in older files)
     pa.field("eval_bos", pa.bool_()),  # blocks start with the tokenizer's <bos> (context, never scored)
     pa.field("loss_fraction_of_uniform", pa.float64()),  # loss_fp / ln V: 1 = uniform guessing (qtraj.sanity)
+    pa.field("block_losses", BLOCK_LOSSES),
 ])
 
 QUANTIZED_EVAL_SCHEMA = pa.schema([
@@ -72,6 +77,7 @@ QUANTIZED_EVAL_SCHEMA = pa.schema([
     pa.field("eval_seconds", pa.float64()),
     *PROVENANCE_FIELDS,
     pa.field("eval_bos", pa.bool_()),  # added later; the same blocks as the fp row's (checked)
+    pa.field("block_losses", BLOCK_LOSSES),  # loss_q per validation block, in the fp row's block order
 ])
 
 TRAINING_LOG_SCHEMA = pa.schema([
@@ -87,6 +93,7 @@ TRAINING_LOG_SCHEMA = pa.schema([
     pa.field("lr", pa.float64()),
     pa.field("train_loss", pa.float64()),
     pa.field("elapsed_s", pa.float64()),
+    pa.field("parameters", pa.int64()),  # added later: the model's parameter count (a run's size, in the science check)
 ])
 
 LAYER_ERROR_SCHEMA = pa.schema([
@@ -133,6 +140,9 @@ ACCURACY_SCHEMA = pa.schema([
     pa.field("value", pa.float64()),
     pa.field("stderr", pa.float64()),
     pa.field("samples", pa.int64()),  # items scored (after `limit`)
+    # each item's score (1/0 for acc) in lm-eval's doc_id order: the fp and a quantized model answer the same
+    # items, so their difference per item gives the drop a paired standard error (qtraj.science)
+    pa.field("item_scores", pa.list_(pa.float64())),
     pa.field("num_fewshot", pa.int32()),
     pa.field("accuracy_seconds", pa.float64()),  # all tasks of the model, together
     pa.field("lm_eval_version", pa.string()),

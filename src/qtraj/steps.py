@@ -287,7 +287,7 @@ def evaluate_fp(checkpoint_dir: str, validation_tokens: str, evaluation: dict, o
     # before anything is written: a pretrained model that scores like uniform guessing is broken, not a finding
     fraction = check_loss_fraction(loss.loss, loss.classes, info, limit(evaluation, "max_loss_fraction"), what)
     row = {**asdict(info), "loss_fp": loss.loss, "ppl_fp": loss.perplexity, "eval_tokens": loss.tokens,
-           "eval_bos": bos_id is not None, "loss_fraction_of_uniform": fraction,
+           "eval_bos": bos_id is not None, "loss_fraction_of_uniform": fraction, "block_losses": loss.block_losses,
            "eval_seconds": time.perf_counter() - started, **provenance({"evaluation": evaluation}, device.type)}
     if accuracy_file is not None:
         task_rows, _ = _task_accuracy(model, checkpoint_dir, accuracy, task_files or {}, what)
@@ -369,7 +369,8 @@ def quantize_and_evaluate(*, checkpoint_dir: str, spec: dict, fp_eval: str, vali
         "loss_fp": fp_row["loss_fp"], "loss_q": loss.loss,
         "delta_q_loss": results.delta_q_loss(loss.loss, fp_row["loss_fp"]),
         "loss_diff": loss.loss - fp_row["loss_fp"], "ppl_fp": fp_row["ppl_fp"], "ppl_q": loss.perplexity,
-        "eval_tokens": loss.tokens, "eval_bos": bos_id is not None, "calibration_samples": quant["calibration_samples"],
+        "eval_tokens": loss.tokens, "eval_bos": bos_id is not None, "block_losses": loss.block_losses,
+        "calibration_samples": quant["calibration_samples"],
         "calibration_seq_len": quant["calibration_seq_len"], "quantize_seconds": quant["quantize_seconds"],
         "expert_calibration": quant["expert_calibration"],
         "eval_seconds": seconds, **source,

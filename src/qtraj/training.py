@@ -171,7 +171,7 @@ def _train_steps(spec: TrainingSpec, model, optimizer, generator: torch.Generato
         if step % log_every == 0 or index == 0:
             elapsed = time.perf_counter() - started
             rows.append({"run": spec.run, "step": step, "tokens": step * tokens_per_step, "lr": lr,
-                         "train_loss": loss.item(), "elapsed_s": elapsed})
+                         "train_loss": loss.item(), "elapsed_s": elapsed, "parameters": model.num_parameters()})
             log.info("run %s step %d lr %.3g loss %.4f (%d/%d steps, %s left)", spec.run, step, lr, loss.item(),
                      index + 1, len(lrs), format_duration(remaining_seconds(elapsed, index + 1, len(lrs))))
         save(step, lr)

@@ -1,176 +1,26 @@
-"""Task accuracy with lm-evaluation-harness on an in-memory model, and the offline tasks qtraj builds itself.
+"""Shared-context scoring: lm-eval's HFLM with `_loglikelihood_tokens` running the context of a multiple-choice
+item once for all its choices (lm-eval runs it once per choice), with lm-eval's own numbers.
 
-lm-eval does the scoring (requests, log-likelihoods, metrics, standard errors). qtraj adds three things lm-eval has
-no notion of: task data written from a local text, so a micro model trained here has tasks it can do above chance
-with no network; flat rows (one per task x metric x filter) for the results dataset; and a scorer that runs the
-context of a multiple-choice item once for all its choices (lm-eval runs it once per choice), with lm-eval's own
-numbers.
+lm-eval scores a request (context, continuation) by running context + continuation[:-1] through the model and
+summing the continuation's log-probabilities; a multiple-choice item sends one request per choice, so its
+context runs once per choice. Here the context but its last token runs once with the key/value cache on, and
+every choice runs on a copy of that cache as [last context token, continuation[:-1]]: the positions, tokens
+and causal attention of each scored logit are lm-eval's, so the numbers are too, up to the float rounding of
+other matrix shapes: ~2e-7 relative in float32, as between two of lm-eval's own batch sizes.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
-import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from qtraj.joblog import Progress
 
 log = logging.getLogger(__name__)
-
-# Local multiple-choice tasks, built from held-out text (words, so any tokenizer can be scored on them):
-# - continuation: which of `choices` spans of `choice_words` words follows a context of `context_words`
-#   words; the wrong ones are spans from elsewhere in the text (coherence with the context).
-# - word_order: the true next `choice_words` words against the same words shuffled (syntax).
-LOCAL_TASK_KINDS = ("continuation", "word_order")
-
-
-class AccuracyTaskError(ValueError):
-    pass
-
-
-def build_task_items(texts: Iterable[str], kind: str, items: int, context_words: int, choice_words: int,
-                     choices: int, seed: int) -> list[dict]:
-    """`items` multiple-choice questions {context, choices, label} drawn from `texts` with a fixed seed."""
-    if kind not in LOCAL_TASK_KINDS:
-        raise AccuracyTaskError(f"unknown local task kind {kind!r}; choose one of {LOCAL_TASK_KINDS}")
-    words = [word for text in texts for word in text.split()]
-    if len(words) < 2 * (context_words + choice_words):
-        raise AccuracyTaskError(f"the text has {len(words)} words, too few for {context_words} + {choice_words}-word "
-                                "items: use a larger validation text or smaller context_words / choice_words")
-    rng = random.Random(seed)
-    questions = []
-    while len(questions) < items:
-        start = rng.randrange(0, len(words) - context_words - choice_words)
-        answer_words = words[start + context_words : start + context_words + choice_words]
-        answer = " ".join(answer_words)
-        wrong = _wrong_choices(words, answer_words, kind, choices - 1, rng)
-        if wrong is None:  # e.g. all words equal: no distinct shuffle exists
-            continue
-        options = [answer, *wrong]
-        rng.shuffle(options)
-        questions.append({"context": " ".join(words[start : start + context_words]), "choices": options,
-                          "label": options.index(answer)})
-    return questions
-
-
-def _wrong_choices(words: list[str], answer_words: list[str], kind: str, count: int,
-                   rng: random.Random) -> list[str] | None:
-    answer, wrong = " ".join(answer_words), []
-    for _ in range(50 * count):
-        if kind == "continuation":
-            start = rng.randrange(0, len(words) - len(answer_words))
-            candidate = " ".join(words[start : start + len(answer_words)])
-        else:
-            shuffled = answer_words[:]
-            rng.shuffle(shuffled)
-            candidate = " ".join(shuffled)
-        if candidate != answer and candidate not in wrong:
-            wrong.append(candidate)
-            if len(wrong) == count:
-                return wrong
-    return None
-
-
-def write_task_items(questions: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for question in questions:
-            handle.write(json.dumps(question, ensure_ascii=False) + "\n")
-
-
-def local_task_config(name: str, data_file: str | Path) -> dict:
-    """An lm-eval task config (what a task YAML holds) over a JSON-lines file from `write_task_items`."""
-    return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        # field names, not Jinja templates ("{{context}}"): lm-eval then reads the field as it is, where it would
-        # compile a template at every call (6 per item: ~40% of a micro model's evaluate, same values)
-        "doc_to_text": "context",
-        "doc_to_choice": "choices",
-        "doc_to_target": "label",
-        "metric_list": [
-            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-        ],
-    }
-
-
-def load_tasks(local_files: dict[str, str], registered: list[str], num_fewshot: int, fewshot_seed: int) -> dict:
-    """lm-eval's task dict ({"tasks", "groups", "group_map"}): local tasks from their data files, registered ones
-    (arc_easy, mmlu, ...) from lm-eval's own definitions (their datasets come from the Hugging Face cache, or the
-    hub when online). Groups (mmlu) keep their group so lm-eval also reports the group's score."""
-    from lm_eval.api.task import ConfigurableTask
-
-    loaded = {"tasks": {name: ConfigurableTask(config=local_task_config(name, path))
-                        for name, path in local_files.items()}, "groups": {}, "group_map": {}}
-    if registered:
-        from lm_eval.tasks import TaskManager
-
-        manager = TaskManager()
-        unknown = [name for name in registered if name not in manager.all_tasks]
-        if unknown:
-            raise AccuracyTaskError(f"lm-eval has no task {unknown}; `lm-eval ls tasks` lists them "
-                                    "(accuracy.lm_eval_tasks in the config)")
-        try:
-            fetched = manager.load(registered)
-        except (ConnectionError, OSError) as error:
-            raise AccuracyTaskError(f"could not load the data of lm-eval tasks {registered}: {error}. Offline, "
-                                    "their datasets must already be in the Hugging Face cache (HF_HOME): the "
-                                    "workflow's fetch_lm_eval_tasks rule fills it on the submit host, so HF_HOME "
-                                    "must be on a filesystem the compute nodes share (and with network there, run "
-                                    "once); or drop them from accuracy.lm_eval_tasks") from error
-        for key in loaded:
-            loaded[key].update(fetched[key])
-    for task in loaded["tasks"].values():
-        task.set_config(key="num_fewshot", value=num_fewshot)
-        task.set_fewshot_seed(seed=fewshot_seed)
-    return loaded
-
-
-def evaluate_accuracy(model, tokenizer, tasks: dict, batch_size: int, limit: int | float | None,
-                      shared_context: bool = True) -> dict:
-    """lm-eval's `evaluate` on an already loaded model (fp or quantized): its `results` section, one entry per
-    task and per group, with the items each task scored. `shared_context`: score each context once for all the
-    choices that follow it (`shared_context_lm_class`; the same numbers), else lm-eval's plain HFLM."""
-    import contextlib
-    import io
-
-    from lm_eval import evaluator
-    from lm_eval.models.huggingface import HFLM
-
-    if not tasks["tasks"]:
-        return {}
-    model.eval()
-    lm_class = shared_context_lm_class() if shared_context else HFLM
-    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    # lm-eval draws progress bars on stderr and passes tqdm `disable=False` explicitly: in a job
-    # (qtraj.startup.quiet_progress_bars) they are off anyway; called as a library, they are kept off the caller's
-    # console here. Its messages go through logging, which keeps its own streams.
-    with contextlib.redirect_stderr(io.StringIO()):
-        output = evaluator.evaluate(lm=lm, task_dict=tasks, limit=limit, log_samples=False, verbosity="WARNING")
-    samples = output.get("n-samples", {})
-    return {name: {**numbers, "samples": samples.get(name, {}).get("effective")}
-            for name, numbers in output["results"].items()}
-
-
-# Shared-context scoring.
-#
-# lm-eval scores a request (context, continuation) by running context + continuation[:-1] through the model and
-# summing the continuation's log-probabilities; a multiple-choice item sends one request per choice, so its
-# context runs once per choice. Here the context but its last token runs once with the key/value cache on, and
-# every choice runs on a copy of that cache as [last context token, continuation[:-1]]: the positions, tokens
-# and causal attention of each scored logit are lm-eval's, so the numbers are too, up to the float rounding of
-# other matrix shapes: ~2e-7 relative in float32, as between two of lm-eval's own batch sizes.
 
 # A request as lm-eval's `_loglikelihood_tokens` takes it: ((context, continuation) text or None, context token
 # ids, continuation token ids).
@@ -462,26 +312,3 @@ def shared_context_lm_class() -> type:
             return scored
 
     return SharedContextHFLM
-
-
-def flatten_results(results: dict, configured: Iterable[str] | None = None) -> list[dict]:
-    """lm-eval's {task: {"acc,none": v, "acc_stderr,none": s, ...}} to rows {task, metric, filter, value, stderr,
-    samples, configured}.
-
-    lm-eval keys every number by "metric,filter"; standard errors are "<metric>_stderr,filter" ("N/A" when not
-    computed). One row per (task, metric, filter), so SQL can select a metric without parsing keys. `configured`:
-    the names the config asked for (a group's own score); their subtasks get configured = False, so averages
-    over tasks count mmlu once, not 57 times. None: every name counts as configured.
-    """
-    asked = None if configured is None else set(configured)
-    rows = []
-    for task, numbers in results.items():
-        for key, value in numbers.items():
-            if "," not in key or "_stderr," in key or not isinstance(value, int | float):
-                continue
-            metric, filter_name = key.split(",", 1)
-            stderr = numbers.get(f"{metric}_stderr,{filter_name}")
-            rows.append({"task": task, "metric": metric, "filter": filter_name, "value": float(value),
-                         "stderr": float(stderr) if isinstance(stderr, int | float) else None,
-                         "samples": numbers.get("samples"), "configured": asked is None or task in asked})
-    return sorted(rows, key=lambda row: (row["task"], row["metric"], row["filter"]))
