@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -105,10 +106,10 @@ def test_cli_reports_bad_sql_and_missing_results(results_dir, tmp_path, capsys):
     assert "run the workflow first" in capsys.readouterr().err
 
 
-def accuracy_row(task, value, stderr, quantization=None, metric="acc"):
+def accuracy_row(task, value, stderr, quantization=None, metric="acc", item_scores=None):
     return {"run": "wsd", "checkpoint": "step000010", "step": 10, "quantization": quantization,
             "method": quantization and "gptq", "bits": quantization and 3, "task": task, "configured": True,
-            "metric": metric, "filter": "none", "value": value, "stderr": stderr}
+            "metric": metric, "filter": "none", "value": value, "stderr": stderr, "item_scores": item_scores}
 
 
 def accuracy_dataset(tmp_path, rows):
@@ -138,6 +139,28 @@ def test_accuracy_views_carry_standard_errors(tmp_path):
     assert summary["mean_abs_drop_stderr"] == pytest.approx(math.sqrt(sum(variances.values())) / 2)
     assert summary["mean_rel_drop_stderr"] == pytest.approx(
         math.sqrt(variances["t1"] / 0.4**2 + variances["t2"] / 0.3**2) / 2)
+
+
+def test_the_accuracy_drop_of_models_scored_item_by_item_has_a_paired_standard_error(tmp_path):
+    """Both models answer the same 40 items and differ on 4 of them: the drop's standard error is that of the
+    per-item differences' mean (~0.04), far below the two accuracies' own errors combined (~0.11), which would
+    leave a 10-point drop unresolved. Items of another length cannot be paired: the independent one then."""
+    rng = np.random.default_rng(0)
+    fp = rng.integers(0, 2, 40).astype(float)
+    quantized = fp.copy()
+    quantized[np.flatnonzero(fp)[:4]] = 0.0  # four right answers lost
+    own = [float(np.sqrt(scores.mean() * (1 - scores.mean()) / 39)) for scores in (fp, quantized)]
+    directory = accuracy_dataset(tmp_path, [
+        accuracy_row("t1", fp.mean(), own[0], item_scores=list(fp)),
+        accuracy_row("t1", quantized.mean(), own[1], "gptq-w3g32", item_scores=list(quantized)),
+        accuracy_row("t2", fp.mean(), own[0], item_scores=list(fp)),
+        accuracy_row("t2", quantized.mean(), own[1], "gptq-w3g32", item_scores=list(quantized[:-1]))])
+    t1, t2 = query("SELECT * FROM accuracy_drop ORDER BY task", directory)
+    paired = float(np.std(fp - quantized, ddof=1) / np.sqrt(40))
+    assert (t1["abs_drop"], t1["stderr_paired"]) == (pytest.approx(0.1), True)
+    assert t1["abs_drop_stderr"] == pytest.approx(paired) and paired < 0.5 * math.hypot(*own)
+    assert t1["rel_drop_stderr"] == pytest.approx(paired / (1 - fp.mean()))
+    assert (t2["stderr_paired"], t2["abs_drop_stderr"]) == (False, pytest.approx(math.hypot(*own)))
 
 
 def test_accuracy_summary_has_no_standard_error_when_a_task_lacks_one(tmp_path):

@@ -67,9 +67,10 @@ def lawa_rows(seed: int) -> list[dict]:
             for quantization, values in DELTA_Q_LOSS.items()]
 
 
-def log_rows(run: str, schedule: str, seed: int, peak_lr: float = PEAK_LR) -> list[dict]:
+def log_rows(run: str, schedule: str, seed: int, peak_lr: float = PEAK_LR, parameters: int | None = None) -> list[dict]:
     return [{"run": run, "schedule": schedule, "peak_lr": peak_lr, "weight_decay": WEIGHT_DECAY, "seed": seed,
-             "step": step, "tokens": step * TOKENS_PER_STEP, "lr": peak_lr, "train_loss": 4.0} for step in (1, 800)]
+             "step": step, "tokens": step * TOKENS_PER_STEP, "lr": peak_lr, "train_loss": 4.0, "parameters": parameters}
+            for step in (1, 800)]
 
 
 def write_dataset(directory: Path, rows: list[dict], logs: list[dict] | None) -> Path:
@@ -198,7 +199,8 @@ def test_three_seeds_give_means_intervals_and_verdicts_in_percent(tmp_path):
     loss = effect(check, "control", "fp loss", "fp")  # once per setting: the fp model is one for all quantizations
     assert loss.differences == pytest.approx([-0.20, -0.23, -0.20])  # nats, not scaled
     assert loss.half_width == pytest.approx(T_975_2 * math.sqrt(0.0006 / 2) / math.sqrt(3))
-    assert (loss.verdict, loss.setting, loss.difference_unit) == ("supported", "wsd lr=0.003 wd=0.1", "nats")
+    assert (loss.verdict, loss.setting, loss.difference_unit) == ("supported", "wsd lr=0.003 wd=0.1 tokens=1,638,400",
+                                                                  "nats")
 
     stable = effect(check, "stable", "ΔQ L", "rtn-w3g32")
     assert stable.differences == pytest.approx([0.10, 0.06, 0.11]) and stable.steps == "100→600"
@@ -224,15 +226,23 @@ def test_three_seeds_give_means_intervals_and_verdicts_in_percent(tmp_path):
 
     assert all(not section.missing for section in check.sections)
     assert len(check.effects) == 1 + 2 + 2 + 1 + 2 + 2  # fp loss in 1 and 3, ΔQ L per quantization in all four
+    # each CI alone: rtn-w3g32's control and decay effects are supported; after Holm's correction over the 8 tested
+    # effects they are not (p 0.013 and 0.016 become 0.054 and 0.054), while the fp loss effects survive
+    assert check.holm_p[id(control)] == pytest.approx(0.054, abs=1e-3)
+    assert (check.verdict(control), check.verdict(decay), check.verdict(loss)) == (
+        "not resolved", "not resolved", "supported")
+    assert check.verdict(opposite) == "not resolved" and check.verdict(stable) == "rises"  # section 2: its CI
     assert {(e.section, e.quantization) for e in check.unsupported} == {
-        ("control", "gptq-w4g32"), ("decay", "gptq-w4g32"), ("lawa", "gptq-w4g32")}
+        ("control", "gptq-w4g32"), ("decay", "gptq-w4g32"), ("lawa", "gptq-w4g32"), ("control", "rtn-w3g32"),
+        ("decay", "rtn-w3g32")}
 
 
 def test_report_is_aligned_and_labels_its_units(tmp_path):
     text = science.report(paper_dataset(tmp_path))
     lines = text.splitlines()
     control = next(line for line in lines if line.lstrip().startswith("rtn-w3g32") and "ΔQ L" in line)
-    assert "0.610% → 0.813%" in control and "+0.203 ± 0.100 pp" in control and "supported" in control
+    assert "0.610% → 0.813%" in control and "+0.203 ± 0.100 pp" in control
+    assert "0.013 (0.054)  not resolved" in control  # the CI excludes 0; Holm's correction does not keep it
     assert "0:+0.180 1:+0.250 2:+0.180" in control
     assert "fp loss" in text and "4.1200 → 3.9100" in text and "-0.2100 ± 0.0430 nats" in text
     headers = [line for line in lines if line.lstrip().startswith("quantization")]
@@ -316,7 +326,7 @@ def test_cli_exit_status(tmp_path, capsys):
     assert "1. LR decay beyond a constant LR" in computed.stdout and "opposite" in computed.stdout
     strict = qtraj("--results-dir", dataset, "--strict")
     assert strict.returncode == 1 and strict.stdout == computed.stdout
-    assert "3 effects with an expected direction are not supported" in strict.stderr
+    assert "5 effects with an expected direction are not supported" in strict.stderr
 
     supported_only = tmp_path / "rtn"  # 3-bit RTN alone: every effect with a direction is supported
     rows = [r for r in read_rows(Path(dataset)) if r["quantization"] == "rtn-w3g32"]
@@ -392,3 +402,59 @@ def test_evaluation_intervals_of_a_delta_q_loss_comparison():
     assert low == pytest.approx(high) == pytest.approx(2.0 - 1.0)  # 100 (3.06 / 3 - 1) - 100 (3.232 / 3.2 - 1)
     del blocks[("constant", 800, "fp")]
     assert science.evaluation_interval(effect, effect.observations[0], blocks) is None
+
+
+def two_sizes_dataset(directory: Path) -> Path:
+    """The paper dataset's wsd and constant runs twice, as models of two sizes (the larger with every ΔQ L 1 pp
+    higher, on both arms): a grid of qtraj.sweeps in miniature."""
+    rows, logs = [], []
+    for prefix, parameters, shift in (("small-", 92_320, 0.0), ("large-", 237_888, 0.01)):
+        for seed in SEEDS:
+            constant = constant_rows(seeded("constant", seed), seed)
+            for made, schedule in ((wsd_rows(seed), "wsd"), (constant, "constant")):
+                rows += [{**item, "run": prefix + item["run"], "delta_q_loss": item["delta_q_loss"] + shift}
+                         for item in made]
+                logs += log_rows(prefix + made[0]["run"], schedule, seed, parameters=parameters)
+    return write_dataset(directory, rows, logs)
+
+
+def test_models_of_two_sizes_are_two_cells_never_pooled(tmp_path):
+    """A grid (qtraj.sweeps) trains models of several sizes for the same tokens with the same schedule: each size is
+    its own setting, so each effect pools the seeds of one size only; the constant run of the other size is no
+    control (qtraj.query.CONTROL_KEYS)."""
+    check = science.measure(two_sizes_dataset(tmp_path))
+    cells = [e for e in check.section("control").effects if e.quantization == "rtn-w3g32"]
+    assert [(e.setting.split()[-1], e.n) for e in cells] == [("params=237,888", 3), ("params=92,320", 3)]
+    assert {e.observations[0].run for e in cells} == {"large-wsd", "small-wsd"}
+    assert cells[0].mean == pytest.approx(cells[1].mean)  # the same shift on both arms: the same difference
+
+
+def test_the_decay_map_draws_the_control_effects_per_size_and_tokens_per_parameter(tmp_path):
+    from qtraj import plotting
+
+    directory = two_sizes_dataset(tmp_path)
+    check = science.measure(directory)
+    points = plotting.decay_map_points(directory)
+    effects = check.section("control").effects
+    assert len(points) == len(effects) == 2 * (1 + 2)  # per size: the fp loss and two quantizations
+    point = next(p for p in points if (p["quantization"], p["parameters"]) == ("rtn-w3g32", 92_320))
+    assert point["tokens_per_parameter"] == pytest.approx(800 * TOKENS_PER_STEP / 92_320)
+    assert point["bits"] == 3 and point["n"] == 3
+    (same,) = [e for e in effects if e.quantization == "rtn-w3g32" and e.setting.endswith("params=92,320")]
+    assert (point["mean"], point["half_width"], point["holm_p"]) == (same.mean, same.half_width, check.holm_p[id(same)])
+    figure = plotting.decay_map_figure(directory)
+    assert [axis.get_title() for axis in figure.axes] == ["fp loss", "3-bit", "4-bit"]
+
+
+def test_the_checks_verdict_reads_the_holm_adjusted_p_against_the_papers_direction():
+    def tested(differences, expected=1):
+        observations = tuple(science.Observation(f"run{seed}", seed, "control", 800, 800, 0.0, difference)
+                             for seed, difference in enumerate(differences))
+        return science.Effect("control", "ΔQ L", "rtn-w3g32", "wsd", expected, observations)
+
+    clear_rise, clear_fall, noisy = tested([1.0, 1.1, 0.9, 1.05]), tested([-1.0, -1.1, -0.9, -1.05]), tested([1, -1, 2])
+    untested = tested([0.5, 0.6, 0.55], expected=0)
+    check = science.ScienceCheck((science.Section("control", "", (clear_rise, clear_fall, noisy, untested), ()),))
+    assert [check.verdict(effect) for effect in (clear_rise, clear_fall, noisy, untested)] == [
+        "supported", "opposite", "not resolved", "rises"]
+    assert check.tested == [clear_rise, clear_fall, noisy] and check.unsupported == [clear_fall, noisy]

@@ -25,6 +25,7 @@ SUMMARY_FIGURE_NEEDS = {
     "averaging": lambda config: bool(config["averages"]),
     "accuracy": lambda config: any(settings["local_tasks"] or settings["lm_eval_tasks"] for settings in
                                    (data_settings(config, run)["accuracy"] for run in trajectories(config))),
+    "decay-map": lambda config: any(sweep["control"] for sweep in config.get("sweeps", {}).values()),
 }
 SUMMARY_FIGURE_NAMES = tuple(SUMMARY_FIGURE_NEEDS)
 
@@ -39,6 +40,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     trajectories checks its own entries (qtraj.sources)."""
     from qtraj.methods import QuantSpec, discover
     from qtraj.sources import source_classes, sources
+    from qtraj.sweeps import expand_sweeps
 
     schema = schema or load_schema()
     if not isinstance(config, dict):
@@ -48,6 +50,9 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         if cls.config_schema is not None:
             schema["properties"].setdefault(cls.key, cls.config_schema)
     _validate(config, schema)
+    if config.get("sweeps"):  # the runs, branches and averages a grid names, then validated (and filled) like any
+        expand_sweeps(config)
+        _validate(config, schema)
     _check_finite_numbers(config)
     _check_folders(config)
     if not trajectories(config):
@@ -123,10 +128,8 @@ def _check_name_lengths(config: dict) -> None:
     from qtraj.sources import sources
 
     names = [(f"quantizations.{name}", name) for name in config["quantizations"]]
-    names += [(f"gguf_models.{name}", name) for name in config["gguf_models"]]
-    for trajectory in trajectories(config):
-        names.append((trajectory, trajectory))
     for source in sources(config):
+        names += [(f"{source.key}.{name}", name) for name in source.names()]
         if source.external:  # checkpoint names that come from elsewhere; every other one is made from these
             names += [(f"checkpoint of {name!r}", checkpoint) for name in source.names()
                       for checkpoint in source.checkpoints(name)]
@@ -202,7 +205,17 @@ def load_config(path: str | Path) -> dict:
 
 def run_settings(config: dict, run: str) -> dict:
     """The training settings of one run: the `training` defaults with the run's overrides on top."""
-    return {**config["training"], **config["runs"][run]}
+    return {**config["training"], **{key: value for key, value in config["runs"][run].items() if key != "model"}}
+
+
+def run_model(config: dict, run: str) -> dict:
+    """The model of one trained run: `model` with the run's `model` overrides on top (a sweep over sizes)."""
+    return {**config["model"], **config["runs"][run].get("model", {})}
+
+
+def training_params(config: dict, run: str) -> dict:
+    """What a trained run's training job gets (and a cooldown of it resumes with): its settings and its model."""
+    return {**run_settings(config, run), "model": run_model(config, run)}
 
 
 def trajectories(config: dict) -> list[str]:

@@ -431,8 +431,75 @@ def _or_nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
+SIZE_MARKERS = "os^D"  # one per model size in the decay map
+
+
+def decay_map_points(results_dir: str | Path) -> list[dict]:
+    """The decay map's points (qtraj.science, section control): per (model size, training length, quantization), the
+    decayed run minus its constant-LR control at equal tokens, mean ± 95% CI over seeds, with tokens per parameter
+    (the runs' last tokens over their parameter count, both from the training log) and whether the effect survives
+    Holm's correction. Effects whose runs' size is not in the dataset are left out."""
+    from qtraj.science import DELTA_Q_LOSS, measure
+
+    check = measure(results_dir)
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
+    runs = {row["run"]: row for row in _rows(connection, "SELECT run, last_tokens, parameters FROM runs")}
+    bits = dict(connection.execute("SELECT DISTINCT quantization, bits FROM results").fetchall())
+    adjusted, points = check.holm_p, []
+    for effect in check.section("control").effects:
+        run = runs.get(effect.observations[0].run, {})
+        if not run.get("parameters") or effect.half_width is None:
+            continue
+        points.append({"quantization": effect.quantization, "quantity": effect.quantity,
+                       "bits": bits.get(effect.quantization) if effect.quantity == DELTA_Q_LOSS else None,
+                       "parameters": run["parameters"], "tokens_per_parameter": run["last_tokens"] / run["parameters"],
+                       "mean": effect.mean, "half_width": effect.half_width, "n": effect.n,
+                       "holm_p": adjusted.get(id(effect)), "unit": effect.difference_unit})
+    return sorted(points, key=lambda point: (point["quantization"], point["parameters"], point["tokens_per_parameter"]))
+
+
+def decay_map_figure(results_dir: str | Path) -> Figure:
+    """The decay map (config/experiments/decay-map.yaml): the LR decay's effect beyond a constant LR at equal tokens
+    against tokens per parameter (log scale), one panel for the fp loss and one per bit width, colour per
+    quantization, marker per model size; filled where Holm's correction keeps the effect (adjusted p < 0.05)."""
+    points = decay_map_points(results_dir)
+    if not points:
+        return _message_figure("no decayed run with a constant-LR control and a known model size (a `sweeps:` grid)")
+    connection = connect(results_dir, read_only=False)
+    colors = {**_dataset_colors(connection), "fp": (0.2, 0.2, 0.2, 1.0)}
+    sizes = sorted({point["parameters"] for point in points})
+    widths = sorted({point["bits"] for point in points if point["bits"] is not None})
+    panels = [("fp loss", None)] + [(f"{width}-bit", width) for width in widths]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4), squeeze=False)
+    for axis, (title, bits) in zip(axes[0], panels, strict=True):
+        shown = [point for point in points if point["bits"] == bits]  # bits None: the fp loss
+        for (quantization, parameters), group in itertools.groupby(
+                shown, key=lambda point: (point["quantization"], point["parameters"])):
+            series = list(group)
+            marker = SIZE_MARKERS[sizes.index(parameters) % len(SIZE_MARKERS)]
+            color = colors.get(quantization, (0.5, 0.5, 0.5, 1.0))
+            axis.errorbar([p["tokens_per_parameter"] for p in series], [p["mean"] for p in series],
+                          yerr=[p["half_width"] for p in series], color=color, marker=None, capsize=2,
+                          linewidth=1, alpha=0.8, label=f"{quantization}, {parameters:,} params")
+            for point in series:
+                kept = point["holm_p"] is not None and point["holm_p"] < 0.05
+                axis.plot(point["tokens_per_parameter"], point["mean"], marker=marker, color=color, markersize=6,
+                          markerfacecolor=color if kept else "white", zorder=3)
+        axis.axhline(0, color="0.5", linewidth=0.8)
+        axis.set_xscale("log")
+        axis.set_title(title)
+        axis.set_xlabel("tokens per parameter")
+        axis.set_ylabel("decayed − constant LR (nats)" if bits is None else "decayed − constant LR, ΔQ L (pp)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+    figure.suptitle("LR decay beyond a constant LR at equal tokens: mean ± 95% CI over seeds "
+                    "(filled: Holm-adjusted p < 0.05)", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
 # name (qtraj.config.SUMMARY_FIGURE_NEEDS: the list, and when a config has data for each) -> function drawing
 # results/figures/<name>.png from the whole dataset, besides one trajectory figure per trained run, family or local
 # folder (its averages and cooldowns drawn in it)
 SUMMARY_FIGURES = {"loss": loss_figure, "lr": lr_figure, "sharpness": sharpness_figure,
-                   "averaging": averaging_figure, "accuracy": accuracy_figure}
+                   "averaging": averaging_figure, "accuracy": accuracy_figure, "decay-map": decay_map_figure}

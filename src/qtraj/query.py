@@ -15,6 +15,18 @@ from qtraj.results import TABLES, dataset_file
 # view name -> file of the results dataset (qtraj.results.TABLES: what each holds; the aggregate step writes them)
 DATASET_FILES = {name: Path(dataset_file(name)).name for name in TABLES}
 
+# What makes a constant-LR run the control of a decayed run (view control_effect, and qtraj.science naming the runs
+# that have none): the same seed, peak LR, weight decay and model size (a sweep trains several; null where the
+# training log predates the column), and, for a constant branch of a run (parent_run), that run only.
+CONTROL_KEYS = ("seed", "peak_lr", "weight_decay", "parameters")
+
+
+def is_control_of(constant: dict, decayed: str, decayed_settings: dict) -> bool:
+    """Whether the constant-LR run with `runs` row `constant` controls run `decayed` (its `runs` row)."""
+    return (all(constant[key] == decayed_settings[key] for key in CONTROL_KEYS)
+            and constant["parent_run"] in (None, decayed))
+
+
 # Canned views: the paper's questions as SQL over the tables above. Name -> (tables it needs, SELECT). A view is
 # created only when its tables are in the dataset; README.md ("Canned views") shows example queries.
 CANNED_VIEWS = {
@@ -22,7 +34,7 @@ CANNED_VIEWS = {
     "runs": (("training_log",), """
         SELECT run, any_value(schedule) AS schedule, any_value(peak_lr) AS peak_lr,
                any_value(weight_decay) AS weight_decay, any_value(seed) AS seed, any_value(parent_run) AS parent_run,
-               max(step) AS last_step, max(tokens) AS last_tokens
+               max(step) AS last_step, max(tokens) AS last_tokens, any_value(parameters) AS parameters
         FROM training_log GROUP BY run"""),
     # ΔQ L by training phase (warmup / stable / decay / anneal / post-training) per trajectory and quantization
     "error_by_phase": (("results",), """
@@ -61,10 +73,10 @@ CANNED_VIEWS = {
     # has the lower fp loss (loss_fp_difference < 0) and the higher ΔQ L (delta_q_loss_difference > 0)
     "control_effect": (("results", "training_log"), """
         WITH decayed AS (
-            SELECT run, schedule, peak_lr, weight_decay, seed FROM runs
+            SELECT * FROM runs
             WHERE schedule <> 'constant'
               AND run IN (SELECT run FROM results WHERE phase = 'decay' AND source = 'trained')),
-        constant AS (SELECT run, peak_lr, weight_decay, seed, parent_run FROM runs WHERE schedule = 'constant'),
+        constant AS (SELECT * FROM runs WHERE schedule = 'constant'),
         trained AS (
             SELECT *, step = max(step) OVER (PARTITION BY run, quantization) AS at_end
             FROM results WHERE source = 'trained' AND step IS NOT NULL),
@@ -77,8 +89,7 @@ CANNED_VIEWS = {
                dr.delta_q_loss AS delta_q_loss_decayed, cr.delta_q_loss AS delta_q_loss_constant,
                dr.delta_q_loss - cr.delta_q_loss AS delta_q_loss_difference
         FROM decayed AS d
-        JOIN constant AS c ON c.seed = d.seed AND c.peak_lr = d.peak_lr
-         AND c.weight_decay IS NOT DISTINCT FROM d.weight_decay
+        JOIN constant AS c ON """ + " AND ".join(f"c.{key} IS NOT DISTINCT FROM d.{key}" for key in CONTROL_KEYS) + """
          AND (c.parent_run IS NULL OR c.parent_run = d.run)  -- a constant branch controls only its own parent
         JOIN trained AS dr ON dr.run = d.run
         JOIN control AS cr ON cr.run = c.run AND cr.quantization = dr.quantization
@@ -113,19 +124,28 @@ CANNED_VIEWS = {
         WHERE c.source = 'cooldown'"""),
     # accuracy of each quantized model against its fp checkpoint, per task / metric / filter: the absolute drop
     # and rel_drop = (acc_fp - acc_q) / (1 - acc_fp), the relative increase of the error rate (ΔQ L's analogue).
-    # Standard errors from lm-eval's per-task ones, fp and quantized combined as if independent (an upper bound:
-    # both score the same items); rel_drop's treats 1 - acc_fp as exact
+    # Standard errors paired where both models' per-item scores are there (both answer the same items: the
+    # standard error of the mean per-item difference), else (older datasets, metrics without per-item scores)
+    # lm-eval's per-task ones combined as if independent; stderr_paired says which. rel_drop's treats 1 - acc_fp
+    # as exact
     "accuracy_drop": (("accuracy",), """
-        SELECT q.run, q.checkpoint, q.step, q.tokens, q.lr, q.phase, q.source, q.quantization, q.method, q.bits,
-               q.task, q.metric, q.filter, fp.value AS acc_fp, q.value AS acc_q, fp.value - q.value AS abs_drop,
-               (fp.value - q.value) / nullif(1 - fp.value, 0) AS rel_drop,
-               sqrt(fp.stderr ^ 2 + q.stderr ^ 2) AS abs_drop_stderr,
-               sqrt(fp.stderr ^ 2 + q.stderr ^ 2) / nullif(1 - fp.value, 0) AS rel_drop_stderr,
-               q.samples, q.configured
-        FROM accuracy AS q JOIN accuracy AS fp
-          ON fp.run = q.run AND fp.checkpoint = q.checkpoint AND fp.quantization IS NULL
-         AND fp.task = q.task AND fp.metric = q.metric AND fp.filter = q.filter
-        WHERE q.quantization IS NOT NULL"""),
+        WITH pairs AS (
+            SELECT q.*, fp.value AS acc_fp,
+                   CASE WHEN len(fp.item_scores) = len(q.item_scores) AND len(q.item_scores) > 1
+                        THEN list_aggregate(list_transform(range(1, len(q.item_scores) + 1),
+                                                           lambda i: fp.item_scores[i] - q.item_scores[i]),
+                                            'stddev_samp') / sqrt(len(q.item_scores)) END AS paired_stderr,
+                   sqrt(fp.stderr ^ 2 + q.stderr ^ 2) AS independent_stderr
+            FROM accuracy AS q JOIN accuracy AS fp
+              ON fp.run = q.run AND fp.checkpoint = q.checkpoint AND fp.quantization IS NULL
+             AND fp.task = q.task AND fp.metric = q.metric AND fp.filter = q.filter
+            WHERE q.quantization IS NOT NULL)
+        SELECT run, checkpoint, step, tokens, lr, phase, source, quantization, method, bits, task, metric, filter,
+               acc_fp, value AS acc_q, acc_fp - value AS abs_drop, (acc_fp - value) / nullif(1 - acc_fp, 0) AS rel_drop,
+               coalesce(paired_stderr, independent_stderr) AS abs_drop_stderr,
+               coalesce(paired_stderr, independent_stderr) / nullif(1 - acc_fp, 0) AS rel_drop_stderr,
+               paired_stderr IS NOT NULL AS stderr_paired, samples, configured
+        FROM pairs"""),
     # the drops averaged over the configured tasks (a group such as mmlu once, by its own score), one headline
     # metric per task (acc, else acc_norm), per quantized model; the mean's standard error from the tasks' ones
     # (sqrt of the summed variances over the count; null when a task has none)

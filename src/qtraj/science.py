@@ -1,7 +1,7 @@
 """The paper's central effects, measured on a results dataset across seeds (`qtraj science-check`).
 
-Per quantization and setting (a run's schedule, peak LR and weight decay: only seeds are pooled), four comparisons,
-each as its mean over seeds with a 95% Student-t confidence interval:
+Per quantization and setting (a run's schedule, peak LR, weight decay, training tokens and model size: only seeds are
+pooled), four comparisons, each as its mean over seeds with a 95% Student-t confidence interval:
 
 1. control: a decayed run at its last checkpoint against the constant-LR run of the same seed, peak LR and weight
    decay at the same step, so after the same tokens (view `control_effect`): trained from scratch, or the decayed
@@ -31,7 +31,7 @@ from statistics import fmean, stdev
 
 import numpy as np
 
-from qtraj.query import connect
+from qtraj.query import connect, is_control_of
 
 DELTA_Q_LOSS, LOSS_FP = "ΔQ L", "fp loss"
 FP = "fp"  # the quantization column of fp-loss effects: one fp model, whatever it is quantized with
@@ -114,6 +114,9 @@ def paired_bootstrap_interval(per_block: Mapping[str, np.ndarray],
     return float(low), float(high)
 
 
+ALPHA = 0.05  # the two-sided level of the intervals (95%) and of the Holm-corrected tests
+
+
 def verdict(mean: float, half_width: float | None, expected: int) -> str:
     """Whether the CI excludes zero, read against the paper's direction (+1 rises, -1 falls, 0 none expected)."""
     if half_width is None or abs(mean) <= half_width:
@@ -173,6 +176,7 @@ class Effect:
 
     @property
     def verdict(self) -> str:
+        """What its CI alone says; the check's verdict (ScienceCheck.verdict) also corrects for testing many."""
         return verdict(self.mean, self.half_width, self.expected)
 
     @property
@@ -240,10 +244,22 @@ class ScienceCheck:
         tested = self.tested
         return dict(zip(map(id, tested), holm([effect.p_value for effect in tested]), strict=True))
 
+    def verdict(self, effect: Effect, adjusted: float | None = None) -> str:
+        """An effect's verdict. With an expected direction, after Holm's correction over every such effect of the
+        check (a grid tests many: each CI alone would find some by chance): supported / opposite where the adjusted
+        p (`adjusted`, else computed) is below ALPHA. Without one (or without a p, n = 1): what its CI says."""
+        adjusted = self.holm_p.get(id(effect)) if adjusted is None else adjusted
+        if not effect.expected or adjusted is None:
+            return effect.verdict
+        if adjusted >= ALPHA:
+            return NOT_RESOLVED
+        return SUPPORTED if (effect.mean > 0) == (effect.expected > 0) else OPPOSITE
+
     @property
     def unsupported(self) -> list[Effect]:
         """The effects with an expected direction that the data do not support (what `--strict` fails on)."""
-        return [effect for effect in self.effects if effect.expected and effect.verdict != SUPPORTED]
+        adjusted = self.holm_p
+        return [effect for effect in self.tested if self.verdict(effect, adjusted.get(id(effect))) != SUPPORTED]
 
 
 TITLES = {
@@ -258,12 +274,11 @@ TITLES = {
             "average's last\n   step. Paper: ΔQ L lower.",
 }
 LEGEND = ("Mean over seeds ± 95% CI (Student t, n − 1 df). ΔQ L = L_q / L_fp − 1 in %, its differences in "
-          "percentage\npoints (pp); fp loss in nats. supported / opposite: the CI excludes 0 in / against the "
-          "paper's direction.\nPer seed, in brackets where the dataset has per-block losses: the paired "
-          "bootstrap's 95% interval over the\nvalidation blocks (the evaluation's own noise; the ± is the seeds' "
-          "spread).\np (Holm): the t-test's two-sided p, and in brackets adjusted by Holm's method over "
-          "the {tested} effects with\nan expected direction (sections 1, 3, 4): below 0.05 survives testing them "
-          "all.")
+          "percentage\npoints (pp); fp loss in nats. Per seed, in brackets where the dataset has per-block losses: "
+          "the paired\nbootstrap's 95% interval over the validation blocks (the evaluation's own noise; the ± is the "
+          "seeds' spread).\np (Holm): the t-test's two-sided p, and in brackets adjusted by Holm's method over the "
+          "{tested} effects\nwith an expected direction (sections 1, 3, 4). supported / opposite: the adjusted p is "
+          "below 0.05, the mean\nin / against the paper's direction; rises / falls (section 2): the CI excludes 0.")
 
 CHECKPOINTS_SQL = """
     SELECT run, quantization, step, phase, coalesce(source, '') AS source FROM results
@@ -302,10 +317,15 @@ def _rows(connection, sql: str) -> list[dict]:
 
 
 def _setting(settings: dict | None, run: str) -> str:
+    """What pools runs into one effect: everything of the `runs` view but the seed, i.e. the schedule, peak LR,
+    weight decay, training length (tokens) and model size (parameters, where the dataset records them), so that a
+    grid's cells (qtraj.sweeps) are never pooled with each other."""
     if settings is None:
         return run  # no training log: the run is its own setting
     weight_decay = "?" if settings["weight_decay"] is None else f"{settings['weight_decay']:g}"
-    return f"{settings['schedule']} lr={settings['peak_lr']:g} wd={weight_decay}"
+    size = "" if settings.get("parameters") is None else f" params={settings['parameters']:,}"
+    return (f"{settings['schedule']} lr={settings['peak_lr']:g} wd={weight_decay} "
+            f"tokens={settings['last_tokens']:,}{size}")
 
 
 @dataclass(frozen=True)
@@ -378,13 +398,11 @@ def _control(connection, decayed: list[_Run], runs: dict[str, dict],
     loss, delta_q_loss = [], []
     for run in trained:
         candidates = sorted(name for name, settings in constant.items()
-                            if (settings["seed"], settings["peak_lr"], settings["weight_decay"])
-                            == (run.seed, run.settings["peak_lr"], run.settings["weight_decay"])
-                            and settings.get("parent_run") in (None, run.name))  # a branch: of this run only
+                            if is_control_of(settings, run.name, run.settings))
         unpaired = [quantization for quantization in run.steps if (run.name, quantization) not in paired]
         if not candidates:
             missing.append(f"{run.label}: no constant-LR run of the same seed, peak LR and weight decay "
-                           f"({run.setting.split(' ', 1)[1]})")
+                           f"(lr={run.settings['peak_lr']:g} wd={run.settings['weight_decay']:g})")
             continue
         if len(controls[run.name]) > 1:
             missing.append(f"{run.label}: {len(controls[run.name])} constant-LR controls "
@@ -557,7 +575,7 @@ def _p_cell(p: float | None, adjusted: float | None) -> str:
     return f"{p:.3f}" + ("" if adjusted is None else f" ({adjusted:.3f})")
 
 
-def _cells(effect: Effect, adjusted: float | None) -> list[str]:
+def _cells(effect: Effect, adjusted: float | None, verdict_of) -> list[str]:
     unit, difference_unit = effect.unit, effect.difference_unit
     levels = " → ".join(_number(value, _digits(unit)) + ("%" if unit == "%" else "")
                         for value in (effect.baseline_mean, effect.compared_mean))
@@ -573,7 +591,7 @@ def _cells(effect: Effect, adjusted: float | None) -> list[str]:
                            f" [{_number(interval[0], digits, sign=True)}, {_number(interval[1], digits, sign=True)}]")
                         for o, interval in zip(effect.observations, intervals, strict=True))
     return [effect.quantization, effect.setting, effect.quantity, effect.steps, levels, interval, str(effect.n),
-            _p_cell(effect.p_value, adjusted), effect.verdict, per_seed]
+            _p_cell(effect.p_value, adjusted), verdict_of(effect, adjusted), per_seed]
 
 
 HEADER = ["quantization", "setting", "quantity", "steps", "mean levels", "difference: mean ± 95% CI", "n",
@@ -583,7 +601,7 @@ HEADER = ["quantization", "setting", "quantity", "steps", "mean levels", "differ
 def render(check: ScienceCheck) -> str:
     """The check as text: one aligned line per effect, under its section, and what each section lacks."""
     adjusted = check.holm_p
-    cells = {id(effect): _cells(effect, adjusted.get(id(effect))) for effect in check.effects}
+    cells = {id(effect): _cells(effect, adjusted.get(id(effect)), check.verdict) for effect in check.effects}
     widths = [max([len(title)] + [len(row[column]) for row in cells.values()]) for column, title in enumerate(HEADER)]
     right = {3, 5, 6, 7}  # numbers (and the steps) right-aligned
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qtraj.checkpoints import checkpoint_name, evenly_spaced_steps
-from qtraj.config import ConfigError, run_settings
+from qtraj.config import ConfigError, run_model, run_settings
 from qtraj.jobs import Job
 from qtraj.resources import ModelShape, llama_parameters
 from qtraj.sources.base import Source, register_source
@@ -47,9 +47,10 @@ class TrainedRuns(Source):
         from qtraj.config import load_schema
         from qtraj.schema import validate_against
 
-        schema = load_schema()["$defs"]["training"]
+        schema = load_schema()
         for run in self.names():
-            validate_against(run_settings(self.config, run), schema, ("runs", run))
+            validate_against(run_settings(self.config, run), schema["$defs"]["training"], ("runs", run))
+            validate_against(run_model(self.config, run), schema["properties"]["model"], ("runs", run, "model"))
             settings = run_settings(self.config, run)
             if settings["checkpoints"] > settings["steps"]:
                 key = "checkpoints" if "checkpoints" in self.config["runs"][run] else "training.checkpoints"
@@ -66,8 +67,11 @@ class TrainedRuns(Source):
         if not self.names():
             return
         methods = discover()
-        model = self.config["model"]
-        widths = {"model.hidden_size": model["hidden_size"], "model.intermediate_size": model["intermediate_size"]}
+        widths = {}
+        for run in self.names():
+            model, own = run_model(self.config, run), "model" in self.config["runs"][run]
+            for key in ("hidden_size", "intermediate_size"):
+                widths.setdefault(f"runs.{run}.model.{key}" if own else f"model.{key}", model[key])
         for name, entry in self.config["quantizations"].items():
             group = entry["group_size"]
             if entry["method"] in methods and not methods[entry["method"]].groups_along_inputs:
@@ -84,11 +88,11 @@ class TrainedRuns(Source):
     def parameters(self, name: str) -> float | None:
         """A trained model's count when `resources.trained_on_gpu`; None keeps the micro models on the CPU."""
         if self.config["resources"]["trained_on_gpu"]:
-            return llama_parameters(self.config["model"], self.config["tokenizer"]["vocab_size"])
+            return llama_parameters(run_model(self.config, name), self.config["tokenizer"]["vocab_size"])
         return None
 
     def shape(self, name: str) -> ModelShape:
-        model, vocab_size = self.config["model"], self.config["tokenizer"]["vocab_size"]
+        model, vocab_size = run_model(self.config, name), self.config["tokenizer"]["vocab_size"]
         return ModelShape(llama_parameters(model, vocab_size), model["hidden_size"], model["intermediate_size"],
                           model["num_hidden_layers"], vocab_size)
 
