@@ -11,8 +11,8 @@ from qtraj.config import (
     is_external,
     quant_spec,
     read_yaml,
-    run_settings,
     summary_figures,
+    training_params,
     trajectories,
     validate_config,
     validation_text,
@@ -24,7 +24,6 @@ from qtraj.plan import per_job_paths, planned_jobs, step_resources
 from qtraj.results import DATASET_MANIFEST, TABLES, dataset_file
 from qtraj.sources import source_of, sources
 from qtraj.sources.averages import averaging_plan_of
-from qtraj.sources.cooldowns import cooldown_branches
 from qtraj.sources.trained import branch_steps, checkpoint_steps
 
 # Snakemake reads --configfile itself and keeps the last of duplicate keys; read each again, strictly.
@@ -191,8 +190,8 @@ def family_tokenizer(wildcards):
 
 
 def training_settings(run):
-    """A run's merged training settings plus the model architecture: the params of its training job."""
-    return {**run_settings(config, run), "model": config["model"]}
+    """A run's merged training settings plus its model: the params of its training job (qtraj.config)."""
+    return training_params(config, run)
 
 
 def folder_checkpoint(wildcards):
@@ -256,10 +255,20 @@ def checkpoint_dirs(run):
 
 
 def cooldown_parent(wildcards):
-    """Input function: the checkpoint folder (with training state) a cooldown branch resumes."""
-    run = config["cooldowns"][wildcards.run]["from"]
-    step = cooldown_branches(config, wildcards.run)[wildcards.checkpoint]
-    return f"{RESULTS}/checkpoints/{run}/{checkpoint_name(step)}"
+    """Input function: the checkpoint folder (with training state) a cooldown branch resumes
+    (qtraj.sources.cooldowns)."""
+    run, checkpoint = source_of(config, wildcards.run).parent_checkpoint(wildcards.run, wildcards.checkpoint)
+    return f"{RESULTS}/checkpoints/{run}/{checkpoint}"
+
+
+def cooldown_settings(wildcards):
+    """Params function: the training settings of the run a cooldown branch resumes (its job's `settings`)."""
+    return training_settings(source_of(config, wildcards.run).parent(wildcards.run))
+
+
+def cooldown_entry(wildcards):
+    """Params function: a cooldown's config entry (where it branches, how long, which shape)."""
+    return source_of(config, wildcards.run).entry(wildcards.run)
 
 
 def per_job_files(table):

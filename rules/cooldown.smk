@@ -19,7 +19,7 @@ rule cooldown:
         **kind_resources("cooldown"),
     params:
         run=lambda wildcards: wildcards.run,
-        settings=lambda wildcards: training_settings(config["cooldowns"][wildcards.run]["from"]),
-        cooldown=lambda wildcards: config["cooldowns"][wildcards.run],
+        settings=cooldown_settings,
+        cooldown=cooldown_entry,
     script:
         "../scripts/cooldown.py"

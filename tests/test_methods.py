@@ -380,6 +380,64 @@ def test_gptqmodel_leaves_the_hugging_face_caches_alone():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+def gptq_entries() -> dict:
+    """The default config with three GPTQ entries: GPTQModel with and without true_sequential, llm-compressor."""
+    from qtraj.config import read_yaml, validate_config
+    from tests.conftest import REPO_ROOT
+
+    config = read_yaml(REPO_ROOT / "config" / "config.yaml")
+    config["quantizations"] = {
+        "gptq-w4g128-gptqmodel": {"method": "gptq", "bits": 4, "group_size": 128, "engine": "gptqmodel"},
+        "gptq-w4g128": {"method": "gptq", "bits": 4, "group_size": 128},
+        "gptq-w4g128-sequential-off": {"method": "gptq", "bits": 4, "group_size": 128, "engine": "gptqmodel",
+                                       "options": {"true_sequential": False}},
+    }
+    return validate_config(config)
+
+
+# The config hash (qtraj.provenance) of each entry's quantization settings as the quantize job records them,
+# computed before true_sequential's default moved from the engine's code into the option schema: an entry that
+# leaves the option out must keep its hash, or every finished GPTQ result would be computed again.
+GPTQ_HASHES = {"gptq-w4g128-gptqmodel": "1540b3d9f162cc05", "gptq-w4g128": "42dd88676ed06063",
+               "gptq-w4g128-sequential-off": "8b11256106d27915"}
+
+
+def test_an_engine_default_stays_out_of_the_config_and_its_hash():
+    from qtraj.config import quant_spec
+    from qtraj.provenance import config_hash
+
+    config = gptq_entries()
+    for name, pinned in GPTQ_HASHES.items():
+        spec = quant_spec(config, name)
+        recorded = {key: spec[key] for key in ("name", "method", "bits", "group_size", "symmetric", "options",
+                                               "engine")}  # what qtraj.steps.quantize hashes
+        assert config_hash(recorded) == pinned, name
+        assert ("true_sequential" in spec["options"]) == name.endswith("-off")
+
+
+@pytest.mark.parametrize(("name", "told"), [("gptq-w4g128-gptqmodel", True), ("gptq-w4g128-sequential-off", False)])
+def test_gptqmodel_is_told_true_sequential_from_the_option_schema(monkeypatch, tmp_path, name, told):
+    """What GPTQModel's QuantizeConfig receives for a config entry: the schema's engine_default where the entry
+    leaves the option out, the entry's value where it sets it. The fake engine stops the job right there."""
+    from types import SimpleNamespace
+
+    from qtraj.config import quant_spec
+    from qtraj.methods import _gptqmodel
+
+    class Told(Exception):
+        pass
+
+    def quantize_config(**settings):
+        raise Told(settings)
+
+    monkeypatch.setattr(_gptqmodel, "import_gptqmodel",
+                        lambda: SimpleNamespace(GPTQModel=None, QuantizeConfig=quantize_config))
+    spec = QuantSpec(**quant_spec(gptq_entries(), name))
+    with pytest.raises(Told) as stopped:
+        get_method("gptq").quantize(None, tmp_path, spec, np.zeros((1, 8), dtype=np.int64))
+    assert stopped.value.args[0]["true_sequential"] is told
+
+
 def reference_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
     """Round-to-nearest by hand, on compressed-tensors' integer grid: per group of `group_size` input features (or
     per output channel) the range [min(w, 0), max(w, 0)] sets the scale, symmetric: absmax / ((2^bits - 1) / 2)

@@ -21,6 +21,32 @@ def test_bigger_models_get_more_gpus_memory_and_time(step):
     assert job_resources(step, 32.2e9, {**H100, "gpu_memory_gb": 141})["gpu"] < large["gpu"]
 
 
+def test_every_sized_job_kind_has_its_sizing():
+    """A kind whose step qtraj.jobs.SIZING lacks would silently ask for no GPU (job_resources' answer for micro
+    models), and an entry no kind uses is a number nobody reads."""
+    from qtraj.jobs import SIZED_KINDS, SIZING
+
+    assert set(SIZED_KINDS.values()) == set(SIZING)
+
+
+# (GPUs, mem_mb, runtime) on H100s with registered lm-eval tasks, for 1.7B and 32B parameters, and the GB a 32B
+# model's job needs on its GPUs (the GPU count on 1 GB GPUs): the resource model's figures before its numbers moved
+# into qtraj.jobs.SIZING, pinned so that a changed number is a decision
+PINNED_FIGURES = {"evaluate_fp": ([(1, 18124, 81), (2, 49152, 733)], 84),
+                  "quantize": ([(1, 26828, 118), (3, 212992, 982)], 209),
+                  "sharpness": ([(1, 26828, 24), (7, 212992, 100)], 484),
+                  "train": ([(1, 30310, 2670), (13, 278528, 48120)], 1028)}
+
+
+@pytest.mark.parametrize("step", sorted(PINNED_FIGURES))
+def test_each_steps_sizing_gives_its_pinned_figures(step):
+    from qtraj.resources import gpus_needed
+
+    jobs = [job_resources(step, parameters, H100, lm_eval_tasks=True) for parameters in (1.7e9, 32e9)]
+    figures = [(job["gpu"], job["mem_mb"], job["runtime"]) for job in jobs]
+    assert (figures, gpus_needed(step, 32e9, gpu_memory_gb=1.0)) == PINNED_FIGURES[step]
+
+
 def test_a_70b_model_is_spread_over_several_gpus():
     assert job_resources("quantize", 70.6e9, H100)["gpu"] >= 4
 

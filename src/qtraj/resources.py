@@ -2,7 +2,8 @@
 
 Only portable Snakemake resources (`gpu`, `mem_mb`, `runtime` in minutes, `cpus_per_gpu`); partition, account
 and GPU model belong to the cluster profile. The sizing is deliberately simple and documented in the README:
-a bf16 model needs 2 bytes per parameter, and each step holds a known number of model copies plus headroom.
+a bf16 model needs 2 bytes per parameter, and each step holds a known number of model copies plus headroom (its
+numbers are declared with the job kinds: qtraj.jobs.SIZING).
 """
 
 from __future__ import annotations
@@ -12,26 +13,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# Model copies a step holds on the GPUs at once (bf16), and a headroom factor for activations, GPTQ's Hessians
-# and the engines' buffers. quantize: on one GPU, one model at a time (the fp model moves to host memory once its
-# layer inputs are captured, llm-compressor onloads its working copy layer by layer, the quantized model is built
-# in host memory); spread over several GPUs, the fp and the quantized model both stay dispatched, so 2 is the
-# bound. Host memory holds the fp model, the engine's copy and the quantized one (HOST_COPIES). sharpness: fp32
-# weights and their gradients (4 bf16 copies) plus the Hessian-vector product's second backward pass.
-# train: fp32 weights, gradients and two AdamW moments are 16 bytes per parameter, i.e. 8 bf16 copies.
-MODEL_COPIES = {"evaluate_fp": 1.0, "quantize": 2.0, "sharpness": 6.0, "train": 8.0}
-HOST_COPIES = {"quantize": 3.0}  # others: half a copy (shards stream from disk to the GPUs)
-HEADROOM = {"evaluate_fp": 1.25, "quantize": 1.6, "sharpness": 1.25, "train": 2.0}
+from qtraj.jobs import ACCURACY_RUNTIME, SIZING
+
 FIXED_GB = 4.0  # CUDA context, kernels, batches
-# Minutes: a floor plus a slope per billion parameters (GPTQ of a 32B model: ~4 h; evaluating it: ~1 h).
-# train: the paper's 160M runs take a few GPU hours; the slope is a rough guess, set runtime per run if it matters.
-RUNTIME = {"evaluate_fp": (15, 1.5), "quantize": (40, 8.5), "sharpness": (20, 2.5), "train": (120, 1500.0)}
-
-
-# Minutes lm-eval adds to an evaluation job with registered tasks (the paper's 12 at 5-shot: ~100k requests,
-# mmlu and hellaswag the bulk); local tasks are a few hundred items and fit in the floor.
-ACCURACY_RUNTIME = (30, 20.0)
-SCORES_ACCURACY = ("evaluate_fp", "quantize")
 
 
 def llama_parameters(model: dict, vocab_size: int) -> int:
@@ -124,13 +108,14 @@ CPU_HEADROOM = 1.5
 def cpu_job_resources(step: str, parameters: float, working_gb: float) -> dict:
     """A job that runs on the CPU (a micro model trained here): the process, its fp32 model copies, and what it
     holds beyond them (working_memory_gb)."""
-    weights_mb = 4 * parameters * MODEL_COPIES.get(step, 1.0) / 2**20
+    weights_mb = 4 * parameters * (SIZING[step].model_copies if step in SIZING else 1.0) / 2**20
     need_mb = PROCESS_BASE_MB + weights_mb + working_gb * 1e9 / 2**20
     return {"gpu": 0, "mem_mb": math.ceil(CPU_HEADROOM * need_mb), "runtime": 30}
 
 
 def gpus_needed(step: str, parameters: float, gpu_memory_gb: float, working_gb: float = 0.0) -> int:
-    need_gb = 2 * parameters / 1e9 * MODEL_COPIES[step] * HEADROOM[step] + FIXED_GB + working_gb
+    sizing = SIZING[step]
+    need_gb = 2 * parameters / 1e9 * sizing.model_copies * sizing.headroom + FIXED_GB + working_gb
     return max(1, math.ceil(need_gb / gpu_memory_gb))
 
 
@@ -142,17 +127,19 @@ def job_resources(step: str, parameters: float | None, settings: dict, lm_eval_t
     evaluation jobs also score registered lm-eval tasks, which takes longer than the loss. `working_gb`: what the
     job holds on its GPUs beyond the weights (working_memory_gb).
     """
-    if parameters is None or step not in MODEL_COPIES:
+    if parameters is None or step not in SIZING:
         return {"gpu": 0, "mem_mb": 4000, "runtime": 30}
+    sizing = SIZING[step]
     gpus = gpus_needed(step, parameters, settings["gpu_memory_gb"], working_gb)
-    floor, per_billion = RUNTIME[step]
     # host memory: shards stream from disk to the GPUs (device_map), so half a model copy plus buffers
-    host_gb = max(16.0, 2 * parameters / 1e9 * HOST_COPIES.get(step, MODEL_COPIES[step] * 0.5) + 16)
+    host_copies = sizing.model_copies * 0.5 if sizing.host_copies is None else sizing.host_copies
+    host_gb = max(16.0, 2 * parameters / 1e9 * host_copies + 16)
     # tasks_per_gpu 0: one process drives all the job's GPUs (device_map="auto"); the Slurm plugin would otherwise
     # start one task per GPU, i.e. run the same job several times side by side
     return {"gpu": gpus, "cpus_per_gpu": settings["cpus_per_gpu"], "tasks_per_gpu": 0,
-            "mem_mb": int(host_gb * 1024), "runtime": int(floor + per_billion * parameters / 1e9)
-            + (_accuracy_minutes(parameters) if lm_eval_tasks and step in SCORES_ACCURACY else 0)}
+            "mem_mb": int(host_gb * 1024),
+            "runtime": int(sizing.runtime_floor_min + sizing.runtime_min_per_billion * parameters / 1e9)
+            + (_accuracy_minutes(parameters) if lm_eval_tasks and sizing.scores_accuracy else 0)}
 
 
 def _accuracy_minutes(parameters: float) -> int:

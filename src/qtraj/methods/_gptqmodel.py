@@ -98,7 +98,7 @@ def _quantize_gptq(method: QuantizationMethod, fp_model: torch.nn.Module, checkp
     config = QuantizeConfig(
         bits=spec.bits, group_size=-1 if spec.group_size is None else spec.group_size, sym=spec.symmetric,
         damp_percent=options["dampening"], offload_to_disk=False,
-        true_sequential=options.get("true_sequential", True),
+        true_sequential=options["true_sequential"],
         **ACTORDER[options["actorder"]],
     )
     expected = method.quantized_matrices(fp_model)

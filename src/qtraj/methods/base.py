@@ -194,13 +194,24 @@ def model_with_state(fp_model: torch.nn.Module, state: dict[str, torch.Tensor]) 
     return model.eval()
 
 
-def options_with_defaults(schema: dict, options: dict) -> dict:
+# An option's `engine_default:` (beside `type` and `description` in a method's options_schema) is what the engine
+# runs with where a quantization entry leaves the option out. Unlike `default:`, config validation does not write it
+# into the entry: an entry's options feed its config hash (qtraj.provenance), so such an option, added after results
+# exist, reruns none of them; and an option only one engine has stays out of the entries of the others, whose
+# `check` refuses it.
+ENGINE_DEFAULT = "engine_default"
+
+
+def options_with_defaults(schema: dict, options: dict, engine: bool = False) -> dict:
     """`options` with the `default:` of every property the schema declares and the options leave out: the schema
-    is the one place a method writes its defaults (config validation fills them the same way)."""
+    is the one place a method writes its defaults (config validation fills them the same way). `engine`: also with
+    each `engine_default:` (ENGINE_DEFAULT), i.e. the options the engine runs with."""
+    keys = ("default", ENGINE_DEFAULT) if engine else ("default",)
     filled = dict(options)
     for name, prop in schema.get("properties", {}).items():
-        if name not in filled and "default" in prop:
-            filled[name] = copy.deepcopy(prop["default"])
+        for key in keys:
+            if name not in filled and key in prop:
+                filled[name] = copy.deepcopy(prop[key])
     return filled
 
 
@@ -247,8 +258,9 @@ class QuantizationMethod:
         return spec.engine or self.engines[0]
 
     def options(self, spec: QuantSpec) -> dict:
-        """The spec's options with the method's defaults (from `options_schema`) filled in."""
-        return options_with_defaults(self.options_schema, spec.options)
+        """The options the engine runs with: the spec's, with the method's defaults from `options_schema` filled
+        in, `engine_default`s included."""
+        return options_with_defaults(self.options_schema, spec.options, engine=True)
 
     def check(self, spec: QuantSpec) -> None:
         """Refuse settings the method cannot honour (raise ValueError naming the fix); called at config time."""

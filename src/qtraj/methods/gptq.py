@@ -29,10 +29,12 @@ class GPTQ(QuantizationMethod):
                            "description": "columns quantized per lazy-update block"},
             "actorder": {"enum": ["static", "group", "weight", None], "default": "static",
                          "description": "activation ordering (act-order / desc_act); null disables it"},
-            "true_sequential": {"type": "boolean",
+            # engine_default, not default: config validation leaves it out of the entries (and their config
+            # hashes) that do not set it, llm-compressor's included (qtraj.methods.base.ENGINE_DEFAULT)
+            "true_sequential": {"type": "boolean", "engine_default": True,
                                 "description": "gptqmodel only: quantize the linears of a block one after the "
                                                "other, each on inputs from the already-quantized ones "
-                                               "(GPTQModel's default: true)"},
+                                               "(GPTQModel's default)"},
         },
     }
 

@@ -29,8 +29,17 @@ class Cooldowns(Source):
     def checkpoints(self, name: str) -> list[str]:
         return list(cooldown_branches(self.config, name))
 
-    def data_source(self, name: str) -> str:
+    def parent(self, name: str) -> str:
+        """The trained run that the branches of `name` resume."""
         return self.entry(name)["from"]
+
+    def parent_checkpoint(self, name: str, checkpoint: str) -> tuple[str, str]:
+        """(run, checkpoint) that the branch of `name` ending at `checkpoint` resumes: the parent run's checkpoint
+        at the branch step, saved with its training state (qtraj.sources.trained.branch_steps)."""
+        return self.parent(name), checkpoint_name(cooldown_branches(self.config, name)[checkpoint])
+
+    def data_source(self, name: str) -> str:
+        return self.parent(name)
 
     def check(self) -> None:
         runs = self.config["runs"]
