@@ -434,7 +434,7 @@ def test_the_decay_map_draws_the_control_effects_per_size_and_tokens_per_paramet
 
     directory = two_sizes_dataset(tmp_path)
     check = science.measure(directory)
-    points = plotting.decay_map_points(directory)
+    points = science.decay_map_cells(directory)
     effects = check.section("control").effects
     assert len(points) == len(effects) == 2 * (1 + 2)  # per size: the fp loss and two quantizations
     point = next(p for p in points if (p["quantization"], p["parameters"]) == ("rtn-w3g32", 92_320))
@@ -442,6 +442,9 @@ def test_the_decay_map_draws_the_control_effects_per_size_and_tokens_per_paramet
     assert point["bits"] == 3 and point["n"] == 3
     (same,) = [e for e in effects if e.quantization == "rtn-w3g32" and e.setting.endswith("params=92,320")]
     assert (point["mean"], point["half_width"], point["holm_p"]) == (same.mean, same.half_width, check.holm_p[id(same)])
+    table = science.render_cells(points).splitlines()
+    assert len(table) == 1 + 6 and table[1].split()[:4] == ["92,320", "17.7", "fp", "fp"]
+    assert "   -  " in table[1]  # no per-block losses in this dataset: no evaluation noise to show
     figure = plotting.decay_map_figure(directory)
     assert [axis.get_title() for axis in figure.axes] == ["fp loss", "3-bit", "4-bit"]
 

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true",
                        help="exit 1 unless every effect with an expected direction is supported (the stable-phase "
                             "trend, a comparison, does not count; nor does a section that could not be computed)")
+    check.add_argument("--cells", action="store_true",
+                       help="instead of the report, the decay map's cells: section 1 per model size and tokens per "
+                            "parameter (runs whose training log records their size, e.g. a `sweeps:` grid), with the "
+                            "evaluation's noise (median half width of the seeds' paired bootstrap intervals)")
     check_config = commands.add_parser(
         "check-config", help="validate a config file as the workflow will, one line per problem",
         description="Reads FILE strictly (YAML syntax errors and keys written twice named with their lines) and "
@@ -168,7 +172,7 @@ def _query(args) -> int:
 
 
 def _science_check(args) -> int:
-    from qtraj.science import measure, render
+    from qtraj.science import decay_map_cells, measure, render, render_cells
 
     results_dir = _results_dir(args)
     try:
@@ -179,7 +183,7 @@ def _science_check(args) -> int:
         # status 2, which the help promises for an unreadable dataset; 1 is --strict's, for a check that was computed
         print(f"qtraj: the science check could not be computed: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
-    print(render(science_check))
+    print(render_cells(decay_map_cells(results_dir, science_check)) if args.cells else render(science_check))
     if not science_check.checked:
         return 2  # nothing could be checked (no decay phase, no averages): the help's status 2
     unsupported = science_check.unsupported

@@ -434,35 +434,13 @@ def _or_nan(value: float | None) -> float:
 SIZE_MARKERS = "os^D"  # one per model size in the decay map
 
 
-def decay_map_points(results_dir: str | Path) -> list[dict]:
-    """The decay map's points (qtraj.science, section control): per (model size, training length, quantization), the
-    decayed run minus its constant-LR control at equal tokens, mean ± 95% CI over seeds, with tokens per parameter
-    (the runs' last tokens over their parameter count, both from the training log) and whether the effect survives
-    Holm's correction. Effects whose runs' size is not in the dataset are left out."""
-    from qtraj.science import DELTA_Q_LOSS, measure
-
-    check = measure(results_dir)
-    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
-    runs = {row["run"]: row for row in _rows(connection, "SELECT run, last_tokens, parameters FROM runs")}
-    bits = dict(connection.execute("SELECT DISTINCT quantization, bits FROM results").fetchall())
-    adjusted, points = check.holm_p, []
-    for effect in check.section("control").effects:
-        run = runs.get(effect.observations[0].run, {})
-        if not run.get("parameters") or effect.half_width is None:
-            continue
-        points.append({"quantization": effect.quantization, "quantity": effect.quantity,
-                       "bits": bits.get(effect.quantization) if effect.quantity == DELTA_Q_LOSS else None,
-                       "parameters": run["parameters"], "tokens_per_parameter": run["last_tokens"] / run["parameters"],
-                       "mean": effect.mean, "half_width": effect.half_width, "n": effect.n,
-                       "holm_p": adjusted.get(id(effect)), "unit": effect.difference_unit})
-    return sorted(points, key=lambda point: (point["quantization"], point["parameters"], point["tokens_per_parameter"]))
-
-
 def decay_map_figure(results_dir: str | Path) -> Figure:
     """The decay map (config/experiments/decay-map.yaml): the LR decay's effect beyond a constant LR at equal tokens
     against tokens per parameter (log scale), one panel for the fp loss and one per bit width, colour per
     quantization, marker per model size; filled where Holm's correction keeps the effect (adjusted p < 0.05)."""
-    points = decay_map_points(results_dir)
+    from qtraj.science import decay_map_cells
+
+    points = decay_map_cells(results_dir)
     if not points:
         return _message_figure("no decayed run with a constant-LR control and a known model size (a `sweeps:` grid)")
     connection = connect(results_dir, read_only=False)

@@ -32,6 +32,7 @@ from statistics import fmean, stdev
 import numpy as np
 
 from qtraj.query import connect, is_control_of
+from qtraj.texttable import text_table
 
 DELTA_Q_LOSS, LOSS_FP = "ΔQ L", "fp loss"
 FP = "fp"  # the quantization column of fp-loss effects: one fp model, whatever it is quantized with
@@ -558,6 +559,57 @@ def measure(results_dir: str | Path) -> ScienceCheck:
                 _decay(connection, decayed), _averaging(connection, views, runs))
     blocks = _block_losses(connection)
     return ScienceCheck(tuple(with_evaluation_intervals(section, blocks) for section in sections))
+
+
+def decay_map_cells(results_dir: str | Path, check: ScienceCheck | None = None) -> list[dict]:
+    """The cells of a grid (a `sweeps:` decay map), from section 1 (control): per (model size, training length,
+    quantization), the decayed run minus its constant-LR control at equal tokens, mean ± 95% CI over seeds, tokens
+    per parameter (the runs' last tokens over their parameter count, both from the training log), the Holm-adjusted
+    p and the check's verdict, and the evaluation's own noise: the median half width of the seeds' paired bootstrap
+    intervals (None without per-block losses). Effects whose runs' size the dataset lacks are left out."""
+    check = check or measure(results_dir)
+    connection = connect(results_dir, read_only=False)  # qtraj's own SQL
+    runs = {row["run"]: row for row in _rows(connection, "SELECT run, last_tokens, parameters FROM runs")}
+    bits = dict(connection.execute("SELECT DISTINCT quantization, bits FROM results").fetchall())
+    adjusted, points = check.holm_p, []
+    for effect in check.section("control").effects:
+        run = runs.get(effect.observations[0].run, {})
+        if not run.get("parameters") or effect.half_width is None:
+            continue
+        points.append({"quantization": effect.quantization, "quantity": effect.quantity,
+                       "bits": bits.get(effect.quantization) if effect.quantity == DELTA_Q_LOSS else None,
+                       "parameters": run["parameters"], "tokens_per_parameter": run["last_tokens"] / run["parameters"],
+                       "mean": effect.mean, "half_width": effect.half_width, "n": effect.n,
+                       "holm_p": adjusted.get(id(effect)), "verdict": check.verdict(effect, adjusted.get(id(effect))),
+                       "unit": effect.difference_unit, "evaluation_half_width": _median_half_width(effect)})
+    return sorted(points, key=lambda point: (point["quantization"], point["parameters"], point["tokens_per_parameter"]))
+
+
+def _median_half_width(effect: Effect) -> float | None:
+    widths = [(high - low) / 2 for interval in effect.evaluation_intervals if interval is not None
+              for low, high in [interval]]
+    return float(np.median(widths)) if widths else None
+
+
+CELL_HEADER = ["parameters", "tokens/param", "quantization", "quantity", "decayed − constant: mean ± 95% CI", "n",
+               "eval. noise ±", "p (Holm)", "verdict"]
+
+
+def render_cells(cells: list[dict]) -> str:
+    """decay_map_cells as an aligned table, by model size, training length and quantization (the fp loss first)."""
+    if not cells:
+        return ("No cells: no decayed run with a constant-LR control whose training log records its model size "
+                "(parameters: a `sweeps:` grid trained by this qtraj).")
+    rows = []
+    for cell in sorted(cells, key=lambda c: (c["parameters"], c["tokens_per_parameter"], c["bits"] or 0,
+                                             c["quantization"])):
+        digits = _digits(cell["unit"])
+        noise = cell["evaluation_half_width"]
+        rows.append([f"{cell['parameters']:,}", f"{cell['tokens_per_parameter']:.1f}", cell["quantization"],
+                     cell["quantity"], f"{_number(cell['mean'], digits, sign=True)} ± "
+                     f"{_number(cell['half_width'], digits)} {cell['unit']}", str(cell["n"]),
+                     "-" if noise is None else _number(noise, digits), _p_cell(cell["holm_p"], None), cell["verdict"]])
+    return text_table(CELL_HEADER, rows, right={0, 1, 4, 5, 6, 7})
 
 
 def _number(value: float, digits: int, sign: bool = False) -> str:
