@@ -461,3 +461,16 @@ def test_the_checks_verdict_reads_the_holm_adjusted_p_against_the_papers_directi
     assert [check.verdict(effect) for effect in (clear_rise, clear_fall, noisy, untested)] == [
         "supported", "opposite", "not resolved", "rises"]
     assert check.tested == [clear_rise, clear_fall, noisy] and check.unsupported == [clear_fall, noisy]
+
+
+def test_a_runs_tokens_are_its_last_checkpoints_when_its_log_stops_short(tmp_path):
+    """A training log written before qtraj logged the last step ends a few steps early (here at 792 of 800): the
+    setting (and a grid's tokens per parameter) takes the tokens of the run's last checkpoint, which are exact."""
+    rows, logs = [], []
+    for seed in SEEDS:
+        rows += wsd_rows(seed) + constant_rows(seeded("constant", seed), seed)
+        for run, schedule in ((seeded("wsd", seed), "wsd"), (seeded("constant", seed), "constant")):
+            logs += [{**row, "step": 792, "tokens": 792 * TOKENS_PER_STEP} if row["step"] == 800 else row
+                     for row in log_rows(run, schedule, seed)]
+    check = science.measure(write_dataset(tmp_path, rows, logs))
+    assert effect(check, "control", "fp loss", "fp").setting.endswith(f"tokens={800 * TOKENS_PER_STEP:,}")

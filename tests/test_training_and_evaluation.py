@@ -263,3 +263,12 @@ def test_sharpness_measures_the_loss_of_the_evaluated_blocks(tmp_path, bos_check
     row = pq.read_table(tmp_path / "sharpness.parquet").to_pylist()[0]
     assert np.array_equal(seen[0], validation_blocks(token_stream, 16, 2, bos_id=512))
     assert row["eval_bos"] is True and row["sharpness_tokens"] == 16 * 2
+
+
+def test_the_training_log_keeps_about_a_hundred_steps_the_first_and_the_last():
+    from qtraj.training import is_logged
+
+    logged = [step for index, step in enumerate(range(1, 202)) if is_logged(step, index, 201)]
+    assert logged[:3] == [1, 2, 4] and logged[-2:] == [200, 201] and len(logged) == 102  # 201: no multiple of 2
+    resumed = [step for index, step in enumerate(range(601, 801)) if is_logged(step, index, 200)]  # a cooldown
+    assert resumed[:2] == [601, 602] and resumed[-1] == 800 and len(resumed) == 101

@@ -329,6 +329,18 @@ def _setting(settings: dict | None, run: str) -> str:
             f"tokens={settings['last_tokens']:,}{size}")
 
 
+def _runs(connection, views: set[str]) -> dict[str, dict]:
+    """run -> its row of the `runs` view, with `last_tokens` the tokens of its last evaluated checkpoint where it has
+    one: a training log keeps every n-th step (the last one too only since qtraj logs it), a checkpoint's tokens
+    are exact in every dataset, and a run's last checkpoint is its last step."""
+    if "runs" not in views:
+        return {}
+    checkpoint_tokens = dict(connection.execute(
+        "SELECT run, max(tokens) FROM results WHERE tokens IS NOT NULL GROUP BY run").fetchall())
+    return {row["run"]: {**row, "last_tokens": checkpoint_tokens.get(row["run"], row["last_tokens"])}
+            for row in _rows(connection, "SELECT * FROM runs")}
+
+
 @dataclass(frozen=True)
 class _Run:
     """What the sections need to know of a run with a decay phase."""
@@ -543,7 +555,7 @@ def measure(results_dir: str | Path) -> ScienceCheck:
     """The four comparisons of the module docstring, per quantization and setting, pooled over seeds."""
     connection = connect(results_dir, read_only=False)  # qtraj's own SQL
     views = {row[0] for row in connection.execute("SHOW TABLES").fetchall()}
-    runs = ({row["run"]: row for row in _rows(connection, "SELECT * FROM runs")} if "runs" in views else {})
+    runs = _runs(connection, views)
     checkpoints = _rows(connection, CHECKPOINTS_SQL)
     steps, phases = defaultdict(lambda: defaultdict(list)), defaultdict(dict)
     excluded = set()  # averages and cooldowns: compared in their own views, not decayed runs of their own
@@ -569,7 +581,7 @@ def decay_map_cells(results_dir: str | Path, check: ScienceCheck | None = None) 
     intervals (None without per-block losses). Effects whose runs' size the dataset lacks are left out."""
     check = check or measure(results_dir)
     connection = connect(results_dir, read_only=False)  # qtraj's own SQL
-    runs = {row["run"]: row for row in _rows(connection, "SELECT run, last_tokens, parameters FROM runs")}
+    runs = _runs(connection, {"runs"})
     bits = dict(connection.execute("SELECT DISTINCT quantization, bits FROM results").fetchall())
     adjusted, points = check.holm_p, []
     for effect in check.section("control").effects:

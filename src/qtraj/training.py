@@ -142,6 +142,12 @@ def cool_down(spec: TrainingSpec, parent_dir: str | Path, train_tokens: np.ndarr
     return [{**row, "parent_run": parent.run, "parent_checkpoint": parent.checkpoint} for row in rows]
 
 
+def is_logged(step: int, index: int, steps: int) -> bool:
+    """Whether the `index`-th of `steps` training steps (step number `step`) gets a training-log row: about 100 per
+    run, the first and the last included (where the run ends: its last tokens)."""
+    return step % max(1, steps // 100) == 0 or index in (0, steps - 1)
+
+
 def _train_steps(spec: TrainingSpec, model, optimizer, generator: torch.Generator, train_tokens: np.ndarray,
                  lrs: dict[int, float], save) -> list[dict]:
     """The training loop over the steps of `lrs` (step -> LR), calling `save(step, lr)` after each update."""
@@ -149,7 +155,6 @@ def _train_steps(spec: TrainingSpec, model, optimizer, generator: torch.Generato
     device = next(model.parameters()).device
     stream = torch.from_numpy(train_tokens.astype(np.int64))
     tokens_per_step = spec.batch_size * spec.seq_len
-    log_every = max(1, len(lrs) // 100)
     rows, started = [], time.perf_counter()
     for index, (step, lr) in enumerate(sorted(lrs.items())):
         for group in optimizer.param_groups:
@@ -168,7 +173,7 @@ def _train_steps(spec: TrainingSpec, model, optimizer, generator: torch.Generato
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         optimizer.step()
-        if step % log_every == 0 or index == 0:
+        if is_logged(step, index, len(lrs)):
             elapsed = time.perf_counter() - started
             rows.append({"run": spec.run, "step": step, "tokens": step * tokens_per_step, "lr": lr,
                          "train_loss": loss.item(), "elapsed_s": elapsed, "parameters": model.num_parameters()})
