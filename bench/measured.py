@@ -1,6 +1,7 @@
 """The measured figures of README.md and docs/*.md, from commands: a snapshot of the default run and its blocks.
 
     .venv/bin/python bench/measured.py refresh [results_dir]   # after `make run`: snapshot, bench output, blocks
+    .venv/bin/python bench/measured.py refresh results-decay-map --snapshot decay-map   # after the decay map
     .venv/bin/python bench/measured.py check                   # blocks == what their commands print on the snapshot
     .venv/bin/python bench/measured.py blocks                  # rewrite the blocks from the snapshot as it is
 
@@ -31,6 +32,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = REPO_ROOT / "docs" / "measured" / "default"
+DECAY_MAP = REPO_ROOT / "docs" / "measured" / "decay-map"  # config/experiments/decay-map.yaml's run (docs/science.md)
+# snapshot name -> (its folder, the config its run must be of, figures of the run kept beside its dataset)
+SNAPSHOTS = {"default": (SNAPSHOT, REPO_ROOT / "config" / "config.yaml", ()),
+             "decay-map": (DECAY_MAP, REPO_ROOT / "config" / "experiments" / "decay-map.yaml", ("decay-map.png",))}
 README = REPO_ROOT / "README.md"
 DOCS = REPO_ROOT / "docs"
 
@@ -51,19 +56,27 @@ BLOCKS = {
                       "SELECT quantization, round(100 * avg(mean_rel_drop), 2) AS mean_rel_drop_pct, "
                       "count(*) AS checkpoints FROM accuracy_summary GROUP BY ALL ORDER BY ALL"],
     "workflow-jobs": ["cat", str(SNAPSHOT / "workflow_jobs.txt")],
+    "decay-map-science-check": [str(BIN / "qtraj"), "science-check", "--results-dir", str(DECAY_MAP)],
+    "decay-map-cells": [str(BIN / "qtraj"), "science-check", "--cells", "--results-dir", str(DECAY_MAP)],
+    "decay-map-jobs": ["cat", str(DECAY_MAP / "workflow_jobs.txt")],
+    # each cell's training time (its runs and their constant-LR branches): the training loops' own clocks
+    "decay-map-training": [str(BIN / "qtraj"), "query", "--results-dir", str(DECAY_MAP),
+                           "SELECT regexp_extract(run, 'map-(m[0-9]+-tpp[0-9]+)', 1) AS cell, count(*) AS runs, "
+                           "round(sum(seconds) / 60, 1) AS training_job_min FROM (SELECT run, max(elapsed_s) AS "
+                           "seconds FROM training_log GROUP BY run) GROUP BY cell ORDER BY cell"],
     # computed from the config alone (the resource model the rules use), so it is rechecked exactly, not snapshot
     "paper-plan": [str(BIN / "qtraj"), "plan", "--configfile", str(REPO_ROOT / "config" / "paper.yaml")],
 }
 BLOCK = re.compile(r"(<!-- measured: (?P<name>[\w-]+) -->\n```\n)(?P<body>.*?)(```\n<!-- /measured -->)", re.S)
 
 
-def default_config_hash() -> str:
-    """The validated default config (defaults filled in), hashed: what the snapshot must have been run with."""
+def default_config_hash(config_file: Path = SNAPSHOTS["default"][1]) -> str:
+    """A validated config (defaults filled in), hashed: what a snapshot must have been run with."""
     sys.path.insert(0, str(REPO_ROOT / "src"))
     from qtraj.config import load_config
     from qtraj.provenance import config_hash
 
-    return config_hash(load_config(REPO_ROOT / "config" / "config.yaml"))
+    return config_hash(load_config(config_file))
 
 
 def output_of(name: str) -> str:
@@ -73,14 +86,17 @@ def output_of(name: str) -> str:
     return result.stdout.rstrip("\n") + "\n"
 
 
-def refresh(results_dir: Path) -> None:
-    if SNAPSHOT.exists():
-        shutil.rmtree(SNAPSHOT)
-    shutil.copytree(results_dir / "dataset", SNAPSHOT / "dataset")
+def refresh(results_dir: Path, name: str = "default") -> None:
+    folder, config_file, figures = SNAPSHOTS[name]
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(results_dir / "dataset", folder / "dataset")
+    for figure in figures:
+        shutil.copy2(results_dir / "figures" / figure, folder / figure)
     bench = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "workflow_jobs.py"), str(results_dir)],
                            capture_output=True, text=True, check=True)
-    (SNAPSHOT / "workflow_jobs.txt").write_text(bench.stdout)
-    (SNAPSHOT / "config.json").write_text(json.dumps({"config_hash": default_config_hash()}, indent=1) + "\n")
+    (folder / "workflow_jobs.txt").write_text(bench.stdout)
+    (folder / "config.json").write_text(json.dumps({"config_hash": default_config_hash(config_file)}, indent=1) + "\n")
     rewrite_blocks()
 
 
@@ -98,10 +114,11 @@ def rewrite_blocks() -> None:
 def problems() -> list[str]:
     """What is out of step, empty when nothing is."""
     found = []
-    recorded = json.loads((SNAPSHOT / "config.json").read_text())["config_hash"]
-    if recorded != default_config_hash():
-        found.append(f"{SNAPSHOT.relative_to(REPO_ROOT)} is a run of another default config: rerun `make run`, "
-                     "then `bench/measured.py refresh`")
+    for name, (folder, config_file, _) in SNAPSHOTS.items():
+        recorded = json.loads((folder / "config.json").read_text())["config_hash"]
+        if recorded != default_config_hash(config_file):
+            found.append(f"{folder.relative_to(REPO_ROOT)} is a run of another {config_file.relative_to(REPO_ROOT)}: "
+                         f"rerun it, then `bench/measured.py refresh <its results_dir> --snapshot {name}`")
     names = set()
     for document in documents():
         for match in BLOCK.finditer(document.read_text()):
@@ -119,9 +136,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["refresh", "check", "blocks"])
     parser.add_argument("results_dir", nargs="?", default="results")
+    parser.add_argument("--snapshot", choices=sorted(SNAPSHOTS), default="default",
+                        help="which snapshot `refresh` replaces (default: the default run's)")
     args = parser.parse_args()
     if args.action == "refresh":
-        refresh(Path(args.results_dir))
+        refresh(Path(args.results_dir), args.snapshot)
     elif args.action == "blocks":
         rewrite_blocks()
     else:

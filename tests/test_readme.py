@@ -104,3 +104,14 @@ def test_a_figure_typed_into_a_document_is_caught(measured, tmp_path, monkeypatc
     monkeypatch.setattr(measured, "documents", lambda: [copy, *others])
     where = f"{document.name} block {match.group('name')!r}"
     assert measured.problems() == [f"{where} differs from what its command prints"]
+
+
+def test_every_decimal_figure_of_the_science_page_is_printed_by_one_of_its_blocks(measured):
+    """docs/science.md reports the decay map in prose too: each figure with a decimal point there must be what one
+    of the page's measured blocks prints (which test_readme_figures_are_in_step... keeps equal to the commands), so
+    a figure typed by hand, or left behind by a rerun, fails here. The protocol quotes the config, not results."""
+    text = (REPO_ROOT / "docs" / "science.md").read_text()
+    blocks = "\n".join(match.group("body") for match in measured.BLOCK.finditer(text))
+    results = measured.BLOCK.sub("", text).split("## What it found", 1)[1]
+    figures = re.findall(r"[+-]?\d[\d,]*\.\d+", results)
+    assert len(figures) > 10 and [figure for figure in figures if figure not in blocks] == []

@@ -457,14 +457,18 @@ def decay_map_figure(results_dir: str | Path) -> Figure:
             marker = SIZE_MARKERS[sizes.index(parameters) % len(SIZE_MARKERS)]
             color = colors.get(quantization, (0.5, 0.5, 0.5, 1.0))
             axis.errorbar([p["tokens_per_parameter"] for p in series], [p["mean"] for p in series],
-                          yerr=[p["half_width"] for p in series], color=color, marker=None, capsize=2,
-                          linewidth=1, alpha=0.8, label=f"{quantization}, {parameters:,} params")
+                          yerr=[p["half_width"] for p in series], color=color, marker=marker, markerfacecolor="white",
+                          capsize=2, linewidth=1, alpha=0.8, label=f"{quantization}, {parameters:,} params")
             for point in series:
                 kept = point["holm_p"] is not None and point["holm_p"] < 0.05
                 axis.plot(point["tokens_per_parameter"], point["mean"], marker=marker, color=color, markersize=6,
                           markerfacecolor=color if kept else "white", zorder=3)
         axis.axhline(0, color="0.5", linewidth=0.8)
         axis.set_xscale("log")
+        # the grid's lengths as plain ticks (2, 10, 40), not log decades with their crowded minor labels
+        axis.set_xticks(sorted({float(f"{point['tokens_per_parameter']:.2g}") for point in points}))
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_title(title)
         axis.set_xlabel("tokens per parameter")
         axis.set_ylabel("decayed − constant LR (nats)" if bits is None else "decayed − constant LR, ΔQ L (pp)")
