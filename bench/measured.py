@@ -23,6 +23,7 @@ its command's output or when the snapshot is not of the current default config: 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shutil
@@ -79,6 +80,7 @@ def default_config_hash(config_file: Path = SNAPSHOTS["default"][1]) -> str:
     return config_hash(load_config(config_file))
 
 
+@functools.cache  # within one process the snapshot does not change (refresh clears it): each command runs once
 def output_of(name: str) -> str:
     result = subprocess.run(BLOCKS[name], cwd=REPO_ROOT, capture_output=True, text=True)
     if result.returncode not in (0, 1):  # science-check exits 1 only with --strict
@@ -87,6 +89,7 @@ def output_of(name: str) -> str:
 
 
 def refresh(results_dir: Path, name: str = "default") -> None:
+    output_of.cache_clear()
     folder, config_file, figures = SNAPSHOTS[name]
     if folder.exists():
         shutil.rmtree(folder)

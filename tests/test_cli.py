@@ -228,14 +228,24 @@ def dry_run_jobs(output: str) -> list[dict]:
 
 def test_plan_matches_the_workflows_dag(tmp_path):
     """The jobs, per-job files, logs and resources `qtraj plan` and `qtraj status` assume are those of the DAG
-    Snakemake builds for the same config (a dry run: nothing is computed)."""
+    Snakemake builds for the same config (a dry run: nothing is computed). The config has a sweep too: a grid
+    point of another width is a training rule of its own, sized as its own model, with its constant-LR branch and
+    its LAWA evaluated like any trajectory."""
+    raw = {**gpu_config(tmp_path / "results"), "sweeps": {"g": {
+        "models": {"w64": {"hidden_size": 64, "intermediate_size": 192}}, "tokens_per_parameter": [0.5],
+        "seeds": [0, 1], "lawa": 2}}}
     config_path = tmp_path / "gpu.yaml"
-    config_path.write_text(yaml.safe_dump(gpu_config(tmp_path / "results")))
+    config_path.write_text(yaml.safe_dump(raw))
     result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO_ROOT / "Snakefile"),
                              "--directory", str(tmp_path), "--dry-run", "--cores", "2", "--configfile",
                              str(config_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    config = validate_config(gpu_config(tmp_path / "results"))
+    config = validate_config(raw)
+    grid = ["g-w64-tpp0.5-lr0.003-s0", "g-w64-tpp0.5-lr0.003-s1"]
+    rules = [job["rule"] for job in dry_run_jobs(result.stdout)]
+    assert sorted(rule for rule in rules if rule.startswith("train_g-")) == [f"train_{run}" for run in grid]
+    assert {job.run for job in planned_jobs(config)} >= {*grid, *(f"{run}-constant" for run in grid),
+                                                        *(f"{run}-lawa" for run in grid)}
     training_rules = {f"train_{run}": run for run in config["runs"]}  # one rule per trained run
     dag = {}
     for job in dry_run_jobs(result.stdout):

@@ -1,20 +1,18 @@
 """Sweeps (`sweeps:`): a grid expands into named runs, each with its constant-LR branch from the decay start and
 its LAWA; the runs' own model sizes reach training, sizing and the checks; the pre-registered decay map plans what
-its header says."""
+its header says. Snakemake's DAG of a sweep, against `qtraj plan`'s jobs and sizes: tests/test_cli.py
+(test_plan_matches_the_workflows_dag)."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
-import yaml
 
 from qtraj.config import ConfigError, load_config, run_model, training_params, validate_config
 from qtraj.plan import model_shape, planned_jobs
 from qtraj.sweeps import run_name, steps_for
 from tests.conftest import REPO_ROOT
-from tests.test_workflow import planned_jobs as dry_run_jobs
-from tests.test_workflow import snakemake
 
 DECAY_MAP = REPO_ROOT / "config" / "experiments" / "decay-map.yaml"
 M32 = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
@@ -95,25 +93,3 @@ def test_a_sweep_that_cannot_be_expanded_is_refused_by_key(change, message):
         config[key] = {**config.get(key, {}), **value}
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate_config(config)
-
-
-def test_a_sweep_plans_its_runs_branches_and_averages_in_a_dry_run(tmp_path):
-    """The DAG, not only the config: Snakemake plans a training job per grid point, a cooldown job per control
-    and an average per LAWA, and evaluates every checkpoint of each."""
-    config = yaml.safe_load((REPO_ROOT / "tests" / "configs" / "tiny.yaml").read_text())
-    for key in ("runs", "cooldowns", "averages", "accuracy"):
-        config.pop(key, None)
-    config["corpus"]["path"] = str(REPO_ROOT / "data" / "corpus" / "sotu.jsonl.xz")
-    config.update(results_dir=str(tmp_path / "results"),
-                  quantizations={"rtn-w4g16": config["quantizations"]["rtn-w4g16"]}, sharpness={"runs": False},
-                  sweeps={"g": {"models": {"w32": {}, "w64": {"hidden_size": 64, "intermediate_size": 128}},
-                                "tokens_per_parameter": [0.5], "seeds": [0, 1], "lawa": 2}})
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    rules = [rule for rule, _ in dry_run_jobs(snakemake("--dry-run", "--cores", "2", "--configfile",
-                                                        str(tmp_path / "config.yaml"), workdir=tmp_path).stdout)]
-    trained = sorted(rule.removeprefix("train_") for rule in rules if rule.startswith("train_g-"))  # a rule per run
-    assert trained == ["g-w32-tpp0.5-lr0.003-s0", "g-w32-tpp0.5-lr0.003-s1", "g-w64-tpp0.5-lr0.003-s0",
-                       "g-w64-tpp0.5-lr0.003-s1"]
-    checkpoints = 4 * (3 + 1 + 1)  # per run: its two checkpoints and the branch point, the control's end, LAWA's
-    assert {rule: rules.count(rule) for rule in ("cooldown", "average_checkpoints", "evaluate_fp", "quantize")} == {
-        "cooldown": 4, "average_checkpoints": 4, "evaluate_fp": checkpoints, "quantize": checkpoints}
