@@ -438,7 +438,7 @@ def decay_map_figure(results_dir: str | Path) -> Figure:
     """The decay map (config/experiments/decay-map.yaml): the LR decay's effect beyond a constant LR at equal tokens
     against tokens per parameter (log scale), one panel for the fp loss and one per bit width, colour per
     quantization, marker per model size; filled where Holm's correction keeps the effect (adjusted p < 0.05)."""
-    from qtraj.science import decay_map_cells
+    from qtraj.science import OPPOSITE, SUPPORTED, decay_map_cells
 
     points = decay_map_cells(results_dir)
     if not points:
@@ -460,7 +460,7 @@ def decay_map_figure(results_dir: str | Path) -> Figure:
                           yerr=[p["half_width"] for p in series], color=color, marker=marker, markerfacecolor="white",
                           capsize=2, linewidth=1, alpha=0.8, label=f"{quantization}, {parameters:,} params")
             for point in series:
-                kept = point["holm_p"] is not None and point["holm_p"] < 0.05
+                kept = point["verdict"] in (SUPPORTED, OPPOSITE)  # the check's rule: Holm-adjusted p below ALPHA
                 axis.plot(point["tokens_per_parameter"], point["mean"], marker=marker, color=color, markersize=6,
                           markerfacecolor=color if kept else "white", zorder=3)
         axis.axhline(0, color="0.5", linewidth=0.8)

@@ -26,6 +26,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from statistics import fmean, stdev
 
@@ -239,17 +240,17 @@ class ScienceCheck:
         """The effects with an expected direction: the cells Holm's correction counts."""
         return [effect for effect in self.effects if effect.expected]
 
-    @property
+    @cached_property  # the check is frozen: every verdict reads the same adjustment
     def holm_p(self) -> dict[int, float | None]:
         """id(effect) -> its p-value adjusted (holm) over every tested effect of the check."""
         tested = self.tested
         return dict(zip(map(id, tested), holm([effect.p_value for effect in tested]), strict=True))
 
-    def verdict(self, effect: Effect, adjusted: float | None = None) -> str:
+    def verdict(self, effect: Effect) -> str:
         """An effect's verdict. With an expected direction, after Holm's correction over every such effect of the
         check (a grid tests many: each CI alone would find some by chance): supported / opposite where the adjusted
-        p (`adjusted`, else computed) is below ALPHA. Without one (or without a p, n = 1): what its CI says."""
-        adjusted = self.holm_p.get(id(effect)) if adjusted is None else adjusted
+        p is below ALPHA. Without one (or without a p, n = 1): what its CI says."""
+        adjusted = self.holm_p.get(id(effect))
         if not effect.expected or adjusted is None:
             return effect.verdict
         if adjusted >= ALPHA:
@@ -259,8 +260,7 @@ class ScienceCheck:
     @property
     def unsupported(self) -> list[Effect]:
         """The effects with an expected direction that the data do not support (what `--strict` fails on)."""
-        adjusted = self.holm_p
-        return [effect for effect in self.tested if self.verdict(effect, adjusted.get(id(effect))) != SUPPORTED]
+        return [effect for effect in self.tested if self.verdict(effect) != SUPPORTED]
 
 
 TITLES = {
@@ -576,14 +576,15 @@ def measure(results_dir: str | Path) -> ScienceCheck:
 def decay_map_cells(results_dir: str | Path, check: ScienceCheck | None = None) -> list[dict]:
     """The cells of a grid (a `sweeps:` decay map), from section 1 (control): per (model size, training length,
     quantization), the decayed run minus its constant-LR control at equal tokens, mean ± 95% CI over seeds, tokens
-    per parameter (the runs' last tokens over their parameter count, both from the training log), the Holm-adjusted
-    p and the check's verdict, and the evaluation's own noise: the median half width of the seeds' paired bootstrap
-    intervals (None without per-block losses). Effects whose runs' size the dataset lacks are left out."""
+    per parameter (the run's last checkpoint's tokens over its parameter count from the training log), the
+    Holm-adjusted p and the check's verdict, and the evaluation's own noise: the median half width of the seeds'
+    paired bootstrap intervals (None without per-block losses). Effects whose runs' size the dataset lacks are left
+    out."""
     check = check or measure(results_dir)
     connection = connect(results_dir, read_only=False)  # qtraj's own SQL
     runs = _runs(connection, {"runs"})
     bits = dict(connection.execute("SELECT DISTINCT quantization, bits FROM results").fetchall())
-    adjusted, points = check.holm_p, []
+    points = []
     for effect in check.section("control").effects:
         run = runs.get(effect.observations[0].run, {})
         if not run.get("parameters") or effect.half_width is None:
@@ -592,7 +593,7 @@ def decay_map_cells(results_dir: str | Path, check: ScienceCheck | None = None) 
                        "bits": bits.get(effect.quantization) if effect.quantity == DELTA_Q_LOSS else None,
                        "parameters": run["parameters"], "tokens_per_parameter": run["last_tokens"] / run["parameters"],
                        "mean": effect.mean, "half_width": effect.half_width, "n": effect.n,
-                       "holm_p": adjusted.get(id(effect)), "verdict": check.verdict(effect, adjusted.get(id(effect))),
+                       "holm_p": check.holm_p.get(id(effect)), "verdict": check.verdict(effect),
                        "unit": effect.difference_unit, "evaluation_half_width": _median_half_width(effect)})
     return sorted(points, key=lambda point: (point["quantization"], point["parameters"], point["tokens_per_parameter"]))
 
@@ -639,7 +640,7 @@ def _p_cell(p: float | None, adjusted: float | None) -> str:
     return f"{p:.3f}" + ("" if adjusted is None else f" ({adjusted:.3f})")
 
 
-def _cells(effect: Effect, adjusted: float | None, verdict_of) -> list[str]:
+def _cells(effect: Effect, adjusted: float | None, verdict: str) -> list[str]:
     unit, difference_unit = effect.unit, effect.difference_unit
     levels = " → ".join(_number(value, _digits(unit)) + ("%" if unit == "%" else "")
                         for value in (effect.baseline_mean, effect.compared_mean))
@@ -655,7 +656,7 @@ def _cells(effect: Effect, adjusted: float | None, verdict_of) -> list[str]:
                            f" [{_number(interval[0], digits, sign=True)}, {_number(interval[1], digits, sign=True)}]")
                         for o, interval in zip(effect.observations, intervals, strict=True))
     return [effect.quantization, effect.setting, effect.quantity, effect.steps, levels, interval, str(effect.n),
-            _p_cell(effect.p_value, adjusted), verdict_of(effect, adjusted), per_seed]
+            _p_cell(effect.p_value, adjusted), verdict, per_seed]
 
 
 HEADER = ["quantization", "setting", "quantity", "steps", "mean levels", "difference: mean ± 95% CI", "n",
@@ -665,7 +666,7 @@ HEADER = ["quantization", "setting", "quantity", "steps", "mean levels", "differ
 def render(check: ScienceCheck) -> str:
     """The check as text: one aligned line per effect, under its section, and what each section lacks."""
     adjusted = check.holm_p
-    cells = {id(effect): _cells(effect, adjusted.get(id(effect)), check.verdict) for effect in check.effects}
+    cells = {id(effect): _cells(effect, adjusted.get(id(effect)), check.verdict(effect)) for effect in check.effects}
     widths = [max([len(title)] + [len(row[column]) for row in cells.values()]) for column, title in enumerate(HEADER)]
     right = {3, 5, 6, 7}  # numbers (and the steps) right-aligned
 
